@@ -1,0 +1,420 @@
+//! Loads a config file and turns every problem into `FILE:LINE:COLUMN: message`.
+//!
+//! The document is parsed once into toml's spanned tree (`DeTable`). The fixed sections are
+//! deserialized from it directly; `[devices.*]` and `[simulators.*]` are dispatched by hand on their
+//! `driver`/`kind` key and deserialized from their own spanned sub-tree. serde's internally tagged
+//! enums would buffer the table and lose every position inside it; this way a misspelt key deep in a
+//! device still points at its own line, and problems in several devices are all reported at once.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use super::validate::{self, Seg};
+use super::{Config, DeviceConfig, SimulatorConfig};
+
+/// One problem, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Every problem found in a config file, in file order.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and validates a config file. Relative paths inside it resolve against its folder.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![Problem {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    let mut config = parse(&text, path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    if config.gateway.data_dir.is_relative() {
+        config.gateway.data_dir = base.join(&config.gateway.data_dir);
+    }
+    Ok(config)
+}
+
+/// Parses and validates config text; `file` is only used in messages.
+pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let mut loc = Locator {
+        text,
+        file,
+        problems: Vec::new(),
+    };
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            loc.toml_error(&e);
+            return Err(loc.finish());
+        }
+    };
+    let root_span = root.span();
+    let spanned_root = root.clone();
+    let mut table = root.into_inner();
+    let devices = table.remove("devices");
+    let simulators = table.remove("simulators");
+
+    let config: Option<Config> = loc.deserialize(Spanned::new(root_span, DeValue::Table(table)));
+    let devices = loc.named_tables(
+        devices,
+        "devices",
+        "driver",
+        DeviceConfig::DRIVERS,
+        |loc, kind, v| match kind {
+            "modbus-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusTcp),
+            _ => None,
+        },
+    );
+    let simulators = loc.named_tables(
+        simulators,
+        "simulators",
+        "kind",
+        SimulatorConfig::KINDS,
+        |loc, kind, v| match kind {
+            "modbus-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusTcp),
+            _ => None,
+        },
+    );
+
+    let mut config = match config {
+        Some(c) if loc.problems.is_empty() => c,
+        _ => return Err(loc.finish()),
+    };
+    config.devices = devices;
+    config.simulators = simulators;
+
+    for (path, message) in validate::validate(&config) {
+        let span = span_of(spanned_root.get_ref(), &path).unwrap_or(0..0);
+        loc.push(span.start, message);
+    }
+    if loc.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(loc.finish())
+    }
+}
+
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a Path,
+    problems: Vec<(usize, Problem)>,
+}
+
+impl Locator<'_> {
+    fn push(&mut self, offset: usize, message: String) {
+        let (line, column) = line_col(self.text, offset);
+        self.problems.push((
+            offset,
+            Problem {
+                file: self.file.to_owned(),
+                line,
+                column,
+                message,
+            },
+        ));
+    }
+
+    fn toml_error(&mut self, e: &toml::de::Error) {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        let message = improve_message(e.message().trim());
+        self.push(offset, message);
+    }
+
+    fn deserialize<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.toml_error(&e);
+                None
+            }
+        }
+    }
+
+    /// Deserializes `[section.NAME]` tables whose variant is chosen by the `tag_key` key.
+    fn named_tables<T>(
+        &mut self,
+        section: Option<Spanned<DeValue<'_>>>,
+        section_name: &str,
+        tag_key: &str,
+        kinds: &[&str],
+        build: impl Fn(&mut Self, &str, Spanned<DeValue<'_>>) -> Option<T>,
+    ) -> std::collections::BTreeMap<String, T> {
+        let mut out = std::collections::BTreeMap::new();
+        let Some(section) = section else { return out };
+        let span = section.span();
+        let DeValue::Table(tables) = section.into_inner() else {
+            self.push(
+                span.start,
+                format!(
+                    "`{section_name}` must be a table of named tables, e.g. [{section_name}.NAME]"
+                ),
+            );
+            return out;
+        };
+        for (name, value) in tables {
+            let name_span = name.span();
+            let name = name.into_inner().into_owned();
+            let value_span = value.span();
+            let DeValue::Table(mut table) = value.into_inner() else {
+                self.push(
+                    name_span.start,
+                    format!("`{section_name}.{name}` must be a table"),
+                );
+                continue;
+            };
+            let Some(kind) = table.remove(tag_key) else {
+                self.push(
+                    value_span.start,
+                    format!(
+                        "`{section_name}.{name}` has no `{tag_key}` key; add one of: {}",
+                        kinds.join(", ")
+                    ),
+                );
+                continue;
+            };
+            let kind_span = kind.span();
+            let Some(kind) = kind.get_ref().as_str().map(str::to_owned) else {
+                self.push(
+                    kind_span.start,
+                    format!("`{tag_key}` must be a string, one of: {}", kinds.join(", ")),
+                );
+                continue;
+            };
+            if !kinds.contains(&kind.as_str()) {
+                let hint = suggest(&kind, kinds)
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                self.push(
+                    kind_span.start,
+                    format!(
+                        "unknown {tag_key} `{kind}`, expected one of: {}{hint}",
+                        kinds.join(", ")
+                    ),
+                );
+                continue;
+            }
+            if let Some(v) = build(self, &kind, Spanned::new(value_span, DeValue::Table(table))) {
+                out.insert(name, v);
+            }
+        }
+        out
+    }
+
+    fn finish(mut self) -> ConfigError {
+        self.problems.sort_by_key(|(offset, _)| *offset);
+        ConfigError {
+            problems: self.problems.into_iter().map(|(_, p)| p).collect(),
+        }
+    }
+}
+
+/// Adds "did you mean" to serde's unknown-field and unknown-variant messages.
+fn improve_message(message: &str) -> String {
+    let grab = |m: &str| -> Option<(String, Vec<String>)> {
+        let start = m.find('`')? + 1;
+        let end = start + m[start..].find('`')?;
+        let got = m[start..end].to_owned();
+        let expected = m
+            .split_once("expected one of ")
+            .or_else(|| m.split_once("expected "))?
+            .1;
+        let options = expected
+            .split(", ")
+            .map(|s| s.trim_matches(|c| c == '`' || c == ' ').to_owned())
+            .collect();
+        Some((got, options))
+    };
+    if message.starts_with("unknown field") || message.starts_with("unknown variant") {
+        if let Some((got, options)) = grab(message) {
+            let refs: Vec<&str> = options.iter().map(String::as_str).collect();
+            if let Some(s) = suggest(&got, &refs) {
+                return format!("{message}; did you mean `{s}`?");
+            }
+        }
+    }
+    message.to_owned()
+}
+
+/// The closest known name, if it is close enough to be a likely typo.
+fn suggest<'a>(got: &str, options: &[&'a str]) -> Option<&'a str> {
+    options
+        .iter()
+        .map(|o| {
+            (
+                strsim::damerau_levenshtein(&got.to_lowercase(), &o.to_lowercase()),
+                *o,
+            )
+        })
+        .filter(|(d, o)| *d <= 2.max(o.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, o)| o)
+}
+
+/// The span of the value at `path`, or of the deepest part of it that exists.
+fn span_of(root: &DeTable<'_>, path: &[Seg]) -> Option<Range<usize>> {
+    let (first, rest) = path.split_first()?;
+    let Seg::Key(k) = first else { return None };
+    let mut cur = root.get(k.as_str())?;
+    for seg in rest {
+        let next = match (seg, cur.get_ref()) {
+            (Seg::Key(k), DeValue::Table(t)) => t.get(k.as_str()),
+            (Seg::Index(i), DeValue::Array(a)) => a.get(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => cur = n,
+            None => break,
+        }
+    }
+    Some(cur.span())
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text, Path::new("t.toml"))
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const GOOD: &str = r#"
+[gateway]
+id = "gw"
+
+[devices.boiler-1]
+driver = "modbus-tcp"
+address = "127.0.0.1:5020"
+tags = [
+  { name = "temperature", area = "holding", address = 0, type = "f32", order = "ABCD", scale = 0.1, unit = "°C" },
+  { name = "running", area = "coil", address = 0, type = "bool" },
+]
+"#;
+
+    #[test]
+    fn contract_example_parses() {
+        let c = parse(GOOD, Path::new("t.toml")).unwrap();
+        let DeviceConfig::ModbusTcp(d) = &c.devices["boiler-1"];
+        assert_eq!(d.tags.len(), 2);
+        assert_eq!(d.unit_id, 1);
+    }
+
+    #[test]
+    fn misspelt_key_points_at_its_line_and_suggests() {
+        let p = problems(&GOOD.replace("address = \"127", "adress = \"127"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("t.toml:7:1: unknown field `adress`"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("did you mean `address`?"), "{p:?}");
+    }
+
+    #[test]
+    fn bad_type_inside_inline_tag_points_at_the_value() {
+        let p = problems(&GOOD.replace("type = \"f32\"", "type = \"float\""));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("t.toml:9:"), "{p:?}");
+        assert!(p[0].contains("unknown variant `float`"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = GOOD
+            .replace("type = \"bool\"", "type = \"boolean\"")
+            .replace("[gateway]\nid = \"gw\"", "[gateway]\nid = \"gw\"\nname = 1");
+        let p = problems(&text);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("t.toml:4:"), "{p:?}");
+        assert!(p[1].starts_with("t.toml:11:"), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_driver_is_named() {
+        let p = problems(&GOOD.replace("\"modbus-tcp\"", "\"modbus-tpc\""));
+        assert!(
+            p[0].starts_with("t.toml:6:10: unknown driver `modbus-tpc`"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("did you mean `modbus-tcp`?"), "{p:?}");
+    }
+
+    #[test]
+    fn validation_problems_point_at_the_key() {
+        let text = GOOD.replace(
+            "name = \"running\", area = \"coil\", address = 0",
+            "name = \"temperature\", area = \"coil\", address = 0",
+        );
+        let p = problems(&text);
+        assert!(p[0].starts_with("t.toml:10:"), "{p:?}");
+        assert!(p[0].contains("duplicate tag name `temperature`"), "{p:?}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let p = problems("[gateway]\nid = = 1\n");
+        assert!(p[0].starts_with("t.toml:2:6:"), "{p:?}");
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        assert_eq!(line_col("ab\n°cd", 5), (2, 2));
+        assert_eq!(line_col("", 0), (1, 1));
+    }
+}

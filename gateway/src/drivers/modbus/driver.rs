@@ -1,0 +1,418 @@
+//! The Modbus TCP driver: one task per device that polls its tags on a fixed schedule.
+//!
+//! "The link failed" and "the device said no" are kept apart (tokio-modbus returns them as the
+//! outer and inner `Result`): a transport error or timeout drops the connection and reconnects with
+//! jittered exponential backoff; a Modbus exception only marks the affected points bad. A merged
+//! request that draws an exception is split into one request per tag from then on, so a single
+//! unmapped register in a gap does not blind its neighbours.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::{self, Instant, MissedTickBehavior};
+use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::{ExceptionCode, Slave};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::codec::{self, Area, ByteOrder, DataType};
+use super::planner::{self, Limits, ReadRequest, Span};
+use crate::config::ModbusTcpDevice;
+use crate::hub::{batch, BusSender};
+use crate::metrics::DeviceStats;
+use crate::point::{now_ms, Point};
+
+/// A tag ready for decoding.
+#[derive(Debug, Clone)]
+struct Tag {
+    name: Arc<str>,
+    area: Area,
+    address: u16,
+    ty: DataType,
+    order: ByteOrder,
+    scale: Option<f64>,
+    offset: Option<f64>,
+}
+
+/// Data returned by one read.
+enum Data {
+    Bits(Vec<bool>),
+    Words(Vec<u16>),
+}
+
+/// Why a read failed at the link level.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("timeout after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Modbus(#[from] tokio_modbus::Error),
+}
+
+pub struct ModbusTcpDriver {
+    device: Arc<str>,
+    address: String,
+    unit_id: u8,
+    poll: Duration,
+    timeout: Duration,
+    tags: Vec<Tag>,
+    plan: Vec<ReadRequest>,
+    stats: Arc<DeviceStats>,
+    out: BusSender,
+}
+
+impl ModbusTcpDriver {
+    pub fn new(name: &str, cfg: &ModbusTcpDevice, stats: Arc<DeviceStats>, out: BusSender) -> Self {
+        let tags: Vec<Tag> = cfg
+            .tags
+            .iter()
+            .map(|t| Tag {
+                name: Arc::from(t.name.as_str()),
+                area: t.area,
+                address: t.address,
+                ty: t.data_type(),
+                order: t.order.unwrap_or(cfg.order),
+                scale: t.scale,
+                offset: t.offset,
+            })
+            .collect();
+        let spans: Vec<Span> = tags
+            .iter()
+            .map(|t| Span {
+                area: t.area,
+                address: t.address,
+                len: if t.area.is_bit() { 1 } else { t.ty.registers() },
+            })
+            .collect();
+        let limits = Limits {
+            max_gap: cfg.max_read_gap,
+            max_registers: cfg.max_read_registers,
+            max_bits: cfg.max_read_bits,
+        };
+        let plan = planner::plan(&spans, limits);
+        ModbusTcpDriver {
+            device: Arc::from(name),
+            address: cfg.address.clone(),
+            unit_id: cfg.unit_id,
+            poll: cfg.poll.0,
+            timeout: cfg.timeout.0,
+            tags,
+            plan,
+            stats,
+            out,
+        }
+    }
+
+    /// Number of requests one poll sends (after merging).
+    pub fn request_count(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub async fn run(self, cancel: CancellationToken) {
+        let span = tracing::error_span!("driver", device = %self.device, driver = "modbus-tcp");
+        self.run_inner(cancel).instrument(span).await;
+    }
+
+    async fn run_inner(mut self, cancel: CancellationToken) {
+        info!(address = %self.address, tags = self.tags.len(), requests = self.plan.len(), "Polling device.");
+        let mut ctx: Option<Context> = None;
+        let mut failures: u32 = 0;
+        let mut next_connect = Instant::now();
+        let mut ticker = time::interval(self.poll);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut last_scheduled: Option<Instant> = None;
+        loop {
+            let scheduled = tokio::select! {
+                _ = cancel.cancelled() => break,
+                t = ticker.tick() => t,
+            };
+            self.account_schedule(scheduled, last_scheduled);
+            last_scheduled = Some(scheduled);
+
+            if ctx.is_none() {
+                if Instant::now() < next_connect {
+                    continue;
+                }
+                match self.connect().await {
+                    Ok(c) => {
+                        self.stats.connects.inc();
+                        info!("Connected.");
+                        ctx = Some(c);
+                    }
+                    Err(e) => {
+                        self.stats.connect_failures.inc();
+                        failures += 1;
+                        let wait = backoff(failures);
+                        warn!(error = %e, retry_in = ?wait, "Cannot connect.");
+                        next_connect = Instant::now() + wait;
+                        let points = self.all_bad(&format!("connect failed: {e}"));
+                        if self.emit(points).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = ctx.as_mut() else { continue };
+            let (points, link_error) = self.poll_once(c).await;
+            if self.emit(points).await.is_err() {
+                break;
+            }
+            if let Some(e) = link_error {
+                failures += 1;
+                // The first failure reconnects at the next poll; repeated ones back off.
+                let wait = if failures > 1 {
+                    backoff(failures - 1)
+                } else {
+                    Duration::ZERO
+                };
+                warn!(error = %e, retry_in = ?wait, "Link failed; reconnecting.");
+                next_connect = Instant::now() + wait;
+                if let Some(mut c) = ctx.take() {
+                    let _ = time::timeout(
+                        Duration::from_millis(100),
+                        tokio_modbus::client::Client::disconnect(&mut c),
+                    )
+                    .await;
+                }
+            } else {
+                failures = 0;
+            }
+        }
+        debug!("Driver stopped.");
+    }
+
+    fn account_schedule(&self, scheduled: Instant, last: Option<Instant>) {
+        self.stats.polls.inc();
+        let delay = Instant::now().saturating_duration_since(scheduled);
+        if delay > self.poll / 10 {
+            self.stats.polls_late.inc();
+        }
+        if let Some(last) = last {
+            let gap = scheduled.saturating_duration_since(last).as_nanos();
+            let period = self.poll.as_nanos().max(1);
+            let skipped = (gap / period).saturating_sub(1);
+            if skipped > 0 {
+                self.stats.polls_skipped.add(skipped as u64);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Context, String> {
+        let stream =
+            match time::timeout(self.timeout, TcpStream::connect(self.address.as_str())).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("timeout after {:?}", self.timeout)),
+            };
+        // Modbus is strictly request/response with small frames: Nagle would only add latency.
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(tokio_modbus::client::tcp::attach_slave(
+            stream,
+            Slave(self.unit_id),
+        ))
+    }
+
+    async fn emit(&self, points: Vec<Point>) -> Result<(), ()> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
+        self.stats.points_bad.add(bad);
+        self.stats.points_good.add(points.len() as u64 - bad);
+        self.out.send(batch(points)).await.map_err(|_| ())
+    }
+
+    fn all_bad(&self, error: &str) -> Vec<Point> {
+        let error: Arc<str> = Arc::from(error);
+        let ts = now_ms();
+        self.tags
+            .iter()
+            .map(|t| Point::bad(self.device.clone(), t.name.clone(), error.clone(), ts))
+            .collect()
+    }
+
+    /// Reads every request once. Returns the points and, if the link failed, why; after a link
+    /// failure the remaining requests are not sent and their points are bad.
+    async fn poll_once(&mut self, ctx: &mut Context) -> (Vec<Point>, Option<LinkError>) {
+        let mut points = Vec::with_capacity(self.tags.len());
+        let mut split: Vec<usize> = Vec::new();
+        let mut link_error: Option<LinkError> = None;
+        for (i, req) in self.plan.iter().enumerate() {
+            if let Some(e) = &link_error {
+                self.bad_points(req, &format!("not read: {e}"), &mut points);
+                continue;
+            }
+            match self.read(ctx, req).await {
+                Ok(Ok(data)) => self.decode(req, &data, &mut points),
+                Ok(Err(exc)) if req.tags.len() > 1 => {
+                    // A merged range may cover registers the device does not map. Read each tag on
+                    // its own now, and keep them apart from now on.
+                    debug!(start = req.start, count = req.count, %exc, "Merged read refused; splitting it per tag.");
+                    split.push(i);
+                    for single in split_request(req, &self.tags) {
+                        match self.read(ctx, &single).await {
+                            Ok(Ok(data)) => self.decode(&single, &data, &mut points),
+                            Ok(Err(exc)) => {
+                                self.bad_points(&single, &exception_text(exc), &mut points)
+                            }
+                            Err(e) => {
+                                self.bad_points(&single, &e.to_string(), &mut points);
+                                link_error = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(Err(exc)) => self.bad_points(req, &exception_text(exc), &mut points),
+                Err(e) => {
+                    self.bad_points(req, &e.to_string(), &mut points);
+                    link_error = Some(e);
+                }
+            }
+        }
+        for i in split.into_iter().rev() {
+            let req = self.plan.remove(i);
+            let singles = split_request(&req, &self.tags);
+            self.plan.splice(i..i, singles);
+        }
+        // Points for requests after a link failure inside a split are still owed.
+        if link_error.is_some() && points.len() < self.tags.len() {
+            let seen: std::collections::HashSet<Arc<str>> =
+                points.iter().map(|p| p.tag.clone()).collect();
+            let error: Arc<str> = Arc::from("not read: link failed");
+            let ts = now_ms();
+            for t in &self.tags {
+                if !seen.contains(&t.name) {
+                    points.push(Point::bad(
+                        self.device.clone(),
+                        t.name.clone(),
+                        error.clone(),
+                        ts,
+                    ));
+                }
+            }
+        }
+        (points, link_error)
+    }
+
+    async fn read(
+        &self,
+        ctx: &mut Context,
+        req: &ReadRequest,
+    ) -> Result<Result<Data, ExceptionCode>, LinkError> {
+        self.stats.requests.inc();
+        let fut = async {
+            Ok::<_, tokio_modbus::Error>(match req.area {
+                Area::Coil => ctx.read_coils(req.start, req.count).await?.map(Data::Bits),
+                Area::Discrete => ctx
+                    .read_discrete_inputs(req.start, req.count)
+                    .await?
+                    .map(Data::Bits),
+                Area::Holding => ctx
+                    .read_holding_registers(req.start, req.count)
+                    .await?
+                    .map(Data::Words),
+                Area::Input => ctx
+                    .read_input_registers(req.start, req.count)
+                    .await?
+                    .map(Data::Words),
+            })
+        };
+        let result = match time::timeout(self.timeout, fut).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(LinkError::Modbus(e)),
+            Err(_) => Err(LinkError::Timeout(self.timeout)),
+        };
+        if !matches!(result, Ok(Ok(_))) {
+            self.stats.request_errors.inc();
+        }
+        result
+    }
+
+    fn decode(&self, req: &ReadRequest, data: &Data, out: &mut Vec<Point>) {
+        let ts = now_ms();
+        for &i in &req.tags {
+            let t = &self.tags[i];
+            let at = usize::from(t.address - req.start);
+            let value = match data {
+                Data::Bits(bits) => bits.get(at).map(|b| crate::point::Value::Bool(*b)),
+                Data::Words(words) => words
+                    .get(at..)
+                    .and_then(|w| codec::decode(t.ty, t.order, w)),
+            };
+            out.push(match value {
+                Some(v) => Point::good(
+                    self.device.clone(),
+                    t.name.clone(),
+                    codec::apply_scale(v, t.scale, t.offset),
+                    ts,
+                ),
+                None => Point::bad(
+                    self.device.clone(),
+                    t.name.clone(),
+                    Arc::from("short response from device"),
+                    ts,
+                ),
+            });
+        }
+    }
+
+    fn bad_points(&self, req: &ReadRequest, error: &str, out: &mut Vec<Point>) {
+        let error: Arc<str> = Arc::from(error);
+        let ts = now_ms();
+        for &i in &req.tags {
+            out.push(Point::bad(
+                self.device.clone(),
+                self.tags[i].name.clone(),
+                error.clone(),
+                ts,
+            ));
+        }
+    }
+}
+
+fn split_request(req: &ReadRequest, tags: &[Tag]) -> Vec<ReadRequest> {
+    req.tags
+        .iter()
+        .map(|&i| {
+            let t = &tags[i];
+            ReadRequest {
+                area: t.area,
+                start: t.address,
+                count: if t.area.is_bit() { 1 } else { t.ty.registers() },
+                tags: vec![i],
+            }
+        })
+        .collect()
+}
+
+fn exception_text(exc: ExceptionCode) -> String {
+    format!("modbus exception: {exc}")
+}
+
+/// Reconnect delay after `n` consecutive failures: 1 s doubling to 60 s, with ±20 % jitter so a
+/// park's worth of gateways does not reconnect in lockstep after a switch reboots.
+pub fn backoff(n: u32) -> Duration {
+    let base = Duration::from_secs(1).saturating_mul(1u32 << n.saturating_sub(1).min(6));
+    let capped = base.min(Duration::from_secs(60));
+    capped.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps_with_jitter() {
+        for _ in 0..100 {
+            let b1 = backoff(1);
+            assert!(b1 >= Duration::from_millis(800) && b1 <= Duration::from_millis(1200));
+            let b3 = backoff(3);
+            assert!(b3 >= Duration::from_millis(3200) && b3 <= Duration::from_millis(4800));
+            let b = backoff(30);
+            assert!(b >= Duration::from_secs(48) && b <= Duration::from_secs(72));
+        }
+    }
+}

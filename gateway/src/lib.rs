@@ -1,0 +1,25 @@
+//! Updraft, an edge gateway for smart industrial parks: southbound drivers poll equipment, an
+//! embedded MQTT broker is the park's local data bus, and (later) plugins and northbound sinks
+//! shape the data and carry it to the cloud.
+//!
+//! # Layout
+//! - [`config`]: the TOML model, loading with `FILE:LINE:COLUMN` errors, validation.
+//! - [`point`]: the one data model (`Point`) and its JSON payload.
+//! - [`drivers`]: southbound protocols; [`drivers::modbus`] has the codec, planner and driver.
+//! - [`hub`]: the bounded internal bus, current values and fan-out to consumers.
+//! - [`broker`]: the embedded rumqttd broker and the thread that publishes into it.
+//! - [`api`]: the local HTTP API (current values, health, metrics).
+//! - [`simulator`]: the built-in Modbus simulator.
+//! - [`runtime`]: start-up order and graceful shutdown.
+//! - [`telemetry`]: tracing set-up.
+
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod drivers;
+pub mod hub;
+pub mod metrics;
+pub mod point;
+pub mod runtime;
+pub mod simulator;
+pub mod telemetry;

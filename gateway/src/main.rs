@@ -1,0 +1,153 @@
+//! The `updraft` command line: run the gateway, check a config, run simulators, print the version.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use updraft::telemetry::{self, LogFormat};
+use updraft::{config, runtime};
+
+/// Grace period for draining the pipeline after SIGINT or SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+#[derive(Parser)]
+#[command(
+    name = "updraft",
+    about = "Edge gateway for smart industrial parks",
+    version
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log level (trace, debug, info, warn, error); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file and report every problem as FILE:LINE:COLUMN.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run only the config's [simulators.*], for commissioning without the gateway.
+    Simulate {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("updraft {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} devices, {} simulators)",
+                    config.display(),
+                    c.devices.len(),
+                    c.simulators.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!(
+                    "{} problem(s) found in {}",
+                    e.problems.len(),
+                    config.display()
+                );
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            telemetry::init(cli.log_format, &cli.log_level);
+            report(run(config, false))
+        }
+        Command::Simulate { config } => {
+            telemetry::init(cli.log_format, &cli.log_level);
+            report(run(config, true))
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
+    let cfg = config::load(&path).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("updraft-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        if simulate_only {
+            let cancel = CancellationToken::new();
+            let sims = runtime::start_simulators(&cfg, &cancel).await?;
+            if sims.is_empty() {
+                anyhow::bail!("{} has no [simulators.*] section", path.display());
+            }
+            wait_for_signal().await;
+            cancel.cancel();
+            return Ok(());
+        }
+        let gateway = runtime::start(cfg).await?;
+        wait_for_signal().await;
+        info!("Shutting down.");
+        gateway.shutdown(SHUTDOWN_GRACE).await;
+        Ok(())
+    })?;
+    // rumqttd's threads have no stop API; leaving main ends them with the process.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,165 @@
+//! Builds the pipeline from a config, starts it, and drains it on shutdown.
+//!
+//! Start order: simulators (so the demo's devices answer at once), the embedded broker, the hub's
+//! consumers, the HTTP API, then the drivers. Shutdown is one `CancellationToken`: drivers stop and
+//! drop their senders, the hub sees its channel close and closes its consumers' queues, and the
+//! publisher thread drains what is left. The whole drain runs under a grace period.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::broker::{self, BrokerError};
+use crate::config::{Config, DeviceConfig, SimulatorConfig};
+use crate::drivers::modbus::ModbusTcpDriver;
+use crate::hub::{CurrentValues, Hub};
+use crate::metrics::Metrics;
+use crate::{api, simulator};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway. Dropping it without `shutdown` leaves its tasks running.
+pub struct Gateway {
+    /// Where the embedded broker listens, if enabled.
+    pub broker_addr: Option<SocketAddr>,
+    /// Where the HTTP API listens, if enabled.
+    pub api_addr: Option<SocketAddr>,
+    /// Bound address of each simulator.
+    pub simulators: BTreeMap<String, SocketAddr>,
+    pub values: Arc<CurrentValues>,
+    pub metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    drivers: JoinSet<()>,
+    hub: tokio::task::JoinHandle<()>,
+    publisher: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Starts simulators only, for `updraft simulate`.
+pub async fn start_simulators(
+    config: &Config,
+    cancel: &CancellationToken,
+) -> std::io::Result<BTreeMap<String, SocketAddr>> {
+    let mut out = BTreeMap::new();
+    for (name, sim) in &config.simulators {
+        match sim {
+            SimulatorConfig::ModbusTcp(s) => {
+                out.insert(
+                    name.clone(),
+                    simulator::start(name, s, cancel.child_token()).await?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn start(config: Config) -> Result<Gateway, StartError> {
+    let cancel = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    std::fs::create_dir_all(&config.gateway.data_dir).map_err(|source| StartError::DataDir {
+        path: config.gateway.data_dir.clone(),
+        source,
+    })?;
+
+    let simulators = start_simulators(&config, &cancel).await?;
+
+    let mut hub = Hub::new(metrics.clone());
+    let values = hub.values();
+
+    let tag_count: usize = config
+        .devices
+        .values()
+        .map(|d| match d {
+            DeviceConfig::ModbusTcp(m) => m.tags.len(),
+        })
+        .sum();
+    let (broker_addr, publisher) = if config.broker.enabled {
+        let cfg = config.broker.clone();
+        let b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count))
+            .await
+            .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
+        let addr = b.addr;
+        let rx = hub.subscribe("broker");
+        (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
+    } else {
+        (None, None)
+    };
+
+    let api_addr = if config.api.enabled {
+        Some(
+            api::start(
+                config.api.listen,
+                &config.gateway.id,
+                values.clone(),
+                metrics.clone(),
+                cancel.child_token(),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    let mut drivers = JoinSet::new();
+    for (name, device) in &config.devices {
+        match device {
+            DeviceConfig::ModbusTcp(d) => {
+                let driver = ModbusTcpDriver::new(name, d, metrics.device(name), hub.sender());
+                drivers.spawn(driver.run(cancel.child_token()));
+            }
+        }
+    }
+    let hub = tokio::spawn(hub.run());
+    info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
+    Ok(Gateway {
+        broker_addr,
+        api_addr,
+        simulators,
+        values,
+        metrics,
+        cancel,
+        drivers,
+        hub,
+        publisher,
+    })
+}
+
+impl Gateway {
+    /// Stops polling and drains the pipeline, giving up after `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.cancel.cancel();
+        let drain = async {
+            while self.drivers.join_next().await.is_some() {}
+            let _ = (&mut self.hub).await;
+            if let Some(p) = self.publisher.take() {
+                let _ = tokio::task::spawn_blocking(move || p.join()).await;
+            }
+        };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            warn!(
+                ?grace,
+                "Shutdown grace period expired; exiting with work in flight."
+            );
+            self.drivers.abort_all();
+            self.hub.abort();
+        } else {
+            info!("Gateway stopped cleanly.");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The built-in Modbus TCP simulator: registers that follow waveforms, served by tokio-modbus.
+//!
+//! It powers the demo (live data with no hardware), lets park IT commission a config before the
+//! equipment is wired (`updraft simulate`), and serves as the Modbus peer in benchmarks. Clients may
+//! write coils and holding registers; a written `constant` register keeps its value, a waveform
+//! register is overwritten at its next update.
+
+use std::collections::HashMap;
+use std::future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio::time::{self, Instant};
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+use tokio_modbus::server::Service;
+use tokio_modbus::{ExceptionCode, Request, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use crate::config::{ModbusSimulator, SimRegister, Wave};
+use crate::drivers::modbus::codec::{self, Area, DataType};
+use crate::point::Value;
+
+/// The register memory of one simulated device. Sparse, so a simulator of a hundred devices costs
+/// only the registers it defines.
+#[derive(Debug, Default)]
+struct Memory {
+    bits: HashMap<(Area, u16), bool>,
+    words: HashMap<(Area, u16), u16>,
+    strict: bool,
+}
+
+impl Memory {
+    fn read_bits(&self, area: Area, start: u16, count: u16) -> Result<Vec<bool>, ExceptionCode> {
+        check_range(start, count, 2000)?;
+        (start..start + count)
+            .map(|a| match self.bits.get(&(area, a)) {
+                Some(b) => Ok(*b),
+                None if self.strict => Err(ExceptionCode::IllegalDataAddress),
+                None => Ok(false),
+            })
+            .collect()
+    }
+
+    fn read_words(&self, area: Area, start: u16, count: u16) -> Result<Vec<u16>, ExceptionCode> {
+        check_range(start, count, 125)?;
+        (start..start + count)
+            .map(|a| match self.words.get(&(area, a)) {
+                Some(w) => Ok(*w),
+                None if self.strict => Err(ExceptionCode::IllegalDataAddress),
+                None => Ok(0),
+            })
+            .collect()
+    }
+
+    fn write_bits(&mut self, start: u16, bits: &[bool]) -> Result<(), ExceptionCode> {
+        check_range(start, bits.len() as u16, 1968)?;
+        for (i, b) in bits.iter().enumerate() {
+            let key = (Area::Coil, start + i as u16);
+            if self.strict && !self.bits.contains_key(&key) {
+                return Err(ExceptionCode::IllegalDataAddress);
+            }
+            self.bits.insert(key, *b);
+        }
+        Ok(())
+    }
+
+    fn write_words(&mut self, start: u16, words: &[u16]) -> Result<(), ExceptionCode> {
+        check_range(start, words.len() as u16, 123)?;
+        for (i, w) in words.iter().enumerate() {
+            let key = (Area::Holding, start + i as u16);
+            if self.strict && !self.words.contains_key(&key) {
+                return Err(ExceptionCode::IllegalDataAddress);
+            }
+            self.words.insert(key, *w);
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, r: &SimRegister, value: f64) {
+        if r.area.is_bit() {
+            self.bits.insert((r.area, r.address), value != 0.0);
+            return;
+        }
+        let ty = r.data_type();
+        let v = match ty {
+            DataType::F32 | DataType::F64 => Value::Float(value),
+            DataType::Bool => Value::Bool(value != 0.0),
+            _ => Value::Float(clamp_to(ty, value)),
+        };
+        if let Ok(words) = codec::encode(ty, r.order, v) {
+            for (i, w) in words.into_iter().enumerate() {
+                self.words.insert((r.area, r.address + i as u16), w);
+            }
+        }
+    }
+}
+
+fn check_range(start: u16, count: u16, max: u16) -> Result<(), ExceptionCode> {
+    if count == 0 || count > max || u32::from(start) + u32::from(count) > 65536 {
+        return Err(ExceptionCode::IllegalDataValue);
+    }
+    Ok(())
+}
+
+fn clamp_to(ty: DataType, v: f64) -> f64 {
+    let (lo, hi) = match ty {
+        DataType::U16 => (0.0, f64::from(u16::MAX)),
+        DataType::I16 => (f64::from(i16::MIN), f64::from(i16::MAX)),
+        DataType::U32 => (0.0, f64::from(u32::MAX)),
+        DataType::I32 => (f64::from(i32::MIN), f64::from(i32::MAX)),
+        DataType::U64 => (0.0, u64::MAX as f64),
+        DataType::I64 => (i64::MIN as f64, i64::MAX as f64),
+        _ => (f64::MIN, f64::MAX),
+    };
+    v.round().clamp(lo, hi)
+}
+
+#[derive(Clone)]
+struct SimService(Arc<Mutex<Memory>>);
+
+impl Service for SimService {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Response, ExceptionCode>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let r = match req {
+            Request::ReadCoils(a, n) => m.read_bits(Area::Coil, a, n).map(Response::ReadCoils),
+            Request::ReadDiscreteInputs(a, n) => m
+                .read_bits(Area::Discrete, a, n)
+                .map(Response::ReadDiscreteInputs),
+            Request::ReadHoldingRegisters(a, n) => m
+                .read_words(Area::Holding, a, n)
+                .map(Response::ReadHoldingRegisters),
+            Request::ReadInputRegisters(a, n) => m
+                .read_words(Area::Input, a, n)
+                .map(Response::ReadInputRegisters),
+            Request::WriteSingleCoil(a, b) => m
+                .write_bits(a, &[b])
+                .map(|()| Response::WriteSingleCoil(a, b)),
+            Request::WriteMultipleCoils(a, bits) => m
+                .write_bits(a, &bits)
+                .map(|()| Response::WriteMultipleCoils(a, bits.len() as u16)),
+            Request::WriteSingleRegister(a, w) => m
+                .write_words(a, &[w])
+                .map(|()| Response::WriteSingleRegister(a, w)),
+            Request::WriteMultipleRegisters(a, words) => m
+                .write_words(a, &words)
+                .map(|()| Response::WriteMultipleRegisters(a, words.len() as u16)),
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        future::ready(r)
+    }
+}
+
+/// The value of a waveform register `t` seconds after start; `walk` carries random-walk state.
+fn wave_value(r: &SimRegister, t: f64, walk: &mut f64) -> f64 {
+    let period = r.period.0.as_secs_f64().max(1e-3);
+    let phase = (t / period).fract();
+    match r.wave {
+        Wave::Constant => r.value,
+        Wave::Ramp => r.min + (r.max - r.min) * phase,
+        Wave::Sine => {
+            let mid = (r.min + r.max) / 2.0;
+            mid + (r.max - r.min) / 2.0 * (std::f64::consts::TAU * phase).sin()
+        }
+        Wave::Square => {
+            if phase < 0.5 {
+                r.max
+            } else {
+                r.min
+            }
+        }
+        Wave::RandomWalk => {
+            *walk = (*walk + r.step * (2.0 * fastrand::f64() - 1.0)).clamp(r.min, r.max);
+            *walk
+        }
+    }
+}
+
+/// Binds the simulator's listener and serves it until `cancel`. Returns the bound address, which
+/// differs from the configured one when that asks for port 0.
+pub async fn start(
+    name: &str,
+    cfg: &ModbusSimulator,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("simulator `{name}` cannot listen on {}: {e}", cfg.listen),
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let memory = Arc::new(Mutex::new(Memory {
+        strict: cfg.strict,
+        ..Memory::default()
+    }));
+    let registers = cfg.registers.clone();
+    let mut walks: Vec<f64> = registers
+        .iter()
+        .map(|r| r.value.clamp(r.min, r.max))
+        .collect();
+    {
+        let mut m = memory.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, w) in registers.iter().zip(walks.iter_mut()) {
+            let v = if r.wave == Wave::RandomWalk {
+                *w
+            } else {
+                wave_value(r, 0.0, w)
+            };
+            m.set(r, v);
+        }
+    }
+    let span = tracing::info_span!("simulator", simulator = %name);
+    let update = cfg.update.0;
+    let mem = memory.clone();
+    let c = cancel.clone();
+    let animated = registers.iter().any(|r| r.wave != Wave::Constant);
+    tokio::spawn(
+        async move {
+            if !animated {
+                return;
+            }
+            let start = Instant::now();
+            let mut tick = time::interval(update);
+            tick.set_missed_tick_behavior(time::MissedTickBehavior::Skip);
+            while c.run_until_cancelled(tick.tick()).await.is_some() {
+                let t = start.elapsed().as_secs_f64();
+                let mut m = mem.lock().unwrap_or_else(|e| e.into_inner());
+                for (r, w) in registers.iter().zip(walks.iter_mut()) {
+                    if r.wave != Wave::Constant {
+                        let v = wave_value(r, t, w);
+                        m.set(r, v);
+                    }
+                }
+            }
+        }
+        .instrument(span.clone()),
+    );
+    let service = SimService(memory);
+    tokio::spawn(
+        async move {
+            let server = Server::new(listener);
+            let new_service = move |_addr: SocketAddr| Ok(Some(service.clone()));
+            let on_connected = |stream, addr| {
+                let r = accept_tcp_connection(stream, addr, &new_service);
+                async move { r }
+            };
+            let on_error = |e: std::io::Error| warn!(error = %e, "Simulator connection failed.");
+            tokio::select! {
+                r = server.serve(&on_connected, on_error) => {
+                    if let Err(e) = r {
+                        warn!(error = %e, "Simulator stopped.");
+                    }
+                }
+                _ = cancel.cancelled() => {}
+            }
+        }
+        .instrument(span),
+    );
+    info!(simulator = %name, %addr, "Modbus simulator listening.");
+    Ok(addr)
+}

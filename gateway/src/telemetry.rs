@@ -1,0 +1,29 @@
+//! Logging set-up: human-readable by default, one JSON object per line with `--log-format json`.
+
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Installs the global subscriber. `RUST_LOG` overrides `level`. rumqttd logs every ordinary client
+/// disconnect at error level, which would bury the gateway's own messages and alarm operators, so
+/// it is silenced by default (`RUST_LOG=rumqttd=info` brings it back); the failures that matter,
+/// such as a listener that cannot bind, are detected and reported by the gateway itself.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rumqttd=off,tokio_modbus=warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+}
