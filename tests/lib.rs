@@ -1,1 +1,387 @@
-//! x
+//! Shared fixtures for the black-box tests: a Modbus TCP server with scriptable faults, a gateway
+//! started from TOML text, an MQTT client on the embedded broker, and the Python peers.
+//!
+//! Every server binds `127.0.0.1:0`; nothing here talks to another machine.
+
+use std::collections::HashMap;
+use std::future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::net::TcpListener;
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+use tokio_modbus::server::Service;
+use tokio_modbus::{ExceptionCode, Request, Response};
+use updraft::runtime::Gateway;
+
+/// How the fixture server misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Answer register reads that touch these holding addresses with this exception.
+    pub exception_at: HashMap<u16, ExceptionCode>,
+    /// Hold every response this long before answering.
+    pub delay: Option<Duration>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    holding: HashMap<u16, u16>,
+    input: HashMap<u16, u16>,
+    coils: HashMap<u16, bool>,
+    discrete: HashMap<u16, bool>,
+    faults: Faults,
+    /// Every read request as (function, start, count), for planner assertions.
+    reads: Vec<(&'static str, u16, u16)>,
+}
+
+/// A Modbus TCP server built on tokio-modbus, independent of the gateway's own simulator.
+#[derive(Clone, Default)]
+pub struct ModbusFixture {
+    state: Arc<Mutex<State>>,
+}
+
+impl ModbusFixture {
+    pub fn set_holding(&self, address: u16, words: &[u16]) {
+        let mut s = self.state.lock().unwrap();
+        for (i, w) in words.iter().enumerate() {
+            s.holding.insert(address + i as u16, *w);
+        }
+    }
+    pub fn set_input(&self, address: u16, words: &[u16]) {
+        let mut s = self.state.lock().unwrap();
+        for (i, w) in words.iter().enumerate() {
+            s.input.insert(address + i as u16, *w);
+        }
+    }
+    pub fn set_coil(&self, address: u16, v: bool) {
+        self.state.lock().unwrap().coils.insert(address, v);
+    }
+    pub fn set_discrete(&self, address: u16, v: bool) {
+        self.state.lock().unwrap().discrete.insert(address, v);
+    }
+    pub fn holding(&self, address: u16) -> Option<u16> {
+        self.state.lock().unwrap().holding.get(&address).copied()
+    }
+    pub fn set_faults(&self, f: Faults) {
+        self.state.lock().unwrap().faults = f;
+    }
+    pub fn reads(&self) -> Vec<(&'static str, u16, u16)> {
+        self.state.lock().unwrap().reads.clone()
+    }
+
+    /// Serves on `127.0.0.1:0` and returns the bound address.
+    pub async fn serve(&self) -> SocketAddr {
+        self.serve_at(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Serves on a given loopback address.
+    pub async fn serve_at(&self, addr: SocketAddr) -> SocketAddr {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let server = Server::new(listener);
+            let new_service = move |_| Ok(Some(svc.clone()));
+            let on_connected = |stream, a| {
+                let r = accept_tcp_connection(stream, a, &new_service);
+                async move { r }
+            };
+            let _ = server.serve(&on_connected, |_e| {}).await;
+        });
+        addr
+    }
+}
+
+type Reply = Result<Response, ExceptionCode>;
+
+impl Service for ModbusFixture {
+    type Request = Request<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = std::pin::Pin<Box<dyn future::Future<Output = Reply> + Send>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let mut s = self.state.lock().unwrap();
+        let words = |m: &HashMap<u16, u16>, a: u16, n: u16| {
+            (a..a + n)
+                .map(|i| m.get(&i).copied().unwrap_or(0))
+                .collect::<Vec<_>>()
+        };
+        let bits = |m: &HashMap<u16, bool>, a: u16, n: u16| {
+            (a..a + n)
+                .map(|i| m.get(&i).copied().unwrap_or(false))
+                .collect::<Vec<_>>()
+        };
+        let exception = |s: &State, a: u16, n: u16| {
+            (a..a + n).find_map(|i| s.faults.exception_at.get(&i).copied())
+        };
+        let reply: Reply = match req {
+            Request::ReadHoldingRegisters(a, n) => {
+                s.reads.push(("holding", a, n));
+                match exception(&s, a, n) {
+                    Some(e) => Err(e),
+                    None => Ok(Response::ReadHoldingRegisters(words(&s.holding, a, n))),
+                }
+            }
+            Request::ReadInputRegisters(a, n) => {
+                s.reads.push(("input", a, n));
+                Ok(Response::ReadInputRegisters(words(&s.input, a, n)))
+            }
+            Request::ReadCoils(a, n) => {
+                s.reads.push(("coil", a, n));
+                Ok(Response::ReadCoils(bits(&s.coils, a, n)))
+            }
+            Request::ReadDiscreteInputs(a, n) => {
+                s.reads.push(("discrete", a, n));
+                Ok(Response::ReadDiscreteInputs(bits(&s.discrete, a, n)))
+            }
+            Request::WriteSingleRegister(a, w) => {
+                s.holding.insert(a, w);
+                Ok(Response::WriteSingleRegister(a, w))
+            }
+            Request::WriteMultipleRegisters(a, ws) => {
+                for (i, w) in ws.iter().enumerate() {
+                    s.holding.insert(a + i as u16, *w);
+                }
+                Ok(Response::WriteMultipleRegisters(a, ws.len() as u16))
+            }
+            Request::WriteSingleCoil(a, b) => {
+                s.coils.insert(a, b);
+                Ok(Response::WriteSingleCoil(a, b))
+            }
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        let delay = s.faults.delay;
+        Box::pin(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            reply
+        })
+    }
+}
+
+/// A temporary folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "updraft-test-{tag}-{}-{}",
+            std::process::id(),
+            fastrand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// The `[gateway]`, `[broker]` and `[api]` header every test config starts with: free ports only.
+pub fn header(id: &str) -> String {
+    format!("[gateway]\nid = \"{id}\"\n\n[broker]\nlisten = \"127.0.0.1:0\"\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n")
+}
+
+/// Writes `toml` to a temp folder, loads it like `updraft run` does, and starts the gateway.
+pub async fn start_gateway(toml: &str) -> (Gateway, TempDir) {
+    let dir = TempDir::new("gw");
+    let path = dir.path().join("updraft.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = updraft::config::load(&path)
+        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
+    let gw = updraft::runtime::start(config)
+        .await
+        .expect("gateway starts");
+    (gw, dir)
+}
+
+/// An MQTT client connected to `addr`, subscribed to `filter`.
+pub struct Subscriber {
+    pub client: AsyncClient,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>, bool)>,
+}
+
+impl Subscriber {
+    pub async fn connect(addr: SocketAddr, filter: &str, qos: QoS) -> Self {
+        let id = format!("test-{}", fastrand_suffix());
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        client.subscribe(filter, qos).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx
+                            .send((p.topic.clone(), p.payload.to_vec(), p.retain))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Subscriber { client, rx }
+    }
+
+    /// Waits up to `within` for a message on `topic` whose JSON payload satisfies `pred`.
+    pub async fn wait_for(
+        &mut self,
+        topic: &str,
+        within: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .ok()??;
+            if msg.0 == topic {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.1) {
+                    if pred(&v) {
+                        return Some(v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Collects the topics of retained messages for `window` (live messages keep flowing, so
+    /// there is no quiet moment to wait for).
+    pub async fn collect_retained(
+        &mut self,
+        window: Duration,
+    ) -> std::collections::HashSet<String> {
+        let mut out = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some((topic, _, retain))) =
+            tokio::time::timeout_at(deadline, self.rx.recv()).await
+        {
+            if retain {
+                out.insert(topic);
+            }
+        }
+        out
+    }
+
+    /// Collects the latest payload per topic until `quiet` passes with no message, or `max` elapses.
+    pub async fn collect(
+        &mut self,
+        quiet: Duration,
+        max: Duration,
+    ) -> HashMap<String, serde_json::Value> {
+        let mut out = HashMap::new();
+        let deadline = tokio::time::Instant::now() + max;
+        while let Ok(Some((topic, payload, _))) = tokio::time::timeout(
+            quiet.min(deadline - tokio::time::Instant::now()),
+            self.rx.recv(),
+        )
+        .await
+        {
+            if let Ok(v) = serde_json::from_slice(&payload) {
+                out.insert(topic, v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// A plain HTTP/1.1 GET over loopback; returns (status, body). Enough for the local API, and it
+/// keeps an HTTP client library out of the test build.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The Python interpreter with the peer packages (pymodbus, …). `.ci/run` and `tests/run.sh`
+/// create the venv and export `UPDRAFT_PYTHON`; the default is the venv they create.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("UPDRAFT_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the Python peers are not installed: run `bash tests/run.sh` (it creates .venv with pymodbus), or set UPDRAFT_PYTHON"
+    );
+    venv
+}
+
+/// Path of a file under `tests/`.
+pub fn test_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// Polls `f` until it returns `Some` or `within` passes.
+pub async fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -49,7 +49,11 @@ pub fn validate(config: &Config) -> Found {
     if let Some(p) = name_problem(&config.gateway.id) {
         found.push((path(&["gateway", "id"]), format!("gateway id {p}")));
     }
-    if config.broker.enabled && config.api.enabled && config.broker.listen == config.api.listen {
+    if config.broker.enabled
+        && config.api.enabled
+        && config.broker.listen.port() != 0
+        && config.broker.listen == config.api.listen
+    {
         found.push((
             path(&["api", "listen"]),
             "the API and the broker cannot listen on the same address".into(),
