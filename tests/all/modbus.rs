@@ -13,14 +13,17 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Register images a device would hold for known values, written out by hand (the big-endian
 /// images of 123456789, -2, 1.5, 0x0102030405060708, -3 and -1.5), independent of the gateway's
 /// encoder.
-fn golden() -> Vec<(
+/// (tag, address, type, order, registers on the wire, expected JSON value)
+type Golden = (
     &'static str,
     u16,
     &'static str,
     &'static str,
     Vec<u16>,
     Value,
-)> {
+);
+
+fn golden() -> Vec<Golden> {
     vec![
         ("u16", 0, "u16", "ABCD", vec![40000], json!(40000)),
         ("i16", 1, "i16", "ABCD", vec![0xFB2E], json!(-1234)),
