@@ -163,14 +163,43 @@ impl Locator<'_> {
         self.push(offset, message);
     }
 
+    /// Deserializes a spanned value, reporting every problem in it, not only serde's first: after
+    /// each error the offending entry is cut out of a copy and deserialization is tried again.
     fn deserialize<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>) -> Option<T> {
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.toml_error(&e);
-                None
+        let first = match T::deserialize(ValueDeserializer::from(value.clone())) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        self.toml_error(&first);
+        let (span, mut rest) = (value.span(), value.into_inner());
+        let mut removed: Vec<String> = Vec::new();
+        let mut err = first;
+        // A bounded number of rounds: each removes one entry, so this always ends.
+        for _ in 0..32 {
+            // A misspelt key whose intended name is required would reappear as "missing field".
+            if let Some(meant) = suggestion(err.message()) {
+                removed.push(meant);
+            }
+            let Some(at) = err.span().map(|s| s.start) else { break };
+            match remove_at(&mut rest, at) {
+                Some(key) => removed.push(key),
+                None => break,
+            }
+            match T::deserialize(ValueDeserializer::from(Spanned::new(span.clone(), rest.clone()))) {
+                Ok(_) => break,
+                Err(e) => {
+                    // A "missing field" for a key we cut out ourselves is our artefact, not news.
+                    let artefact = e.message().starts_with("missing field")
+                        && removed.iter().any(|k| e.message().contains(&format!("`{k}`")));
+                    if artefact {
+                        break;
+                    }
+                    self.toml_error(&e);
+                    err = e;
+                }
             }
         }
+        None
     }
 
     /// Deserializes `[section.NAME]` tables whose variant is chosen by the `tag_key` key.
@@ -251,8 +280,49 @@ impl Locator<'_> {
     }
 }
 
+/// Removes the innermost table entry or array element at byte `offset`; returns the key removed
+/// (empty for an array element).
+fn remove_at(value: &mut DeValue<'_>, offset: usize) -> Option<String> {
+    let contains = |s: std::ops::Range<usize>| s.start <= offset && offset < s.end.max(s.start + 1);
+    match value {
+        DeValue::Table(t) => {
+            let key = t
+                .iter()
+                .find(|(k, v)| contains(k.span()) || contains(v.span()))
+                .map(|(k, _)| k.get_ref().to_string())?;
+            let inner = t.get_mut(key.as_str()).map(|v| v.get_mut())?;
+            if let Some(k) = remove_at(inner, offset) {
+                return Some(k);
+            }
+            t.remove(key.as_str());
+            Some(key)
+        }
+        DeValue::Array(a) => {
+            let i = a.iter().position(|v| contains(v.span()))?;
+            let mut items: Vec<_> = std::mem::replace(a, toml::de::DeArray::new()).iter().cloned().collect();
+            let found = remove_at(items[i].get_mut(), offset);
+            if found.is_none() {
+                items.remove(i);
+            }
+            for item in items {
+                a.push(item);
+            }
+            Some(found.unwrap_or_default())
+        }
+        _ => None,
+    }
+}
+
 /// Adds "did you mean" to serde's unknown-field and unknown-variant messages.
 fn improve_message(message: &str) -> String {
+    match suggestion(message) {
+        Some(s) => format!("{message}; did you mean `{s}`?"),
+        None => message.to_owned(),
+    }
+}
+
+/// The likely intended name for serde's unknown-field or unknown-variant message.
+fn suggestion(message: &str) -> Option<String> {
     let grab = |m: &str| -> Option<(String, Vec<String>)> {
         let start = m.find('`')? + 1;
         let end = start + m[start..].find('`')?;
@@ -267,15 +337,12 @@ fn improve_message(message: &str) -> String {
             .collect();
         Some((got, options))
     };
-    if message.starts_with("unknown field") || message.starts_with("unknown variant") {
-        if let Some((got, options)) = grab(message) {
-            let refs: Vec<&str> = options.iter().map(String::as_str).collect();
-            if let Some(s) = suggest(&got, &refs) {
-                return format!("{message}; did you mean `{s}`?");
-            }
-        }
+    if !(message.starts_with("unknown field") || message.starts_with("unknown variant")) {
+        return None;
     }
-    message.to_owned()
+    let (got, options) = grab(message)?;
+    let refs: Vec<&str> = options.iter().map(String::as_str).collect();
+    suggest(&got, &refs).map(str::to_owned)
 }
 
 /// The closest known name, if it is close enough to be a likely typo.

@@ -1,0 +1,160 @@
+//! The `updraft` command line as an operator uses it: `check`, `version`, and `run` stopped by a
+//! signal. These live in the gateway crate because only it can locate the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn updraft() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_updraft"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("updraft-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("updraft.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{} fails check:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "configs/ holds the demo and the reference config");
+}
+
+#[test]
+fn check_points_at_a_misspelt_key_and_a_bad_type() {
+    let text = r#"[gateway]
+id = "gw"
+
+[devices.boiler-1]
+driver = "modbus-tcp"
+adress = "127.0.0.1:5020"
+tags = [
+  { name = "temperature", area = "holding", address = 0, type = "float32" },
+]
+"#;
+    let path = temp_file("bad", text);
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(!out.status.success(), "check must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(
+        stderr.contains(&format!("{file}:6:1: unknown field `adress`")) && stderr.contains("did you mean `address`?"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("{file}:8:")) && stderr.contains("unknown variant `float32`"), "{stderr}");
+}
+
+#[test]
+fn check_reports_validation_problems_with_positions() {
+    let text = r#"[gateway]
+id = "gw"
+
+[devices.d]
+driver = "modbus-tcp"
+address = "no-port-here"
+poll = "1s"
+tags = [
+  { name = "a", area = "coil", address = 0, type = "f32" },
+  { name = "b", area = "input", address = 65535, type = "u32", access = "rw" },
+]
+"#;
+    let path = temp_file("invalid", text);
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = path.display().to_string();
+    assert!(stderr.contains(&format!("{file}:6:11: address `no-port-here` must be host:port")), "{stderr}");
+    assert!(stderr.contains(&format!("{file}:9:")) && stderr.contains("holds single bits"), "{stderr}");
+    assert!(stderr.contains("runs past address 65535"), "{stderr}");
+    assert!(stderr.contains("only coil and holding tags can be \"rw\""), "{stderr}");
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+}
+
+#[test]
+fn version_prints_the_version() {
+    let out = updraft().arg("version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("updraft {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn run_stops_cleanly_on_sigterm() {
+    let text = r#"[gateway]
+id = "gw-sigterm"
+data_dir = "data"
+
+[broker]
+listen = "127.0.0.1:0"
+
+[api]
+listen = "127.0.0.1:0"
+
+[simulators.sim]
+kind = "modbus-tcp"
+listen = "127.0.0.1:0"
+registers = [{ area = "holding", address = 0, wave = "ramp" }]
+"#;
+    let path = temp_file("sigterm", text);
+    let mut child = updraft()
+        .args(["run", "--log-format", "json", "-c"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the start-up line, then signal.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("Gateway running.") {
+                let _ = tx.send(None);
+            }
+            lines.push(line);
+        }
+        let _ = tx.send(Some(lines));
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), None, "gateway starts");
+    let started = Instant::now();
+    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "updraft did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    println!("exit after SIGTERM took {:?}", started.elapsed());
+    assert_eq!(exit.code(), Some(0));
+    let lines = rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    // JSON logs: every line is one JSON object.
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    assert!(lines.iter().any(|l| l.contains("Gateway stopped cleanly.")), "{lines:?}");
+    // The data directory resolves against the config file's folder.
+    assert!(path.parent().unwrap().join("data").is_dir());
+}

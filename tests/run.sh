@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh machine: installs the test peers, then runs every test.
+# Usage: bash tests/run.sh [extra nextest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Independent protocol peers (pymodbus) live in a project-local venv.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import pymodbus' 2>/dev/null \
+   || ! cmp -s tests/peers/requirements.txt .venv/.requirements 2>/dev/null; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt
+  cp tests/peers/requirements.txt .venv/.requirements
+fi
+export UPDRAFT_PYTHON="$PWD/.venv/bin/python"
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --profile ci "$@"
+else
+  cargo test --workspace --locked "$@"
+fi
