@@ -106,18 +106,12 @@ impl Service for ModbusFixture {
     fn call(&self, req: Self::Request) -> Self::Future {
         let mut s = self.state.lock().unwrap();
         let words = |m: &HashMap<u16, u16>, a: u16, n: u16| {
-            (a..a + n)
-                .map(|i| m.get(&i).copied().unwrap_or(0))
-                .collect::<Vec<_>>()
+            (a..a + n).map(|i| m.get(&i).copied().unwrap_or(0)).collect::<Vec<_>>()
         };
         let bits = |m: &HashMap<u16, bool>, a: u16, n: u16| {
-            (a..a + n)
-                .map(|i| m.get(&i).copied().unwrap_or(false))
-                .collect::<Vec<_>>()
+            (a..a + n).map(|i| m.get(&i).copied().unwrap_or(false)).collect::<Vec<_>>()
         };
-        let exception = |s: &State, a: u16, n: u16| {
-            (a..a + n).find_map(|i| s.faults.exception_at.get(&i).copied())
-        };
+        let exception = |s: &State, a: u16, n: u16| (a..a + n).find_map(|i| s.faults.exception_at.get(&i).copied());
         let reply: Reply = match req {
             Request::ReadHoldingRegisters(a, n) => {
                 s.reads.push(("holding", a, n));
@@ -169,11 +163,7 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "updraft-test-{tag}-{}-{}",
-            std::process::id(),
-            fastrand_suffix()
-        ));
+        let dir = std::env::temp_dir().join(format!("updraft-test-{tag}-{}-{}", std::process::id(), fastrand_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -203,11 +193,8 @@ pub async fn start_gateway(toml: &str) -> (Gateway, TempDir) {
     let dir = TempDir::new("gw");
     let path = dir.path().join("updraft.toml");
     std::fs::write(&path, toml).unwrap();
-    let config = updraft::config::load(&path)
-        .unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
-    let gw = updraft::runtime::start(config)
-        .await
-        .expect("gateway starts");
+    let config = updraft::config::load(&path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}\n---\n{toml}"));
+    let gw = updraft::runtime::start(config).await.expect("gateway starts");
     (gw, dir)
 }
 
@@ -230,10 +217,7 @@ impl Subscriber {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx
-                            .send((p.topic.clone(), p.payload.to_vec(), p.retain))
-                            .is_err()
-                        {
+                        if tx.send((p.topic.clone(), p.payload.to_vec(), p.retain)).is_err() {
                             break;
                         }
                     }
@@ -254,9 +238,7 @@ impl Subscriber {
     ) -> Option<serde_json::Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .ok()??;
+            let msg = tokio::time::timeout_at(deadline, self.rx.recv()).await.ok()??;
             if msg.0 == topic {
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.1) {
                     if pred(&v) {
@@ -269,15 +251,10 @@ impl Subscriber {
 
     /// Collects the topics of retained messages for `window` (live messages keep flowing, so
     /// there is no quiet moment to wait for).
-    pub async fn collect_retained(
-        &mut self,
-        window: Duration,
-    ) -> std::collections::HashSet<String> {
+    pub async fn collect_retained(&mut self, window: Duration) -> std::collections::HashSet<String> {
         let mut out = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + window;
-        while let Ok(Some((topic, _, retain))) =
-            tokio::time::timeout_at(deadline, self.rx.recv()).await
-        {
+        while let Ok(Some((topic, _, retain))) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if retain {
                 out.insert(topic);
             }
@@ -286,18 +263,11 @@ impl Subscriber {
     }
 
     /// Collects the latest payload per topic until `quiet` passes with no message, or `max` elapses.
-    pub async fn collect(
-        &mut self,
-        quiet: Duration,
-        max: Duration,
-    ) -> HashMap<String, serde_json::Value> {
+    pub async fn collect(&mut self, quiet: Duration, max: Duration) -> HashMap<String, serde_json::Value> {
         let mut out = HashMap::new();
         let deadline = tokio::time::Instant::now() + max;
-        while let Ok(Some((topic, payload, _))) = tokio::time::timeout(
-            quiet.min(deadline - tokio::time::Instant::now()),
-            self.rx.recv(),
-        )
-        .await
+        while let Ok(Some((topic, payload, _))) =
+            tokio::time::timeout(quiet.min(deadline - tokio::time::Instant::now()), self.rx.recv()).await
         {
             if let Ok(v) = serde_json::from_slice(&payload) {
                 out.insert(topic, v);
@@ -315,28 +285,14 @@ impl Subscriber {
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
     (status, body)
 }
 

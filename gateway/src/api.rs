@@ -40,12 +40,7 @@ struct PointView<'a> {
 
 impl<'a> From<&'a Point> for PointView<'a> {
     fn from(p: &'a Point) -> Self {
-        PointView {
-            value: p.value,
-            ts: p.ts,
-            quality: p.quality,
-            error: p.error.as_deref(),
-        }
+        PointView { value: p.value, ts: p.ts, quality: p.quality, error: p.error.as_deref() }
     }
 }
 
@@ -53,14 +48,7 @@ fn values_json(ctx: &Ctx, device: Option<&str>) -> serde_json::Value {
     let snapshot = ctx.values.snapshot(device);
     let devices: BTreeMap<&str, BTreeMap<&str, PointView<'_>>> = snapshot
         .iter()
-        .map(|(d, tags)| {
-            (
-                &**d,
-                tags.iter()
-                    .map(|(t, p)| (&**t, PointView::from(p)))
-                    .collect(),
-            )
-        })
+        .map(|(d, tags)| (&**d, tags.iter().map(|(t, p)| (&**t, PointView::from(p))).collect()))
         .collect();
     serde_json::json!({ "gateway": &*ctx.gateway, "devices": devices })
 }
@@ -72,21 +60,13 @@ async fn all_values(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
 async fn device_values(State(ctx): State<Ctx>, Path(device): Path<String>) -> Response {
     let v = values_json(&ctx, Some(&device));
     if v["devices"].as_object().is_some_and(|m| m.is_empty()) {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no values for device `{device}`\n"),
-        )
-            .into_response();
+        return (StatusCode::NOT_FOUND, format!("no values for device `{device}`\n")).into_response();
     }
     Json(v).into_response()
 }
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 
 async fn health() -> &'static str {
@@ -102,17 +82,10 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("the HTTP API cannot listen on {listen}: {e}; change [api] listen"),
-        )
+        std::io::Error::new(e.kind(), format!("the HTTP API cannot listen on {listen}: {e}; change [api] listen"))
     })?;
     let addr = listener.local_addr()?;
-    let ctx = Ctx {
-        gateway: Arc::from(gateway),
-        values,
-        metrics: metrics_,
-    };
+    let ctx = Ctx { gateway: Arc::from(gateway), values, metrics: metrics_ };
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -120,9 +93,7 @@ pub async fn start(
         .route("/api/v1/values/:device", get(device_values))
         .with_state(ctx);
     tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
+        let r = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await;
         if let Err(e) = r {
             warn!(error = %e, "HTTP API stopped.");
         }

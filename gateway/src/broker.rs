@@ -24,10 +24,7 @@ use crate::point::Batch;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("the MQTT broker cannot listen on {addr}: {source}; another broker may be running there — change [broker] listen or stop the other program")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the MQTT broker did not start listening on {addr} within {waited:?}")]
     NotListening { addr: SocketAddr, waited: Duration },
     #[error("the MQTT broker stopped during start-up (see the log above)")]
@@ -49,6 +46,9 @@ pub struct EmbeddedBroker {
     pub local: Option<(LinkTx, LinkRx)>,
 }
 
+/// Most points handed to the router in one wake-up.
+const MAX_BURST: usize = 512;
+
 /// Topic prefix of every device reading on the local bus.
 pub const TOPIC_PREFIX: &str = "updraft";
 
@@ -61,10 +61,11 @@ fn outgoing_packet_count(expected_topics: usize) -> u64 {
 /// Starts rumqttd on its own thread and waits until its listener accepts connections.
 pub fn start(cfg: &BrokerSection, expected_topics: usize) -> Result<EmbeddedBroker, BrokerError> {
     let addr = check_bind(cfg.listen)?;
-    // Segments of 1 MiB keep a slow subscriber's backlog in bounded chunks; the count follows the
-    // configured budget per filter.
-    let segment = (1u64 << 20).min(cfg.buffer_per_subscription.0);
-    let segments = (cfg.buffer_per_subscription.0 / segment).max(1) as usize;
+    // rumqttd keeps every filter's log full at all times (old segments go only when a new one is
+    // needed), so the budget is memory spent per subscription filter, always. Four segments let a
+    // slow subscriber lose a quarter of its backlog at a time rather than all of it.
+    let segments = 4usize;
+    let segment = (cfg.buffer_per_subscription.0 / segments as u64).max(16 * 1024);
     let server = rumqttd::ServerSettings {
         name: "mqtt-v4".into(),
         listen: addr,
@@ -93,12 +94,8 @@ pub fn start(cfg: &BrokerSection, expected_topics: usize) -> Result<EmbeddedBrok
     };
     let mut broker = rumqttd::Broker::new(config);
     // In-process links must be taken before `start()`, which never returns while healthy.
-    let (pub_tx, pub_rx) = broker
-        .link("updraft-publisher")
-        .map_err(|e| BrokerError::Link(e.to_string()))?;
-    let local = broker
-        .link("updraft-local")
-        .map_err(|e| BrokerError::Link(e.to_string()))?;
+    let (pub_tx, pub_rx) = broker.link("updraft-publisher").map_err(|e| BrokerError::Link(e.to_string()))?;
+    let local = broker.link("updraft-local").map_err(|e| BrokerError::Link(e.to_string()))?;
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -111,20 +108,13 @@ pub fn start(cfg: &BrokerSection, expected_topics: usize) -> Result<EmbeddedBrok
         .map_err(BrokerError::Thread)?;
     wait_listening(addr, &done_rx)?;
     info!(%addr, "Embedded MQTT broker listening.");
-    Ok(EmbeddedBroker {
-        addr,
-        pub_tx,
-        _pub_rx: pub_rx,
-        local: Some(local),
-    })
+    Ok(EmbeddedBroker { addr, pub_tx, _pub_rx: pub_rx, local: Some(local) })
 }
 
 /// Fails with a clear message if the address is taken, and resolves port 0 to a free port.
 fn check_bind(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
     let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| BrokerError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| BrokerError::Bind { addr, source })?;
     drop(listener);
     Ok(bound)
 }
@@ -134,11 +124,7 @@ fn wait_listening(addr: SocketAddr, done: &std_mpsc::Receiver<()>) -> Result<(),
     let deadline = Instant::now() + waited;
     let probe = if addr.ip().is_unspecified() {
         SocketAddr::new(
-            if addr.is_ipv4() {
-                [127, 0, 0, 1].into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            },
+            if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() },
             addr.port(),
         )
     } else {
@@ -171,9 +157,7 @@ fn mqtt_handshake(addr: SocketAddr) -> std::io::Result<()> {
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack)?;
     if connack != [0x20, 0x02, 0x00, 0x00] {
-        return Err(std::io::Error::other(format!(
-            "unexpected CONNACK {connack:02x?}"
-        )));
+        return Err(std::io::Error::other(format!("unexpected CONNACK {connack:02x?}")));
     }
     s.write_all(&[0xE0, 0x00])?;
     // Wait for the broker to close its side, so it is done with the session before we go.
@@ -191,49 +175,49 @@ impl EmbeddedBroker {
         mut rx: mpsc::Receiver<Batch>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("mqtt-publisher".into())
-            .spawn(move || {
-                let mut topics: HashMap<(Arc<str>, Arc<str>), Bytes> = HashMap::new();
-                while let Some(first) = rx.blocking_recv() {
-                    let mut batches = vec![first];
-                    // Drain what is already queued so the router is woken once per burst, not per point.
-                    while batches.len() < 64 {
-                        match rx.try_recv() {
-                            Ok(b) => batches.push(b),
-                            Err(_) => break,
+        std::thread::Builder::new().name("mqtt-publisher".into()).spawn(move || {
+            let mut json = Vec::with_capacity(256);
+            while let Some(first) = rx.blocking_recv() {
+                let mut batches = vec![first];
+                // Drain what is already queued so the router is woken once per burst, not per
+                // point, but keep bursts small: the link's and the router's queues keep the
+                // capacity of the largest burst they ever held.
+                let mut points = batches[0].len();
+                while points < MAX_BURST {
+                    match rx.try_recv() {
+                        Ok(b) => {
+                            points += b.len();
+                            batches.push(b);
                         }
+                        Err(_) => break,
                     }
-                    let mut publishes = Vec::with_capacity(batches.iter().map(|b| b.len()).sum());
-                    for batch in &batches {
-                        for p in batch.iter() {
-                            let topic = topics
-                                .entry((p.device.clone(), p.tag.clone()))
-                                .or_insert_with(|| {
-                                    Bytes::from(format!("{TOPIC_PREFIX}/{}/{}", p.device, p.tag))
-                                })
-                                .clone();
-                            publishes.push(Packet::Publish(
-                                Publish::new(topic, Bytes::from(p.to_json()), true),
-                                None,
-                            ));
-                        }
-                    }
-                    let Some(last) = publishes.pop() else {
-                        continue;
-                    };
-                    let count = publishes.len() as u64 + 1;
-                    // Queue the burst straight into the link's buffer, then send the last packet the
-                    // normal way, which wakes the router once for the whole burst.
-                    self.pub_tx.buffer().extend(publishes);
-                    if let Err(e) = complete_now(self.pub_tx.send(last)) {
-                        warn!(error = %e, "Embedded broker link closed; stopping the publisher.");
-                        break;
-                    }
-                    metrics.broker_published.add(count);
                 }
-                debug!("Broker publisher stopped.");
-            })
+                let mut publishes = Vec::with_capacity(points);
+                for batch in &batches {
+                    for p in batch.iter() {
+                        json.clear();
+                        p.write_json(&mut json);
+                        // An exact-size copy: the broker keeps payloads alive in its retained map
+                        // and logs, where a spare-capacity `Vec` would cost twice the memory.
+                        let payload = Bytes::copy_from_slice(&json);
+                        publishes.push(Packet::Publish(Publish::new(p.key.topic.clone(), payload, true), None));
+                    }
+                }
+                let Some(last) = publishes.pop() else {
+                    continue;
+                };
+                let count = publishes.len() as u64 + 1;
+                // Queue the burst straight into the link's buffer, then send the last packet the
+                // normal way, which wakes the router once for the whole burst.
+                self.pub_tx.buffer().extend(publishes);
+                if let Err(e) = complete_now(self.pub_tx.send(last)) {
+                    warn!(error = %e, "Embedded broker link closed; stopping the publisher.");
+                    break;
+                }
+                metrics.broker_published.add(count);
+            }
+            debug!("Broker publisher stopped.");
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::metrics::{Counter, Metrics};
-use crate::point::{Batch, Point};
+use crate::point::{Batch, Point, Registry};
 
 /// The sending side handed to drivers.
 pub type BusSender = mpsc::Sender<Batch>;
@@ -23,45 +23,40 @@ pub const QUEUE_BATCHES: usize = 1024;
 /// Current points of a gateway: device → tag → last point.
 pub type Snapshot = BTreeMap<Arc<str>, BTreeMap<Arc<str>, Point>>;
 
-/// The last point of every tag, by device then tag.
+/// The last point of every tag, in a slot per interned tag id.
 #[derive(Debug, Default)]
 pub struct CurrentValues {
-    map: RwLock<Snapshot>,
+    slots: RwLock<Vec<Option<Point>>>,
+    registry: Arc<Registry>,
 }
 
 impl CurrentValues {
     fn update(&self, batch: &[Point]) {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         for p in batch {
-            let tags = map.entry(p.device.clone()).or_default();
-            match tags.get_mut(&p.tag) {
-                Some(slot) => slot.clone_from(p),
-                None => {
-                    tags.insert(p.tag.clone(), p.clone());
-                }
+            let i = p.key.id as usize;
+            if i >= slots.len() {
+                slots.resize(i + 1, None);
             }
+            slots[i] = Some(p.clone());
         }
     }
 
     /// A copy of the current values, optionally of one device.
     pub fn snapshot(&self, device: Option<&str>) -> Snapshot {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        match device {
-            Some(d) => map
-                .get_key_value(d)
-                .map(|(k, v)| BTreeMap::from([(k.clone(), v.clone())]))
-                .unwrap_or_default(),
-            None => map.clone(),
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Snapshot::new();
+        for p in slots.iter().flatten() {
+            if device.is_none_or(|d| d == p.device()) {
+                out.entry(p.key.device.clone()).or_default().insert(p.key.tag.clone(), p.clone());
+            }
         }
+        out
     }
 
     pub fn get(&self, device: &str, tag: &str) -> Option<Point> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(device)?
-            .get(tag)
-            .cloned()
+        let key = self.registry.get(device, tag)?;
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).get(key.id as usize)?.clone()
     }
 }
 
@@ -77,26 +72,26 @@ pub struct Hub {
     tx: Option<BusSender>,
     consumers: Vec<Consumer>,
     values: Arc<CurrentValues>,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-        Hub {
-            rx,
-            tx: Some(tx),
-            consumers: Vec::new(),
-            values: Arc::default(),
-            metrics,
-        }
+        let registry = Arc::new(Registry::default());
+        let values = Arc::new(CurrentValues { slots: RwLock::default(), registry: registry.clone() });
+        Hub { rx, tx: Some(tx), consumers: Vec::new(), values, registry, metrics }
+    }
+
+    /// The tag registry every producer interns its tags in.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// A sender for a producer. The hub stops once every sender is dropped.
     pub fn sender(&self) -> BusSender {
-        self.tx
-            .clone()
-            .expect("senders are taken before the hub runs")
+        self.tx.clone().expect("senders are taken before the hub runs")
     }
 
     pub fn values(&self) -> Arc<CurrentValues> {
@@ -107,11 +102,7 @@ impl Hub {
     pub fn subscribe(&mut self, name: &str) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
         let dropped = self.metrics.dropped(name);
-        self.consumers.push(Consumer {
-            name: name.to_owned(),
-            tx,
-            dropped,
-        });
+        self.consumers.push(Consumer { name: name.to_owned(), tx, dropped });
         rx
     }
 

@@ -50,12 +50,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn device(&self, name: &str) -> Arc<DeviceStats> {
-        if let Some(s) = self
-            .devices
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        if let Some(s) = self.devices.read().unwrap_or_else(|e| e.into_inner()).get(name) {
             return s.clone();
         }
         let mut map = self.devices.write().unwrap_or_else(|e| e.into_inner());
@@ -87,42 +82,20 @@ impl Metrics {
         type Series = (&'static str, &'static str, fn(&DeviceStats) -> u64);
         let series: [Series; 9] = [
             ("updraft_polls_total", "Polls started.", |s| s.polls.get()),
-            (
-                "updraft_polls_late_total",
-                "Polls that started more than a tenth of their period late.",
-                |s| s.polls_late.get(),
-            ),
-            (
-                "updraft_polls_skipped_total",
-                "Scheduled polls skipped because the previous one overran.",
-                |s| s.polls_skipped.get(),
-            ),
-            ("updraft_points_good_total", "Good points read.", |s| {
-                s.points_good.get()
+            ("updraft_polls_late_total", "Polls that started more than a tenth of their period late.", |s| {
+                s.polls_late.get()
             }),
-            (
-                "updraft_points_bad_total",
-                "Bad points (read failed or could not be decoded).",
-                |s| s.points_bad.get(),
-            ),
-            ("updraft_requests_total", "Device requests sent.", |s| {
-                s.requests.get()
+            ("updraft_polls_skipped_total", "Scheduled polls skipped because the previous one overran.", |s| {
+                s.polls_skipped.get()
             }),
-            (
-                "updraft_request_errors_total",
-                "Device requests that failed (exception, timeout or link error).",
-                |s| s.request_errors.get(),
-            ),
-            (
-                "updraft_connects_total",
-                "Connections established to devices.",
-                |s| s.connects.get(),
-            ),
-            (
-                "updraft_connect_failures_total",
-                "Failed connection attempts to devices.",
-                |s| s.connect_failures.get(),
-            ),
+            ("updraft_points_good_total", "Good points read.", |s| s.points_good.get()),
+            ("updraft_points_bad_total", "Bad points (read failed or could not be decoded).", |s| s.points_bad.get()),
+            ("updraft_requests_total", "Device requests sent.", |s| s.requests.get()),
+            ("updraft_request_errors_total", "Device requests that failed (exception, timeout or link error).", |s| {
+                s.request_errors.get()
+            }),
+            ("updraft_connects_total", "Connections established to devices.", |s| s.connects.get()),
+            ("updraft_connect_failures_total", "Failed connection attempts to devices.", |s| s.connect_failures.get()),
         ];
         for (name, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -136,18 +109,8 @@ impl Metrics {
             self.broker_published.get()
         );
         let _ = writeln!(out, "# HELP updraft_dropped_batches_total Batches dropped because a consumer's queue was full.\n# TYPE updraft_dropped_batches_total counter");
-        for (consumer, c) in self
-            .dropped
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "updraft_dropped_batches_total{{consumer=\"{}\"}} {}",
-                escape(consumer),
-                c.get()
-            );
+        for (consumer, c) in self.dropped.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "updraft_dropped_batches_total{{consumer=\"{}\"}} {}", escape(consumer), c.get());
         }
         out
     }

@@ -4,10 +4,14 @@
 //! consume them. The JSON shape published on the local bus is defined here once, so every consumer
 //! agrees on it: `{"value": 21.5, "ts": 1732860000123, "quality": "good"}`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde::{Serialize, Serializer};
+
+use crate::broker::TOPIC_PREFIX;
 
 /// A decoded value. `F32` is kept apart from `Float` so that an `f32` register reading of `0.1`
 /// prints as `0.1` and not as the `f64` widening `0.10000000149011612`.
@@ -57,12 +61,68 @@ pub enum Quality {
     Bad,
 }
 
-/// One reading. Device and tag names are shared `Arc<str>` so that a point costs no string
-/// allocation on the hot path.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Point {
+/// The identity of one tag, interned once: its names, a dense id and its topic on the local bus.
+/// Points carry an `Arc<TagKey>`, so the hot path never hashes, compares or formats names.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TagKey {
+    /// Dense index, assigned in interning order; used for O(1) current-value slots.
+    pub id: u32,
     pub device: Arc<str>,
     pub tag: Arc<str>,
+    /// `updraft/{device}/{tag}`.
+    pub topic: Bytes,
+}
+
+/// Interns tag identities. Shared by every producer of points.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<Interned>,
+}
+
+/// Keys by device, then tag; nested so that lookups by `&str` allocate nothing.
+#[derive(Debug, Default)]
+struct Interned {
+    by_device: HashMap<Arc<str>, HashMap<Arc<str>, Arc<TagKey>>>,
+    count: u32,
+}
+
+impl Registry {
+    /// The key of `device`/`tag`, created on first use.
+    pub fn intern(&self, device: &str, tag: &str) -> Arc<TagKey> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = inner.by_device.get(device).and_then(|tags| tags.get(tag)) {
+            return k.clone();
+        }
+        let key = Arc::new(TagKey {
+            id: inner.count,
+            device: Arc::from(device),
+            tag: Arc::from(tag),
+            topic: Bytes::from(format!("{TOPIC_PREFIX}/{device}/{tag}")),
+        });
+        inner.count += 1;
+        inner.by_device.entry(key.device.clone()).or_default().insert(key.tag.clone(), key.clone());
+        key
+    }
+
+    /// The key of `device`/`tag` if it exists.
+    pub fn get(&self, device: &str, tag: &str) -> Option<Arc<TagKey>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_device.get(device)?.get(tag).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One reading of one tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub key: Arc<TagKey>,
     /// `None` exactly when `quality` is `Bad`.
     pub value: Option<Value>,
     pub quality: Quality,
@@ -73,30 +133,31 @@ pub struct Point {
 }
 
 impl Point {
-    pub fn good(device: Arc<str>, tag: Arc<str>, value: Value, ts: i64) -> Self {
-        Point {
-            device,
-            tag,
-            value: Some(value),
-            quality: Quality::Good,
-            ts,
-            error: None,
-        }
+    pub fn good(key: Arc<TagKey>, value: Value, ts: i64) -> Self {
+        Point { key, value: Some(value), quality: Quality::Good, ts, error: None }
     }
 
-    pub fn bad(device: Arc<str>, tag: Arc<str>, error: Arc<str>, ts: i64) -> Self {
-        Point {
-            device,
-            tag,
-            value: None,
-            quality: Quality::Bad,
-            ts,
-            error: Some(error),
-        }
+    pub fn bad(key: Arc<TagKey>, error: Arc<str>, ts: i64) -> Self {
+        Point { key, value: None, quality: Quality::Bad, ts, error: Some(error) }
+    }
+
+    pub fn device(&self) -> &str {
+        &self.key.device
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.key.tag
     }
 
     /// The payload published on `updraft/{device}/{tag}`.
     pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the payload to `out`, so a caller can reuse one buffer for many points.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
         #[derive(Serialize)]
         struct Payload<'a> {
             value: Option<Value>,
@@ -105,14 +166,9 @@ impl Point {
             #[serde(skip_serializing_if = "Option::is_none")]
             error: Option<&'a str>,
         }
-        let payload = Payload {
-            value: self.value,
-            ts: self.ts,
-            quality: self.quality,
-            error: self.error.as_deref(),
-        };
-        // Serializing this struct cannot fail: every field is a plain number, string or enum.
-        serde_json::to_vec(&payload).unwrap_or_default()
+        let payload = Payload { value: self.value, ts: self.ts, quality: self.quality, error: self.error.as_deref() };
+        // Serializing this struct into memory cannot fail: every field is a number, string or enum.
+        let _ = serde_json::to_writer(out, &payload);
     }
 }
 
@@ -121,33 +177,37 @@ pub type Batch = Arc<[Point]>;
 
 /// The wall clock in Unix milliseconds, as carried in `Point::ts`.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn key(device: &str, tag: &str) -> Arc<TagKey> {
+        Registry::default().intern(device, tag)
+    }
+
+    #[test]
+    fn interning_gives_one_key_per_tag() {
+        let r = Registry::default();
+        let a = r.intern("boiler-1", "temperature");
+        let b = r.intern("boiler-1", "pressure");
+        assert!(Arc::ptr_eq(&a, &r.intern("boiler-1", "temperature")));
+        assert_eq!((a.id, b.id), (0, 1));
+        assert_eq!(&a.topic[..], b"updraft/boiler-1/temperature");
+        assert_eq!(r.get("boiler-1", "pressure").map(|k| k.id), Some(1));
+    }
+
     #[test]
     fn good_point_json_matches_the_contract() {
-        let p = Point::good(
-            "boiler-1".into(),
-            "temperature".into(),
-            Value::Float(21.5),
-            1732860000123,
-        );
-        assert_eq!(
-            String::from_utf8(p.to_json()).unwrap(),
-            r#"{"value":21.5,"ts":1732860000123,"quality":"good"}"#
-        );
+        let p = Point::good(key("boiler-1", "temperature"), Value::Float(21.5), 1732860000123);
+        assert_eq!(String::from_utf8(p.to_json()).unwrap(), r#"{"value":21.5,"ts":1732860000123,"quality":"good"}"#);
     }
 
     #[test]
     fn bad_point_carries_null_and_error() {
-        let p = Point::bad("b".into(), "t".into(), "timeout after 500ms".into(), 5);
+        let p = Point::bad(key("b", "t"), "timeout after 500ms".into(), 5);
         assert_eq!(
             String::from_utf8(p.to_json()).unwrap(),
             r#"{"value":null,"ts":5,"quality":"bad","error":"timeout after 500ms"}"#
@@ -156,9 +216,7 @@ mod tests {
 
     #[test]
     fn f32_prints_shortest_form() {
-        let p = Point::good("b".into(), "t".into(), Value::F32(0.1), 1);
-        assert!(String::from_utf8(p.to_json())
-            .unwrap()
-            .starts_with(r#"{"value":0.1,"#));
+        let p = Point::good(key("b", "t"), Value::F32(0.1), 1);
+        assert!(String::from_utf8(p.to_json()).unwrap().starts_with(r#"{"value":0.1,"#));
     }
 }

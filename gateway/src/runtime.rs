@@ -28,10 +28,7 @@ pub enum StartError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// A running gateway. Dropping it without `shutdown` leaves its tasks running.
@@ -59,10 +56,7 @@ pub async fn start_simulators(
     for (name, sim) in &config.simulators {
         match sim {
             SimulatorConfig::ModbusTcp(s) => {
-                out.insert(
-                    name.clone(),
-                    simulator::start(name, s, cancel.child_token()).await?,
-                );
+                out.insert(name.clone(), simulator::start(name, s, cancel.child_token()).await?);
             }
         }
     }
@@ -72,10 +66,8 @@ pub async fn start_simulators(
 pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let cancel = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
-    std::fs::create_dir_all(&config.gateway.data_dir).map_err(|source| StartError::DataDir {
-        path: config.gateway.data_dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&config.gateway.data_dir)
+        .map_err(|source| StartError::DataDir { path: config.gateway.data_dir.clone(), source })?;
 
     let simulators = start_simulators(&config, &cancel).await?;
 
@@ -103,14 +95,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let api_addr = if config.api.enabled {
         Some(
-            api::start(
-                config.api.listen,
-                &config.gateway.id,
-                values.clone(),
-                metrics.clone(),
-                cancel.child_token(),
-            )
-            .await?,
+            api::start(config.api.listen, &config.gateway.id, values.clone(), metrics.clone(), cancel.child_token())
+                .await?,
         )
     } else {
         None
@@ -120,24 +106,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     for (name, device) in &config.devices {
         match device {
             DeviceConfig::ModbusTcp(d) => {
-                let driver = ModbusTcpDriver::new(name, d, metrics.device(name), hub.sender());
+                let driver = ModbusTcpDriver::new(name, d, &hub.registry(), metrics.device(name), hub.sender());
                 drivers.spawn(driver.run(cancel.child_token()));
             }
         }
     }
     let hub = tokio::spawn(hub.run());
     info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
-    Ok(Gateway {
-        broker_addr,
-        api_addr,
-        simulators,
-        values,
-        metrics,
-        cancel,
-        drivers,
-        hub,
-        publisher,
-    })
+    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher })
 }
 
 impl Gateway {
@@ -152,10 +128,7 @@ impl Gateway {
             }
         };
         if tokio::time::timeout(grace, drain).await.is_err() {
-            warn!(
-                ?grace,
-                "Shutdown grace period expired; exiting with work in flight."
-            );
+            warn!(?grace, "Shutdown grace period expired; exiting with work in flight.");
             self.drivers.abort_all();
             self.hub.abort();
         } else {

@@ -130,27 +130,19 @@ impl Service for SimService {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let r = match req {
             Request::ReadCoils(a, n) => m.read_bits(Area::Coil, a, n).map(Response::ReadCoils),
-            Request::ReadDiscreteInputs(a, n) => m
-                .read_bits(Area::Discrete, a, n)
-                .map(Response::ReadDiscreteInputs),
-            Request::ReadHoldingRegisters(a, n) => m
-                .read_words(Area::Holding, a, n)
-                .map(Response::ReadHoldingRegisters),
-            Request::ReadInputRegisters(a, n) => m
-                .read_words(Area::Input, a, n)
-                .map(Response::ReadInputRegisters),
-            Request::WriteSingleCoil(a, b) => m
-                .write_bits(a, &[b])
-                .map(|()| Response::WriteSingleCoil(a, b)),
-            Request::WriteMultipleCoils(a, bits) => m
-                .write_bits(a, &bits)
-                .map(|()| Response::WriteMultipleCoils(a, bits.len() as u16)),
-            Request::WriteSingleRegister(a, w) => m
-                .write_words(a, &[w])
-                .map(|()| Response::WriteSingleRegister(a, w)),
-            Request::WriteMultipleRegisters(a, words) => m
-                .write_words(a, &words)
-                .map(|()| Response::WriteMultipleRegisters(a, words.len() as u16)),
+            Request::ReadDiscreteInputs(a, n) => m.read_bits(Area::Discrete, a, n).map(Response::ReadDiscreteInputs),
+            Request::ReadHoldingRegisters(a, n) => {
+                m.read_words(Area::Holding, a, n).map(Response::ReadHoldingRegisters)
+            }
+            Request::ReadInputRegisters(a, n) => m.read_words(Area::Input, a, n).map(Response::ReadInputRegisters),
+            Request::WriteSingleCoil(a, b) => m.write_bits(a, &[b]).map(|()| Response::WriteSingleCoil(a, b)),
+            Request::WriteMultipleCoils(a, bits) => {
+                m.write_bits(a, &bits).map(|()| Response::WriteMultipleCoils(a, bits.len() as u16))
+            }
+            Request::WriteSingleRegister(a, w) => m.write_words(a, &[w]).map(|()| Response::WriteSingleRegister(a, w)),
+            Request::WriteMultipleRegisters(a, words) => {
+                m.write_words(a, &words).map(|()| Response::WriteMultipleRegisters(a, words.len() as u16))
+            }
             _ => Err(ExceptionCode::IllegalFunction),
         };
         future::ready(r)
@@ -184,35 +176,18 @@ fn wave_value(r: &SimRegister, t: f64, walk: &mut f64) -> f64 {
 
 /// Binds the simulator's listener and serves it until `cancel`. Returns the bound address, which
 /// differs from the configured one when that asks for port 0.
-pub async fn start(
-    name: &str,
-    cfg: &ModbusSimulator,
-    cancel: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+pub async fn start(name: &str, cfg: &ModbusSimulator, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("simulator `{name}` cannot listen on {}: {e}", cfg.listen),
-        )
+        std::io::Error::new(e.kind(), format!("simulator `{name}` cannot listen on {}: {e}", cfg.listen))
     })?;
     let addr = listener.local_addr()?;
-    let memory = Arc::new(Mutex::new(Memory {
-        strict: cfg.strict,
-        ..Memory::default()
-    }));
+    let memory = Arc::new(Mutex::new(Memory { strict: cfg.strict, ..Memory::default() }));
     let registers = cfg.registers.clone();
-    let mut walks: Vec<f64> = registers
-        .iter()
-        .map(|r| r.value.clamp(r.min, r.max))
-        .collect();
+    let mut walks: Vec<f64> = registers.iter().map(|r| r.value.clamp(r.min, r.max)).collect();
     {
         let mut m = memory.lock().unwrap_or_else(|e| e.into_inner());
         for (r, w) in registers.iter().zip(walks.iter_mut()) {
-            let v = if r.wave == Wave::RandomWalk {
-                *w
-            } else {
-                wave_value(r, 0.0, w)
-            };
+            let v = if r.wave == Wave::RandomWalk { *w } else { wave_value(r, 0.0, w) };
             m.set(r, v);
         }
     }

@@ -28,12 +28,7 @@ fn every_shipped_config_passes_check() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{} fails check:\n{}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{} fails check:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
             checked += 1;
         }
     }
@@ -115,12 +110,8 @@ listen = "127.0.0.1:0"
 registers = [{ area = "holding", address = 0, wave = "ramp" }]
 "#;
     let path = temp_file("sigterm", text);
-    let mut child = updraft()
-        .args(["run", "--log-format", "json", "-c"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        updraft().args(["run", "--log-format", "json", "-c"]).arg(&path).stderr(Stdio::piped()).spawn().unwrap();
     // Wait for the start-up line, then signal.
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

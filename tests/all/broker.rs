@@ -25,37 +25,21 @@ async fn late_subscribers_get_every_current_value() {
     }
     let (gw, _dir) = start_gateway(&toml).await;
     let total = DEVICES * TAGS;
-    eventually(Duration::from_secs(15), || {
-        (gw.metrics.broker_published.get() >= total as u64).then_some(())
-    })
-    .await
-    .expect("every tag published once");
+    eventually(Duration::from_secs(15), || (gw.metrics.broker_published.get() >= total as u64).then_some(()))
+        .await
+        .expect("every tag published once");
 
     let mut qos0 = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
     let got0 = qos0.collect_retained(Duration::from_millis(1500)).await;
-    let mut qos1 =
-        Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtLeastOnce).await;
+    let mut qos1 = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtLeastOnce).await;
     let got1 = qos1.collect_retained(Duration::from_millis(1500)).await;
-    println!(
-        "late subscriber retained messages: QoS 0 {} of {total}, QoS 1 {} of {total}",
-        got0.len(),
-        got1.len()
-    );
-    assert_eq!(
-        got0.len(),
-        total,
-        "a late QoS 0 subscriber gets every retained value"
-    );
+    println!("late subscriber retained messages: QoS 0 {} of {total}, QoS 1 {} of {total}", got0.len(), got1.len());
+    assert_eq!(got0.len(), total, "a late QoS 0 subscriber gets every retained value");
 
     let (status, body) = http_get(gw.api_addr.unwrap(), "/api/v1/values").await;
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let count: usize = v["devices"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|tags| tags.as_object().unwrap().len())
-        .sum();
+    let count: usize = v["devices"].as_object().unwrap().values().map(|tags| tags.as_object().unwrap().len()).sum();
     assert_eq!(count, total, "the API returns every current value");
     assert_eq!(v["devices"]["dev-3"]["t42"]["value"], 42);
     assert_eq!(v["devices"]["dev-3"]["t42"]["quality"], "good");
@@ -67,10 +51,7 @@ async fn late_subscribers_get_every_current_value() {
     assert_eq!(status, 404);
     let (status, metrics) = http_get(gw.api_addr.unwrap(), "/metrics").await;
     assert_eq!(status, 200);
-    assert!(
-        metrics.contains("updraft_polls_total{device=\"dev-0\"}"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("updraft_polls_total{device=\"dev-0\"}"), "{metrics}");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -82,19 +63,8 @@ async fn local_clients_talk_through_the_embedded_broker() {
     let mut hmi = Subscriber::connect(broker, "factory/+/alarm", QoS::AtLeastOnce).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let sensor = Subscriber::connect(broker, "unused/#", QoS::AtMostOnce).await;
-    sensor
-        .client
-        .publish(
-            "factory/line-2/alarm",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"code":17}"#,
-        )
-        .await
-        .unwrap();
-    let got = hmi
-        .wait_for("factory/line-2/alarm", Duration::from_secs(5), |_| true)
-        .await;
+    sensor.client.publish("factory/line-2/alarm", QoS::AtLeastOnce, false, r#"{"code":17}"#).await.unwrap();
+    let got = hmi.wait_for("factory/line-2/alarm", Duration::from_secs(5), |_| true).await;
     assert_eq!(got.expect("message crosses the broker")["code"], 17);
     gw.shutdown(Duration::from_secs(2)).await;
 }
@@ -105,16 +75,14 @@ async fn a_taken_broker_port_fails_start_up_clearly() {
     let port = taken.local_addr().unwrap().port();
     let dir = updraft_tests::TempDir::new("taken");
     let path = dir.path().join("u.toml");
-    std::fs::write(&path, format!("[gateway]\nid = \"gw\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[api]\nenabled = false\n")).unwrap();
+    std::fs::write(
+        &path,
+        format!("[gateway]\nid = \"gw\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[api]\nenabled = false\n"),
+    )
+    .unwrap();
     let config = updraft::config::load(&path).unwrap();
-    let err = updraft::runtime::start(config)
-        .await
-        .err()
-        .expect("start-up fails");
+    let err = updraft::runtime::start(config).await.err().expect("start-up fails");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&format!("cannot listen on 127.0.0.1:{port}")),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{msg}");
     assert!(msg.contains("[broker] listen"), "{msg}");
 }

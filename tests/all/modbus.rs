@@ -14,111 +14,27 @@ const WAIT: Duration = Duration::from_secs(10);
 /// images of 123456789, -2, 1.5, 0x0102030405060708, -3 and -1.5), independent of the gateway's
 /// encoder.
 /// (tag, address, type, order, registers on the wire, expected JSON value)
-type Golden = (
-    &'static str,
-    u16,
-    &'static str,
-    &'static str,
-    Vec<u16>,
-    Value,
-);
+type Golden = (&'static str, u16, &'static str, &'static str, Vec<u16>, Value);
 
 fn golden() -> Vec<Golden> {
     vec![
         ("u16", 0, "u16", "ABCD", vec![40000], json!(40000)),
         ("i16", 1, "i16", "ABCD", vec![0xFB2E], json!(-1234)),
-        (
-            "u32-abcd",
-            2,
-            "u32",
-            "ABCD",
-            vec![0x075B, 0xCD15],
-            json!(123456789),
-        ),
-        (
-            "u32-cdab",
-            4,
-            "u32",
-            "CDAB",
-            vec![0xCD15, 0x075B],
-            json!(123456789),
-        ),
-        (
-            "i32-badc",
-            6,
-            "i32",
-            "BADC",
-            vec![0xFFFF, 0xFEFF],
-            json!(-2),
-        ),
-        (
-            "i32-dcba",
-            8,
-            "i32",
-            "DCBA",
-            vec![0xFEFF, 0xFFFF],
-            json!(-2),
-        ),
+        ("u32-abcd", 2, "u32", "ABCD", vec![0x075B, 0xCD15], json!(123456789)),
+        ("u32-cdab", 4, "u32", "CDAB", vec![0xCD15, 0x075B], json!(123456789)),
+        ("i32-badc", 6, "i32", "BADC", vec![0xFFFF, 0xFEFF], json!(-2)),
+        ("i32-dcba", 8, "i32", "DCBA", vec![0xFEFF, 0xFFFF], json!(-2)),
         ("f32-abcd", 10, "f32", "ABCD", vec![0x3FC0, 0], json!(1.5)),
         ("f32-cdab", 12, "f32", "CDAB", vec![0, 0x3FC0], json!(1.5)),
         ("f32-badc", 14, "f32", "BADC", vec![0xC03F, 0], json!(1.5)),
         ("f32-dcba", 16, "f32", "DCBA", vec![0, 0xC03F], json!(1.5)),
-        (
-            "u64-abcd",
-            20,
-            "u64",
-            "ABCD",
-            vec![0x0102, 0x0304, 0x0506, 0x0708],
-            json!(72623859790382856u64),
-        ),
-        (
-            "u64-hgfedcba",
-            24,
-            "u64",
-            "HGFEDCBA",
-            vec![0x0807, 0x0605, 0x0403, 0x0201],
-            json!(72623859790382856u64),
-        ),
-        (
-            "i64-ghefcdab",
-            28,
-            "i64",
-            "GHEFCDAB",
-            vec![0xFFFD, 0xFFFF, 0xFFFF, 0xFFFF],
-            json!(-3),
-        ),
-        (
-            "i64-badcfehg",
-            32,
-            "i64",
-            "BADCFEHG",
-            vec![0xFFFF, 0xFFFF, 0xFFFF, 0xFDFF],
-            json!(-3),
-        ),
-        (
-            "f64-abcd",
-            40,
-            "f64",
-            "ABCD",
-            vec![0xBFF8, 0, 0, 0],
-            json!(-1.5),
-        ),
-        (
-            "f64-dcba",
-            44,
-            "f64",
-            "DCBA",
-            vec![0, 0, 0, 0xF8BF],
-            json!(-1.5),
-        ),
-        (
-            "f64-cdab",
-            48,
-            "f64",
-            "CDAB",
-            vec![0, 0, 0, 0xBFF8],
-            json!(-1.5),
-        ),
+        ("u64-abcd", 20, "u64", "ABCD", vec![0x0102, 0x0304, 0x0506, 0x0708], json!(72623859790382856u64)),
+        ("u64-hgfedcba", 24, "u64", "HGFEDCBA", vec![0x0807, 0x0605, 0x0403, 0x0201], json!(72623859790382856u64)),
+        ("i64-ghefcdab", 28, "i64", "GHEFCDAB", vec![0xFFFD, 0xFFFF, 0xFFFF, 0xFFFF], json!(-3)),
+        ("i64-badcfehg", 32, "i64", "BADCFEHG", vec![0xFFFF, 0xFFFF, 0xFFFF, 0xFDFF], json!(-3)),
+        ("f64-abcd", 40, "f64", "ABCD", vec![0xBFF8, 0, 0, 0], json!(-1.5)),
+        ("f64-dcba", 44, "f64", "DCBA", vec![0, 0, 0, 0xF8BF], json!(-1.5)),
+        ("f64-cdab", 48, "f64", "CDAB", vec![0, 0, 0, 0xBFF8], json!(-1.5)),
     ]
 }
 
@@ -135,7 +51,8 @@ async fn every_type_and_order_arrives_on_the_local_broker() {
     fixture.set_coil(0, true);
     fixture.set_discrete(5, true);
     tags += "  { name = \"reg-bool\", area = \"holding\", address = 60, type = \"bool\" },\n";
-    tags += "  { name = \"temperature\", area = \"input\", address = 0, type = \"u16\", scale = 0.1, unit = \"°C\" },\n";
+    tags +=
+        "  { name = \"temperature\", area = \"input\", address = 0, type = \"u16\", scale = 0.1, unit = \"°C\" },\n";
     tags += "  { name = \"offset\", area = \"input\", address = 1, type = \"i16\", scale = 0.5, offset = -40.0 },\n";
     tags += "  { name = \"running\", area = \"coil\", address = 0, type = \"bool\" },\n";
     tags += "  { name = \"stopped\", area = \"coil\", address = 1 },\n";
@@ -148,10 +65,7 @@ async fn every_type_and_order_arrives_on_the_local_broker() {
     let (gw, _dir) = start_gateway(&toml).await;
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
 
-    let mut expected: Vec<(String, Value)> = golden()
-        .into_iter()
-        .map(|(n, .., v)| (n.to_owned(), v))
-        .collect();
+    let mut expected: Vec<(String, Value)> = golden().into_iter().map(|(n, .., v)| (n.to_owned(), v)).collect();
     expected.push(("reg-bool".into(), json!(true)));
     expected.push(("temperature".into(), json!(21.5)));
     expected.push(("offset".into(), json!(10.0)));
@@ -160,18 +74,12 @@ async fn every_type_and_order_arrives_on_the_local_broker() {
     expected.push(("door".into(), json!(true)));
     for (tag, value) in expected {
         let topic = format!("updraft/boiler-1/{tag}");
-        let got = sub
-            .wait_for(&topic, WAIT, |_| true)
-            .await
-            .unwrap_or_else(|| panic!("no message on {topic}"));
+        let got = sub.wait_for(&topic, WAIT, |_| true).await.unwrap_or_else(|| panic!("no message on {topic}"));
         assert_eq!(got["value"], value, "{topic}: {got}");
         assert_eq!(got["quality"], "good", "{topic}: {got}");
         let ts = got["ts"].as_i64().expect("ts is an integer");
         let now = updraft::point::now_ms();
-        assert!(
-            (now - 60_000..=now).contains(&ts),
-            "ts {ts} is Unix milliseconds of the read"
-        );
+        assert!((now - 60_000..=now).contains(&ts), "ts {ts} is Unix milliseconds of the read");
     }
 
     // The planner merged the whole device into four requests per poll: one per area.
@@ -179,12 +87,7 @@ async fn every_type_and_order_arrives_on_the_local_broker() {
     let first_poll: Vec<_> = reads.iter().take(4).cloned().collect();
     assert_eq!(
         first_poll,
-        vec![
-            ("coil", 0, 2),
-            ("discrete", 5, 1),
-            ("input", 0, 2),
-            ("holding", 0, 61)
-        ],
+        vec![("coil", 0, 2), ("discrete", 5, 1), ("input", 0, 2), ("holding", 0, 61)],
         "all reads: {reads:?}"
     );
     gw.shutdown(Duration::from_secs(2)).await;
@@ -196,11 +99,7 @@ async fn an_exception_marks_only_its_points_bad_and_merged_reads_split() {
     fixture.set_holding(0, &[11, 0, 13]);
     // Address 1 lies in the gap between two tags: the merged read 0..3 draws an exception.
     fixture.set_faults(Faults {
-        exception_at: [
-            (1, ExceptionCode::IllegalDataAddress),
-            (7, ExceptionCode::ServerDeviceFailure),
-        ]
-        .into(),
+        exception_at: [(1, ExceptionCode::IllegalDataAddress), (7, ExceptionCode::ServerDeviceFailure)].into(),
         ..Faults::default()
     });
     let addr = fixture.serve().await;
@@ -220,34 +119,20 @@ tags = [
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
-    let a = sub
-        .wait_for("updraft/press/a", WAIT, |v| v["quality"] == "good")
-        .await
-        .expect("a recovers after the split");
+    let a =
+        sub.wait_for("updraft/press/a", WAIT, |v| v["quality"] == "good").await.expect("a recovers after the split");
     assert_eq!(a["value"], 11);
-    let c = sub
-        .wait_for("updraft/press/c", WAIT, |v| v["quality"] == "good")
-        .await
-        .expect("c is good");
+    let c = sub.wait_for("updraft/press/c", WAIT, |v| v["quality"] == "good").await.expect("c is good");
     assert_eq!(c["value"], 13);
-    let broken = sub
-        .wait_for("updraft/press/broken", WAIT, |_| true)
-        .await
-        .expect("broken is published");
+    let broken = sub.wait_for("updraft/press/broken", WAIT, |_| true).await.expect("broken is published");
     assert_eq!(broken["quality"], "bad");
     assert_eq!(broken["value"], Value::Null);
-    assert!(
-        broken["error"].as_str().unwrap().contains("exception"),
-        "{broken}"
-    );
+    assert!(broken["error"].as_str().unwrap().contains("exception"), "{broken}");
     // After the split the device is read per tag: no more reads that cover the gap.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let reads = fixture.reads();
     let last: Vec<_> = reads.iter().rev().take(3).collect();
-    assert!(
-        last.iter().all(|(_, _, n)| *n == 1),
-        "reads after split: {reads:?}"
-    );
+    assert!(last.iter().all(|(_, _, n)| *n == 1), "reads after split: {reads:?}");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -255,18 +140,12 @@ tags = [
 async fn a_silent_device_times_out_without_stalling_the_others() {
     let slow = ModbusFixture::default();
     slow.set_holding(0, &[1]);
-    slow.set_faults(Faults {
-        delay: Some(Duration::from_secs(3)),
-        ..Faults::default()
-    });
+    slow.set_faults(Faults { delay: Some(Duration::from_secs(3)), ..Faults::default() });
     let healthy = ModbusFixture::default();
     healthy.set_holding(0, &[42]);
     let (slow_addr, healthy_addr) = (slow.serve().await, healthy.serve().await);
     // A port nothing listens on: bind, note the port, close.
-    let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let toml = format!(
         "{h}[devices.slow]\ndriver = \"modbus-tcp\"\naddress = \"{slow_addr}\"\npoll = \"200ms\"\ntimeout = \"300ms\"\ntags = [{{ name = \"x\", area = \"holding\", address = 0 }}]\n\n\
          [devices.dead]\ndriver = \"modbus-tcp\"\naddress = \"{dead_addr}\"\npoll = \"200ms\"\ntimeout = \"300ms\"\ntags = [{{ name = \"x\", area = \"holding\", address = 0 }}]\n\n\
@@ -275,42 +154,21 @@ async fn a_silent_device_times_out_without_stalling_the_others() {
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
-    let s = sub
-        .wait_for("updraft/slow/x", WAIT, |v| v["quality"] == "bad")
-        .await
-        .expect("slow goes bad");
+    let s = sub.wait_for("updraft/slow/x", WAIT, |v| v["quality"] == "bad").await.expect("slow goes bad");
     assert!(s["error"].as_str().unwrap().contains("timeout"), "{s}");
-    let d = sub
-        .wait_for("updraft/dead/x", WAIT, |v| v["quality"] == "bad")
-        .await
-        .expect("dead goes bad");
-    assert!(
-        d["error"].as_str().unwrap().contains("connect failed"),
-        "{d}"
-    );
+    let d = sub.wait_for("updraft/dead/x", WAIT, |v| v["quality"] == "bad").await.expect("dead goes bad");
+    assert!(d["error"].as_str().unwrap().contains("connect failed"), "{d}");
 
     // Meanwhile the healthy device keeps delivering fresh readings.
     let before = gw.metrics.device("healthy").points_good.get();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = gw.metrics.device("healthy").points_good.get();
-    assert!(
-        after >= before + 5,
-        "healthy device kept polling: {before} -> {after}"
-    );
-    assert_eq!(
-        sub.wait_for("updraft/healthy/x", WAIT, |_| true)
-            .await
-            .unwrap()["value"],
-        42
-    );
+    assert!(after >= before + 5, "healthy device kept polling: {before} -> {after}");
+    assert_eq!(sub.wait_for("updraft/healthy/x", WAIT, |_| true).await.unwrap()["value"], 42);
 
     // The slow device recovers once it answers in time again.
     slow.set_faults(Faults::default());
-    let s = sub
-        .wait_for("updraft/slow/x", Duration::from_secs(15), |v| {
-            v["quality"] == "good"
-        })
-        .await;
+    let s = sub.wait_for("updraft/slow/x", Duration::from_secs(15), |v| v["quality"] == "good").await;
     assert_eq!(s.expect("slow device recovers")["value"], 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }
@@ -327,25 +185,14 @@ async fn a_device_that_comes_up_later_is_reconnected() {
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let stats = gw.metrics.device("late");
-    eventually(WAIT, || (stats.connect_failures.get() >= 1).then_some(()))
-        .await
-        .expect("first connect fails");
+    eventually(WAIT, || (stats.connect_failures.get() >= 1).then_some(())).await.expect("first connect fails");
 
     let fixture = ModbusFixture::default();
     fixture.set_holding(3, &[7]);
     // Serve on exactly that port so the gateway's configured address now answers.
     assert_eq!(fixture.serve_at(addr).await, addr);
-    let p = eventually(Duration::from_secs(15), || {
-        gw.values.get("late", "x").filter(|p| p.value.is_some())
-    })
-    .await;
-    assert_eq!(
-        p.expect("reconnected after backoff")
-            .value
-            .unwrap()
-            .as_f64(),
-        7.0
-    );
+    let p = eventually(Duration::from_secs(15), || gw.values.get("late", "x").filter(|p| p.value.is_some())).await;
+    assert_eq!(p.expect("reconnected after backoff").value.unwrap().as_f64(), 7.0);
     assert!(stats.connects.get() >= 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }
@@ -360,9 +207,7 @@ async fn shutdown_drains_within_the_grace_period() {
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let stats = gw.metrics.device("d");
-    eventually(WAIT, || (stats.polls.get() > 3).then_some(()))
-        .await
-        .unwrap();
+    eventually(WAIT, || (stats.polls.get() > 3).then_some(())).await.unwrap();
     let started = std::time::Instant::now();
     gw.shutdown(Duration::from_secs(2)).await;
     let polls = stats.polls.get();

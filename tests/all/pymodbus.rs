@@ -19,11 +19,7 @@ impl Drop for Peer {
 }
 
 fn start_pymodbus(spec: &Value) -> (Peer, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(python())
         .arg(test_file("peers/pymodbus_server.py"))
         .arg(port.to_string())
@@ -41,8 +37,7 @@ fn start_pymodbus(spec: &Value) -> (Peer, u16) {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("pymodbus server is ready");
+    rx.recv_timeout(Duration::from_secs(30)).expect("pymodbus server is ready");
     (Peer(child), port)
 }
 
@@ -60,12 +55,7 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
         ("f32-cdab", "f32", "CDAB", json!(3.25)),
         ("f32-badc", "f32", "BADC", json!(1013.25)),
         ("f32-dcba", "f32", "DCBA", json!(0.1)),
-        (
-            "u64-abcd",
-            "u64",
-            "ABCDEFGH",
-            json!(18446744073709551000u64),
-        ),
+        ("u64-abcd", "u64", "ABCDEFGH", json!(18446744073709551000u64)),
         ("u64-cdab", "u64", "GHEFCDAB", json!(1234567890123456789u64)),
         ("i64-badc", "i64", "BADCFEHG", json!(-9876543210i64)),
         ("i64-dcba", "i64", "HGFEDCBA", json!(-1i64)),
@@ -88,7 +78,10 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
 
     let mut tags = String::new();
     for (i, (name, ty, order, _)) in cases.iter().enumerate() {
-        tags += &format!("  {{ name = \"{name}\", area = \"holding\", address = {}, type = \"{ty}\", order = \"{order}\" }},\n", i * 4);
+        tags += &format!(
+            "  {{ name = \"{name}\", area = \"holding\", address = {}, type = \"{ty}\", order = \"{order}\" }},\n",
+            i * 4
+        );
     }
     tags += "  { name = \"in-i16\", area = \"input\", address = 10, type = \"i16\" },\n";
     tags += "  { name = \"coil-3\", area = \"coil\", address = 3 },\n";
@@ -99,13 +92,9 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
         header("gw-pymodbus")
     );
     let (gw, _dir) = start_gateway(&toml).await;
-    let mut sub =
-        Subscriber::connect(gw.broker_addr.unwrap(), "updraft/py/#", QoS::AtMostOnce).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/py/#", QoS::AtMostOnce).await;
 
-    let mut expected: Vec<(String, Value)> = cases
-        .into_iter()
-        .map(|(n, _, _, v)| (n.to_owned(), v))
-        .collect();
+    let mut expected: Vec<(String, Value)> = cases.into_iter().map(|(n, _, _, v)| (n.to_owned(), v)).collect();
     expected.extend([
         ("in-i16".to_owned(), json!(-5)),
         ("coil-3".to_owned(), json!(true)),
@@ -114,9 +103,7 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
     ]);
     for (tag, value) in expected {
         let topic = format!("updraft/py/{tag}");
-        let got = sub
-            .wait_for(&topic, Duration::from_secs(15), |v| v["quality"] == "good")
-            .await;
+        let got = sub.wait_for(&topic, Duration::from_secs(15), |v| v["quality"] == "good").await;
         let got = got.unwrap_or_else(|| panic!("no good value on {topic}"));
         assert_eq!(got["value"], value, "{topic}");
     }

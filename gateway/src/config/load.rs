@@ -28,14 +28,7 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
     }
 }
 
@@ -79,11 +72,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates config text; `file` is only used in messages.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-    let mut loc = Locator {
-        text,
-        file,
-        problems: Vec::new(),
-    };
+    let mut loc = Locator { text, file, problems: Vec::new() };
     let root = match DeTable::parse(text) {
         Ok(root) => root,
         Err(e) => {
@@ -98,26 +87,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let simulators = table.remove("simulators");
 
     let config: Option<Config> = loc.deserialize(Spanned::new(root_span, DeValue::Table(table)));
-    let devices = loc.named_tables(
-        devices,
-        "devices",
-        "driver",
-        DeviceConfig::DRIVERS,
-        |loc, kind, v| match kind {
-            "modbus-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusTcp),
-            _ => None,
-        },
-    );
-    let simulators = loc.named_tables(
-        simulators,
-        "simulators",
-        "kind",
-        SimulatorConfig::KINDS,
-        |loc, kind, v| match kind {
+    let devices = loc.named_tables(devices, "devices", "driver", DeviceConfig::DRIVERS, |loc, kind, v| match kind {
+        "modbus-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusTcp),
+        _ => None,
+    });
+    let simulators =
+        loc.named_tables(simulators, "simulators", "kind", SimulatorConfig::KINDS, |loc, kind, v| match kind {
             "modbus-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusTcp),
             _ => None,
-        },
-    );
+        });
 
     let mut config = match config {
         Some(c) if loc.problems.is_empty() => c,
@@ -146,15 +124,7 @@ struct Locator<'a> {
 impl Locator<'_> {
     fn push(&mut self, offset: usize, message: String) {
         let (line, column) = line_col(self.text, offset);
-        self.problems.push((
-            offset,
-            Problem {
-                file: self.file.to_owned(),
-                line,
-                column,
-                message,
-            },
-        ));
+        self.problems.push((offset, Problem { file: self.file.to_owned(), line, column, message }));
     }
 
     fn toml_error(&mut self, e: &toml::de::Error) {
@@ -217,9 +187,7 @@ impl Locator<'_> {
         let DeValue::Table(tables) = section.into_inner() else {
             self.push(
                 span.start,
-                format!(
-                    "`{section_name}` must be a table of named tables, e.g. [{section_name}.NAME]"
-                ),
+                format!("`{section_name}` must be a table of named tables, e.g. [{section_name}.NAME]"),
             );
             return out;
         };
@@ -228,40 +196,26 @@ impl Locator<'_> {
             let name = name.into_inner().into_owned();
             let value_span = value.span();
             let DeValue::Table(mut table) = value.into_inner() else {
-                self.push(
-                    name_span.start,
-                    format!("`{section_name}.{name}` must be a table"),
-                );
+                self.push(name_span.start, format!("`{section_name}.{name}` must be a table"));
                 continue;
             };
             let Some(kind) = table.remove(tag_key) else {
                 self.push(
                     value_span.start,
-                    format!(
-                        "`{section_name}.{name}` has no `{tag_key}` key; add one of: {}",
-                        kinds.join(", ")
-                    ),
+                    format!("`{section_name}.{name}` has no `{tag_key}` key; add one of: {}", kinds.join(", ")),
                 );
                 continue;
             };
             let kind_span = kind.span();
             let Some(kind) = kind.get_ref().as_str().map(str::to_owned) else {
-                self.push(
-                    kind_span.start,
-                    format!("`{tag_key}` must be a string, one of: {}", kinds.join(", ")),
-                );
+                self.push(kind_span.start, format!("`{tag_key}` must be a string, one of: {}", kinds.join(", ")));
                 continue;
             };
             if !kinds.contains(&kind.as_str()) {
-                let hint = suggest(&kind, kinds)
-                    .map(|s| format!("; did you mean `{s}`?"))
-                    .unwrap_or_default();
+                let hint = suggest(&kind, kinds).map(|s| format!("; did you mean `{s}`?")).unwrap_or_default();
                 self.push(
                     kind_span.start,
-                    format!(
-                        "unknown {tag_key} `{kind}`, expected one of: {}{hint}",
-                        kinds.join(", ")
-                    ),
+                    format!("unknown {tag_key} `{kind}`, expected one of: {}{hint}", kinds.join(", ")),
                 );
                 continue;
             }
@@ -274,9 +228,7 @@ impl Locator<'_> {
 
     fn finish(mut self) -> ConfigError {
         self.problems.sort_by_key(|(offset, _)| *offset);
-        ConfigError {
-            problems: self.problems.into_iter().map(|(_, p)| p).collect(),
-        }
+        ConfigError { problems: self.problems.into_iter().map(|(_, p)| p).collect() }
     }
 }
 
@@ -327,14 +279,8 @@ fn suggestion(message: &str) -> Option<String> {
         let start = m.find('`')? + 1;
         let end = start + m[start..].find('`')?;
         let got = m[start..end].to_owned();
-        let expected = m
-            .split_once("expected one of ")
-            .or_else(|| m.split_once("expected "))?
-            .1;
-        let options = expected
-            .split(", ")
-            .map(|s| s.trim_matches(|c| c == '`' || c == ' ').to_owned())
-            .collect();
+        let expected = m.split_once("expected one of ").or_else(|| m.split_once("expected "))?.1;
+        let options = expected.split(", ").map(|s| s.trim_matches(|c| c == '`' || c == ' ').to_owned()).collect();
         Some((got, options))
     };
     if !(message.starts_with("unknown field") || message.starts_with("unknown variant")) {
@@ -349,12 +295,7 @@ fn suggestion(message: &str) -> Option<String> {
 fn suggest<'a>(got: &str, options: &[&'a str]) -> Option<&'a str> {
     options
         .iter()
-        .map(|o| {
-            (
-                strsim::damerau_levenshtein(&got.to_lowercase(), &o.to_lowercase()),
-                *o,
-            )
-        })
+        .map(|o| (strsim::damerau_levenshtein(&got.to_lowercase(), &o.to_lowercase()), *o))
         .filter(|(d, o)| *d <= 2.max(o.len() / 3))
         .min_by_key(|(d, _)| *d)
         .map(|(_, o)| o)
@@ -393,12 +334,7 @@ mod tests {
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {
-        parse(text, Path::new("t.toml"))
-            .unwrap_err()
-            .problems
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse(text, Path::new("t.toml")).unwrap_err().problems.iter().map(ToString::to_string).collect()
     }
 
     const GOOD: &str = r#"
@@ -426,10 +362,7 @@ tags = [
     fn misspelt_key_points_at_its_line_and_suggests() {
         let p = problems(&GOOD.replace("address = \"127", "adress = \"127"));
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(
-            p[0].starts_with("t.toml:7:1: unknown field `adress`"),
-            "{p:?}"
-        );
+        assert!(p[0].starts_with("t.toml:7:1: unknown field `adress`"), "{p:?}");
         assert!(p[0].contains("did you mean `address`?"), "{p:?}");
     }
 
@@ -455,10 +388,7 @@ tags = [
     #[test]
     fn unknown_driver_is_named() {
         let p = problems(&GOOD.replace("\"modbus-tcp\"", "\"modbus-tpc\""));
-        assert!(
-            p[0].starts_with("t.toml:6:10: unknown driver `modbus-tpc`"),
-            "{p:?}"
-        );
+        assert!(p[0].starts_with("t.toml:6:10: unknown driver `modbus-tpc`"), "{p:?}");
         assert!(p[0].contains("did you mean `modbus-tcp`?"), "{p:?}");
     }
 

@@ -66,8 +66,9 @@ pub struct BrokerSection {
     /// Largest accepted publish payload; a bigger one disconnects the client.
     #[serde(default = "default_max_payload_size")]
     pub max_payload_size: Bytes,
-    /// Memory the broker may hold per subscription filter for subscribers that fall behind. A
-    /// subscriber further behind than this loses its oldest unread messages.
+    /// Message log the broker keeps per subscription filter, counted as topic + payload bytes
+    /// (the real memory is about five times this). A subscriber that falls further behind loses
+    /// its oldest unread messages. 1 MiB holds about 12,000 readings.
     #[serde(default = "default_buffer_per_subscription")]
     pub buffer_per_subscription: Bytes,
 }
@@ -97,7 +98,7 @@ const fn default_max_payload_size() -> Bytes {
     Bytes(256 * 1024)
 }
 const fn default_buffer_per_subscription() -> Bytes {
-    Bytes(4 << 20)
+    Bytes(1 << 20)
 }
 
 /// The local HTTP API: current values, health and Prometheus metrics.
@@ -112,10 +113,7 @@ pub struct ApiSection {
 
 impl Default for ApiSection {
     fn default() -> Self {
-        ApiSection {
-            enabled: true,
-            listen: default_api_listen(),
-        }
+        ApiSection { enabled: true, listen: default_api_listen() }
     }
 }
 
@@ -215,11 +213,7 @@ pub struct ModbusTag {
 
 impl ModbusTag {
     pub fn data_type(&self) -> DataType {
-        self.data_type.unwrap_or(if self.area.is_bit() {
-            DataType::Bool
-        } else {
-            DataType::U16
-        })
+        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
     }
 }
 
@@ -289,11 +283,7 @@ pub struct SimRegister {
 
 impl SimRegister {
     pub fn data_type(&self) -> DataType {
-        self.data_type.unwrap_or(if self.area.is_bit() {
-            DataType::Bool
-        } else {
-            DataType::U16
-        })
+        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
     }
 }
 

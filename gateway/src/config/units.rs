@@ -39,9 +39,7 @@ impl<'de> Deserialize<'de> for Dur {
                 })
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
-                Err(E::custom(format!(
-                    r#"a duration needs a unit: write "{n}s" or "{n}ms" instead of {n}"#
-                )))
+                Err(E::custom(format!(r#"a duration needs a unit: write "{n}s" or "{n}ms" instead of {n}"#)))
             }
         }
         d.deserialize_any(V)
@@ -67,18 +65,12 @@ impl<'de> Deserialize<'de> for Bytes {
                 f.write_str(r#"a size such as "32MiB" or "1GiB""#)
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Bytes, E> {
-                bytesize::ByteSize::from_str(s.trim())
-                    .map(|b| Bytes(b.as_u64()))
-                    .map_err(|e| {
-                        E::custom(format!(
-                            r#"invalid size "{s}" ({e}); write e.g. "512KiB", "32MiB", "1GiB""#
-                        ))
-                    })
+                bytesize::ByteSize::from_str(s.trim()).map(|b| Bytes(b.as_u64())).map_err(|e| {
+                    E::custom(format!(r#"invalid size "{s}" ({e}); write e.g. "512KiB", "32MiB", "1GiB""#))
+                })
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Bytes, E> {
-                u64::try_from(n)
-                    .map(Bytes)
-                    .map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(n).map(Bytes).map_err(|_| E::custom("a size cannot be negative"))
             }
         }
         d.deserialize_any(V)

@@ -33,13 +33,8 @@ pub fn name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("must not be empty".into());
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control())
-    {
-        return Some(format!(
-            "must not contain {c:?} (it is used in MQTT topics)"
-        ));
+    if let Some(c) = name.chars().find(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control()) {
+        return Some(format!("must not contain {c:?} (it is used in MQTT topics)"));
     }
     None
 }
@@ -54,22 +49,13 @@ pub fn validate(config: &Config) -> Found {
         && config.broker.listen.port() != 0
         && config.broker.listen == config.api.listen
     {
-        found.push((
-            path(&["api", "listen"]),
-            "the API and the broker cannot listen on the same address".into(),
-        ));
+        found.push((path(&["api", "listen"]), "the API and the broker cannot listen on the same address".into()));
     }
     if config.broker.max_connections == 0 {
-        found.push((
-            path(&["broker", "max_connections"]),
-            "must be at least 1".into(),
-        ));
+        found.push((path(&["broker", "max_connections"]), "must be at least 1".into()));
     }
     if config.broker.buffer_per_subscription.0 < 64 * 1024 {
-        found.push((
-            path(&["broker", "buffer_per_subscription"]),
-            "must be at least 64KiB".into(),
-        ));
+        found.push((path(&["broker", "buffer_per_subscription"]), "must be at least 64KiB".into()));
     }
     for (name, device) in &config.devices {
         let base = path(&["devices", name]);
@@ -94,10 +80,7 @@ pub fn validate(config: &Config) -> Found {
                     }
                 }
                 if s.update.0.is_zero() {
-                    found.push((
-                        with(base.clone(), [key("update")]),
-                        "must be longer than 0s".into(),
-                    ));
+                    found.push((with(base.clone(), [key("update")]), "must be longer than 0s".into()));
                 }
                 let mut used: HashSet<(crate::drivers::modbus::codec::Area, u16)> = HashSet::new();
                 for (i, r) in s.registers.iter().enumerate() {
@@ -106,33 +89,23 @@ pub fn validate(config: &Config) -> Found {
                     if r.area.is_bit() && ty != DataType::Bool {
                         found.push((
                             with(rp.clone(), [key("type")]),
-                            format!("{:?} areas hold bits: use type = \"bool\"", r.area)
-                                .to_lowercase(),
+                            format!("{:?} areas hold bits: use type = \"bool\"", r.area).to_lowercase(),
                         ));
                     }
                     if u32::from(r.address) + u32::from(ty.registers()) > 65536 {
-                        found.push((
-                            with(rp.clone(), [key("address")]),
-                            "runs past address 65535".into(),
-                        ));
+                        found.push((with(rp.clone(), [key("address")]), "runs past address 65535".into()));
                     }
                     for a in 0..ty.registers() {
                         if !used.insert((r.area, r.address.wrapping_add(a))) {
                             found.push((
                                 with(rp.clone(), [key("address")]),
-                                format!(
-                                    "overlaps another register at address {}",
-                                    r.address.wrapping_add(a)
-                                ),
+                                format!("overlaps another register at address {}", r.address.wrapping_add(a)),
                             ));
                             break;
                         }
                     }
                     if r.min > r.max {
-                        found.push((
-                            with(rp.clone(), [key("min")]),
-                            "min must not exceed max".into(),
-                        ));
+                        found.push((with(rp.clone(), [key("min")]), "min must not exceed max".into()));
                     }
                     if r.period.0.is_zero() {
                         found.push((with(rp, [key("period")]), "must be longer than 0s".into()));
@@ -149,65 +122,38 @@ fn modbus_tcp(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
         _ => found.push((
             with(base.clone(), [key("address")]),
-            format!(
-                "address `{}` must be host:port, e.g. \"192.168.1.10:502\"",
-                d.address
-            ),
+            format!("address `{}` must be host:port, e.g. \"192.168.1.10:502\"", d.address),
         )),
     }
     if d.poll.0.is_zero() {
-        found.push((
-            with(base.clone(), [key("poll")]),
-            "must be longer than 0s".into(),
-        ));
+        found.push((with(base.clone(), [key("poll")]), "must be longer than 0s".into()));
     }
     if d.timeout.0.is_zero() {
-        found.push((
-            with(base.clone(), [key("timeout")]),
-            "must be longer than 0s".into(),
-        ));
+        found.push((with(base.clone(), [key("timeout")]), "must be longer than 0s".into()));
     }
     if !(1..=125).contains(&d.max_read_registers) {
-        found.push((
-            with(base.clone(), [key("max_read_registers")]),
-            "must be between 1 and 125".into(),
-        ));
+        found.push((with(base.clone(), [key("max_read_registers")]), "must be between 1 and 125".into()));
     }
     if !(1..=2000).contains(&d.max_read_bits) {
-        found.push((
-            with(base.clone(), [key("max_read_bits")]),
-            "must be between 1 and 2000".into(),
-        ));
+        found.push((with(base.clone(), [key("max_read_bits")]), "must be between 1 and 2000".into()));
     }
     if d.tags.is_empty() {
-        found.push((
-            with(base.clone(), [key("tags")]),
-            "a device needs at least one tag".into(),
-        ));
+        found.push((with(base.clone(), [key("tags")]), "a device needs at least one tag".into()));
     }
     let mut names = HashSet::new();
     for (i, t) in d.tags.iter().enumerate() {
         let tp = with(base.clone(), [key("tags"), Seg::Index(i)]);
         if let Some(p) = name_problem(&t.name) {
-            found.push((
-                with(tp.clone(), [key("name")]),
-                format!("tag name `{}` {p}", t.name),
-            ));
+            found.push((with(tp.clone(), [key("name")]), format!("tag name `{}` {p}", t.name)));
         }
         if !names.insert(t.name.as_str()) {
-            found.push((
-                with(tp.clone(), [key("name")]),
-                format!("duplicate tag name `{}` in this device", t.name),
-            ));
+            found.push((with(tp.clone(), [key("name")]), format!("duplicate tag name `{}` in this device", t.name)));
         }
         let ty = t.data_type();
         if t.area.is_bit() && ty != DataType::Bool {
             found.push((
                 with(tp.clone(), [key("type")]),
-                format!(
-                    "area `{}` holds single bits: use type = \"bool\" or a register area",
-                    area_name(t.area)
-                ),
+                format!("area `{}` holds single bits: use type = \"bool\" or a register area", area_name(t.area)),
             ));
         }
         if u32::from(t.address) + u32::from(ty.registers()) > 65536 {
@@ -217,16 +163,10 @@ fn modbus_tcp(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
             ));
         }
         if ty == DataType::Bool && (t.scale.is_some() || t.offset.is_some()) {
-            found.push((
-                with(tp.clone(), [key("scale")]),
-                "a bool tag cannot have scale or offset".into(),
-            ));
+            found.push((with(tp.clone(), [key("scale")]), "a bool tag cannot have scale or offset".into()));
         }
         if t.scale == Some(0.0) {
-            found.push((
-                with(tp.clone(), [key("scale")]),
-                "scale 0 would make every reading 0".into(),
-            ));
+            found.push((with(tp.clone(), [key("scale")]), "scale 0 would make every reading 0".into()));
         }
         if t.access == Access::Rw && !t.area.is_writable() {
             found.push((

@@ -126,44 +126,31 @@ pub fn decode(ty: DataType, order: ByteOrder, regs: &[u16]) -> Option<Value> {
 pub fn encode(ty: DataType, order: ByteOrder, value: Value) -> Result<Vec<u16>, EncodeError> {
     let mut bytes: Vec<u8> = match ty {
         DataType::Bool => return Ok(vec![u16::from(value.as_f64() != 0.0)]),
-        DataType::U16 => (int_in_range(value, ty, 0.0, f64::from(u16::MAX))? as u16)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::I16 => (int_in_range(value, ty, f64::from(i16::MIN), f64::from(i16::MAX))?
-            as i16)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::U32 => (int_in_range(value, ty, 0.0, f64::from(u32::MAX))? as u32)
-            .to_be_bytes()
-            .to_vec(),
-        DataType::I32 => (int_in_range(value, ty, f64::from(i32::MIN), f64::from(i32::MAX))?
-            as i32)
-            .to_be_bytes()
-            .to_vec(),
+        DataType::U16 => (int_in_range(value, ty, 0.0, f64::from(u16::MAX))? as u16).to_be_bytes().to_vec(),
+        DataType::I16 => {
+            (int_in_range(value, ty, f64::from(i16::MIN), f64::from(i16::MAX))? as i16).to_be_bytes().to_vec()
+        }
+        DataType::U32 => (int_in_range(value, ty, 0.0, f64::from(u32::MAX))? as u32).to_be_bytes().to_vec(),
+        DataType::I32 => {
+            (int_in_range(value, ty, f64::from(i32::MIN), f64::from(i32::MAX))? as i32).to_be_bytes().to_vec()
+        }
         DataType::F32 => (value.as_f64() as f32).to_be_bytes().to_vec(),
         DataType::U64 => match value {
             Value::UInt(u) => u.to_be_bytes().to_vec(),
             Value::Int(i) if i >= 0 => (i as u64).to_be_bytes().to_vec(),
-            other => (int_in_range(other, ty, 0.0, u64::MAX as f64)? as u64)
-                .to_be_bytes()
-                .to_vec(),
+            other => (int_in_range(other, ty, 0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
         },
         DataType::I64 => match value {
             Value::Int(i) => i.to_be_bytes().to_vec(),
             Value::UInt(u) if u <= i64::MAX as u64 => (u as i64).to_be_bytes().to_vec(),
-            other => (int_in_range(other, ty, i64::MIN as f64, i64::MAX as f64)? as i64)
-                .to_be_bytes()
-                .to_vec(),
+            other => (int_in_range(other, ty, i64::MIN as f64, i64::MAX as f64)? as i64).to_be_bytes().to_vec(),
         },
         DataType::F64 => value.as_f64().to_be_bytes().to_vec(),
     };
     if bytes.len() > 2 {
         order.transform(&mut bytes);
     }
-    Ok(bytes
-        .chunks_exact(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]))
-        .collect())
+    Ok(bytes.chunks_exact(2).map(|w| u16::from_be_bytes([w[0], w[1]])).collect())
 }
 
 fn int_in_range(value: Value, ty: DataType, min: f64, max: f64) -> Result<f64, EncodeError> {
@@ -173,10 +160,7 @@ fn int_in_range(value: Value, ty: DataType, min: f64, max: f64) -> Result<f64, E
     }
     let v = v.round();
     if v < min || v > max {
-        return Err(EncodeError::OutOfRange {
-            value: value.as_f64(),
-            ty,
-        });
+        return Err(EncodeError::OutOfRange { value: value.as_f64(), ty });
     }
     Ok(v)
 }
@@ -228,90 +212,22 @@ mod tests {
     #[test]
     fn golden_32_bit_vectors() {
         let cases: &[(DataType, ByteOrder, [u16; 2], Value)] = &[
-            (
-                DataType::F32,
-                ByteOrder::ABCD,
-                [0x3FC0, 0x0000],
-                Value::F32(1.5),
-            ),
-            (
-                DataType::F32,
-                ByteOrder::CDAB,
-                [0x0000, 0x3FC0],
-                Value::F32(1.5),
-            ),
-            (
-                DataType::F32,
-                ByteOrder::BADC,
-                [0xC03F, 0x0000],
-                Value::F32(1.5),
-            ),
-            (
-                DataType::F32,
-                ByteOrder::DCBA,
-                [0x0000, 0xC03F],
-                Value::F32(1.5),
-            ),
-            (
-                DataType::U32,
-                ByteOrder::ABCD,
-                [0x075B, 0xCD15],
-                Value::UInt(123_456_789),
-            ),
-            (
-                DataType::U32,
-                ByteOrder::CDAB,
-                [0xCD15, 0x075B],
-                Value::UInt(123_456_789),
-            ),
-            (
-                DataType::U32,
-                ByteOrder::BADC,
-                [0x5B07, 0x15CD],
-                Value::UInt(123_456_789),
-            ),
-            (
-                DataType::U32,
-                ByteOrder::DCBA,
-                [0x15CD, 0x5B07],
-                Value::UInt(123_456_789),
-            ),
-            (
-                DataType::I32,
-                ByteOrder::ABCD,
-                [0xFFFF, 0xFFFE],
-                Value::Int(-2),
-            ),
-            (
-                DataType::I32,
-                ByteOrder::CDAB,
-                [0xFFFE, 0xFFFF],
-                Value::Int(-2),
-            ),
-            (
-                DataType::I32,
-                ByteOrder::BADC,
-                [0xFFFF, 0xFEFF],
-                Value::Int(-2),
-            ),
-            (
-                DataType::I32,
-                ByteOrder::DCBA,
-                [0xFEFF, 0xFFFF],
-                Value::Int(-2),
-            ),
+            (DataType::F32, ByteOrder::ABCD, [0x3FC0, 0x0000], Value::F32(1.5)),
+            (DataType::F32, ByteOrder::CDAB, [0x0000, 0x3FC0], Value::F32(1.5)),
+            (DataType::F32, ByteOrder::BADC, [0xC03F, 0x0000], Value::F32(1.5)),
+            (DataType::F32, ByteOrder::DCBA, [0x0000, 0xC03F], Value::F32(1.5)),
+            (DataType::U32, ByteOrder::ABCD, [0x075B, 0xCD15], Value::UInt(123_456_789)),
+            (DataType::U32, ByteOrder::CDAB, [0xCD15, 0x075B], Value::UInt(123_456_789)),
+            (DataType::U32, ByteOrder::BADC, [0x5B07, 0x15CD], Value::UInt(123_456_789)),
+            (DataType::U32, ByteOrder::DCBA, [0x15CD, 0x5B07], Value::UInt(123_456_789)),
+            (DataType::I32, ByteOrder::ABCD, [0xFFFF, 0xFFFE], Value::Int(-2)),
+            (DataType::I32, ByteOrder::CDAB, [0xFFFE, 0xFFFF], Value::Int(-2)),
+            (DataType::I32, ByteOrder::BADC, [0xFFFF, 0xFEFF], Value::Int(-2)),
+            (DataType::I32, ByteOrder::DCBA, [0xFEFF, 0xFFFF], Value::Int(-2)),
         ];
         for (ty, order, regs, value) in cases {
-            assert_eq!(
-                decode(*ty, *order, regs),
-                Some(*value),
-                "decode {ty:?} {order:?}"
-            );
-            assert_eq!(
-                encode(*ty, *order, *value).unwrap(),
-                regs.to_vec(),
-                "encode {ty:?} {order:?}"
-            );
+            assert_eq!(decode(*ty, *order, regs), Some(*value), "decode {ty:?} {order:?}");
+            assert_eq!(encode(*ty, *order, *value).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
         }
     }
 
@@ -319,97 +235,28 @@ mod tests {
     #[test]
     fn golden_64_bit_vectors() {
         let cases: &[(DataType, ByteOrder, [u16; 4], Value)] = &[
-            (
-                DataType::U64,
-                ByteOrder::ABCD,
-                [0x0102, 0x0304, 0x0506, 0x0708],
-                Value::UInt(0x0102030405060708),
-            ),
-            (
-                DataType::U64,
-                ByteOrder::CDAB,
-                [0x0708, 0x0506, 0x0304, 0x0102],
-                Value::UInt(0x0102030405060708),
-            ),
-            (
-                DataType::U64,
-                ByteOrder::BADC,
-                [0x0201, 0x0403, 0x0605, 0x0807],
-                Value::UInt(0x0102030405060708),
-            ),
-            (
-                DataType::U64,
-                ByteOrder::DCBA,
-                [0x0807, 0x0605, 0x0403, 0x0201],
-                Value::UInt(0x0102030405060708),
-            ),
-            (
-                DataType::I64,
-                ByteOrder::ABCD,
-                [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFD],
-                Value::Int(-3),
-            ),
-            (
-                DataType::I64,
-                ByteOrder::CDAB,
-                [0xFFFD, 0xFFFF, 0xFFFF, 0xFFFF],
-                Value::Int(-3),
-            ),
-            (
-                DataType::F64,
-                ByteOrder::ABCD,
-                [0xBFF8, 0, 0, 0],
-                Value::Float(-1.5),
-            ),
-            (
-                DataType::F64,
-                ByteOrder::CDAB,
-                [0, 0, 0, 0xBFF8],
-                Value::Float(-1.5),
-            ),
-            (
-                DataType::F64,
-                ByteOrder::BADC,
-                [0xF8BF, 0, 0, 0],
-                Value::Float(-1.5),
-            ),
-            (
-                DataType::F64,
-                ByteOrder::DCBA,
-                [0, 0, 0, 0xF8BF],
-                Value::Float(-1.5),
-            ),
+            (DataType::U64, ByteOrder::ABCD, [0x0102, 0x0304, 0x0506, 0x0708], Value::UInt(0x0102030405060708)),
+            (DataType::U64, ByteOrder::CDAB, [0x0708, 0x0506, 0x0304, 0x0102], Value::UInt(0x0102030405060708)),
+            (DataType::U64, ByteOrder::BADC, [0x0201, 0x0403, 0x0605, 0x0807], Value::UInt(0x0102030405060708)),
+            (DataType::U64, ByteOrder::DCBA, [0x0807, 0x0605, 0x0403, 0x0201], Value::UInt(0x0102030405060708)),
+            (DataType::I64, ByteOrder::ABCD, [0xFFFF, 0xFFFF, 0xFFFF, 0xFFFD], Value::Int(-3)),
+            (DataType::I64, ByteOrder::CDAB, [0xFFFD, 0xFFFF, 0xFFFF, 0xFFFF], Value::Int(-3)),
+            (DataType::F64, ByteOrder::ABCD, [0xBFF8, 0, 0, 0], Value::Float(-1.5)),
+            (DataType::F64, ByteOrder::CDAB, [0, 0, 0, 0xBFF8], Value::Float(-1.5)),
+            (DataType::F64, ByteOrder::BADC, [0xF8BF, 0, 0, 0], Value::Float(-1.5)),
+            (DataType::F64, ByteOrder::DCBA, [0, 0, 0, 0xF8BF], Value::Float(-1.5)),
         ];
         for (ty, order, regs, value) in cases {
-            assert_eq!(
-                decode(*ty, *order, regs),
-                Some(*value),
-                "decode {ty:?} {order:?}"
-            );
-            assert_eq!(
-                encode(*ty, *order, *value).unwrap(),
-                regs.to_vec(),
-                "encode {ty:?} {order:?}"
-            );
+            assert_eq!(decode(*ty, *order, regs), Some(*value), "decode {ty:?} {order:?}");
+            assert_eq!(encode(*ty, *order, *value).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
         }
     }
 
     #[test]
     fn sixteen_bit_and_bool_ignore_order() {
-        for order in [
-            ByteOrder::ABCD,
-            ByteOrder::CDAB,
-            ByteOrder::BADC,
-            ByteOrder::DCBA,
-        ] {
-            assert_eq!(
-                decode(DataType::U16, order, &[0xFFFE]),
-                Some(Value::UInt(65534))
-            );
-            assert_eq!(
-                decode(DataType::I16, order, &[0xFFFE]),
-                Some(Value::Int(-2))
-            );
+        for order in [ByteOrder::ABCD, ByteOrder::CDAB, ByteOrder::BADC, ByteOrder::DCBA] {
+            assert_eq!(decode(DataType::U16, order, &[0xFFFE]), Some(Value::UInt(65534)));
+            assert_eq!(decode(DataType::I16, order, &[0xFFFE]), Some(Value::Int(-2)));
             assert_eq!(decode(DataType::Bool, order, &[7]), Some(Value::Bool(true)));
         }
     }
@@ -446,18 +293,9 @@ mod tests {
 
     #[test]
     fn decimal_scales_round_correctly() {
-        assert_eq!(
-            apply_scale(Value::UInt(217), Some(0.1), None),
-            Value::Float(21.7)
-        );
-        assert_eq!(
-            apply_scale(Value::UInt(215), Some(0.1), Some(-40.0)),
-            Value::Float(-18.5)
-        );
-        assert_eq!(
-            apply_scale(Value::Int(3), Some(2.5), None),
-            Value::Float(7.5)
-        );
+        assert_eq!(apply_scale(Value::UInt(217), Some(0.1), None), Value::Float(21.7));
+        assert_eq!(apply_scale(Value::UInt(215), Some(0.1), Some(-40.0)), Value::Float(-18.5));
+        assert_eq!(apply_scale(Value::Int(3), Some(2.5), None), Value::Float(7.5));
         assert_eq!(unapply_scale(21.7, Some(0.1), None), 217.0);
         assert_eq!(apply_scale(Value::UInt(5), None, None), Value::UInt(5));
     }
@@ -475,12 +313,7 @@ mod tests {
             (DataType::I64, Value::Int(i64::MIN + 9)),
             (DataType::F64, Value::Float(std::f64::consts::PI)),
         ];
-        for order in [
-            ByteOrder::ABCD,
-            ByteOrder::CDAB,
-            ByteOrder::BADC,
-            ByteOrder::DCBA,
-        ] {
+        for order in [ByteOrder::ABCD, ByteOrder::CDAB, ByteOrder::BADC, ByteOrder::DCBA] {
             for (ty, v) in values {
                 let regs = encode(ty, order, v).unwrap();
                 assert_eq!(regs.len(), ty.registers() as usize);

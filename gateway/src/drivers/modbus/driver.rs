@@ -21,12 +21,12 @@ use super::planner::{self, Limits, ReadRequest, Span};
 use crate::config::ModbusTcpDevice;
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;
-use crate::point::{now_ms, Point};
+use crate::point::{now_ms, Point, Registry, TagKey};
 
 /// A tag ready for decoding.
 #[derive(Debug, Clone)]
 struct Tag {
-    name: Arc<str>,
+    key: Arc<TagKey>,
     area: Area,
     address: u16,
     ty: DataType,
@@ -63,12 +63,18 @@ pub struct ModbusTcpDriver {
 }
 
 impl ModbusTcpDriver {
-    pub fn new(name: &str, cfg: &ModbusTcpDevice, stats: Arc<DeviceStats>, out: BusSender) -> Self {
+    pub fn new(
+        name: &str,
+        cfg: &ModbusTcpDevice,
+        registry: &Registry,
+        stats: Arc<DeviceStats>,
+        out: BusSender,
+    ) -> Self {
         let tags: Vec<Tag> = cfg
             .tags
             .iter()
             .map(|t| Tag {
-                name: Arc::from(t.name.as_str()),
+                key: registry.intern(name, &t.name),
                 area: t.area,
                 address: t.address,
                 ty: t.data_type(),
@@ -79,17 +85,10 @@ impl ModbusTcpDriver {
             .collect();
         let spans: Vec<Span> = tags
             .iter()
-            .map(|t| Span {
-                area: t.area,
-                address: t.address,
-                len: if t.area.is_bit() { 1 } else { t.ty.registers() },
-            })
+            .map(|t| Span { area: t.area, address: t.address, len: if t.area.is_bit() { 1 } else { t.ty.registers() } })
             .collect();
-        let limits = Limits {
-            max_gap: cfg.max_read_gap,
-            max_registers: cfg.max_read_registers,
-            max_bits: cfg.max_read_bits,
-        };
+        let limits =
+            Limits { max_gap: cfg.max_read_gap, max_registers: cfg.max_read_registers, max_bits: cfg.max_read_bits };
         let plan = planner::plan(&spans, limits);
         ModbusTcpDriver {
             device: Arc::from(name),
@@ -162,19 +161,12 @@ impl ModbusTcpDriver {
             if let Some(e) = link_error {
                 failures += 1;
                 // The first failure reconnects at the next poll; repeated ones back off.
-                let wait = if failures > 1 {
-                    backoff(failures - 1)
-                } else {
-                    Duration::ZERO
-                };
+                let wait = if failures > 1 { backoff(failures - 1) } else { Duration::ZERO };
                 warn!(error = %e, retry_in = ?wait, "Link failed; reconnecting.");
                 next_connect = Instant::now() + wait;
                 if let Some(mut c) = ctx.take() {
-                    let _ = time::timeout(
-                        Duration::from_millis(100),
-                        tokio_modbus::client::Client::disconnect(&mut c),
-                    )
-                    .await;
+                    let _ = time::timeout(Duration::from_millis(100), tokio_modbus::client::Client::disconnect(&mut c))
+                        .await;
                 }
             } else {
                 failures = 0;
@@ -200,18 +192,14 @@ impl ModbusTcpDriver {
     }
 
     async fn connect(&self) -> Result<Context, String> {
-        let stream =
-            match time::timeout(self.timeout, TcpStream::connect(self.address.as_str())).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(format!("timeout after {:?}", self.timeout)),
-            };
+        let stream = match time::timeout(self.timeout, TcpStream::connect(self.address.as_str())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("timeout after {:?}", self.timeout)),
+        };
         // Modbus is strictly request/response with small frames: Nagle would only add latency.
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        Ok(tokio_modbus::client::tcp::attach_slave(
-            stream,
-            Slave(self.unit_id),
-        ))
+        Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id)))
     }
 
     async fn emit(&self, points: Vec<Point>) -> Result<(), ()> {
@@ -227,10 +215,7 @@ impl ModbusTcpDriver {
     fn all_bad(&self, error: &str) -> Vec<Point> {
         let error: Arc<str> = Arc::from(error);
         let ts = now_ms();
-        self.tags
-            .iter()
-            .map(|t| Point::bad(self.device.clone(), t.name.clone(), error.clone(), ts))
-            .collect()
+        self.tags.iter().map(|t| Point::bad(t.key.clone(), error.clone(), ts)).collect()
     }
 
     /// Reads every request once. Returns the points and, if the link failed, why; after a link
@@ -254,9 +239,7 @@ impl ModbusTcpDriver {
                     for single in split_request(req, &self.tags) {
                         match self.read(ctx, &single).await {
                             Ok(Ok(data)) => self.decode(&single, &data, &mut points),
-                            Ok(Err(exc)) => {
-                                self.bad_points(&single, &exception_text(exc), &mut points)
-                            }
+                            Ok(Err(exc)) => self.bad_points(&single, &exception_text(exc), &mut points),
                             Err(e) => {
                                 self.bad_points(&single, &e.to_string(), &mut points);
                                 link_error = Some(e);
@@ -279,45 +262,26 @@ impl ModbusTcpDriver {
         }
         // Points for requests after a link failure inside a split are still owed.
         if link_error.is_some() && points.len() < self.tags.len() {
-            let seen: std::collections::HashSet<Arc<str>> =
-                points.iter().map(|p| p.tag.clone()).collect();
+            let seen: std::collections::HashSet<u32> = points.iter().map(|p| p.key.id).collect();
             let error: Arc<str> = Arc::from("not read: link failed");
             let ts = now_ms();
             for t in &self.tags {
-                if !seen.contains(&t.name) {
-                    points.push(Point::bad(
-                        self.device.clone(),
-                        t.name.clone(),
-                        error.clone(),
-                        ts,
-                    ));
+                if !seen.contains(&t.key.id) {
+                    points.push(Point::bad(t.key.clone(), error.clone(), ts));
                 }
             }
         }
         (points, link_error)
     }
 
-    async fn read(
-        &self,
-        ctx: &mut Context,
-        req: &ReadRequest,
-    ) -> Result<Result<Data, ExceptionCode>, LinkError> {
+    async fn read(&self, ctx: &mut Context, req: &ReadRequest) -> Result<Result<Data, ExceptionCode>, LinkError> {
         self.stats.requests.inc();
         let fut = async {
             Ok::<_, tokio_modbus::Error>(match req.area {
                 Area::Coil => ctx.read_coils(req.start, req.count).await?.map(Data::Bits),
-                Area::Discrete => ctx
-                    .read_discrete_inputs(req.start, req.count)
-                    .await?
-                    .map(Data::Bits),
-                Area::Holding => ctx
-                    .read_holding_registers(req.start, req.count)
-                    .await?
-                    .map(Data::Words),
-                Area::Input => ctx
-                    .read_input_registers(req.start, req.count)
-                    .await?
-                    .map(Data::Words),
+                Area::Discrete => ctx.read_discrete_inputs(req.start, req.count).await?.map(Data::Bits),
+                Area::Holding => ctx.read_holding_registers(req.start, req.count).await?.map(Data::Words),
+                Area::Input => ctx.read_input_registers(req.start, req.count).await?.map(Data::Words),
             })
         };
         let result = match time::timeout(self.timeout, fut).await {
@@ -338,23 +302,11 @@ impl ModbusTcpDriver {
             let at = usize::from(t.address - req.start);
             let value = match data {
                 Data::Bits(bits) => bits.get(at).map(|b| crate::point::Value::Bool(*b)),
-                Data::Words(words) => words
-                    .get(at..)
-                    .and_then(|w| codec::decode(t.ty, t.order, w)),
+                Data::Words(words) => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
             };
             out.push(match value {
-                Some(v) => Point::good(
-                    self.device.clone(),
-                    t.name.clone(),
-                    codec::apply_scale(v, t.scale, t.offset),
-                    ts,
-                ),
-                None => Point::bad(
-                    self.device.clone(),
-                    t.name.clone(),
-                    Arc::from("short response from device"),
-                    ts,
-                ),
+                Some(v) => Point::good(t.key.clone(), codec::apply_scale(v, t.scale, t.offset), ts),
+                None => Point::bad(t.key.clone(), Arc::from("short response from device"), ts),
             });
         }
     }
@@ -363,12 +315,7 @@ impl ModbusTcpDriver {
         let error: Arc<str> = Arc::from(error);
         let ts = now_ms();
         for &i in &req.tags {
-            out.push(Point::bad(
-                self.device.clone(),
-                self.tags[i].name.clone(),
-                error.clone(),
-                ts,
-            ));
+            out.push(Point::bad(self.tags[i].key.clone(), error.clone(), ts));
         }
     }
 }

@@ -45,10 +45,7 @@ pub fn plan(spans: &[Span], limits: Limits) -> Vec<ReadRequest> {
         } else {
             (u32::from(limits.max_gap), u32::from(limits.max_registers))
         };
-        let (a, b) = (
-            u32::from(s.address),
-            u32::from(s.address) + u32::from(s.len),
-        );
+        let (a, b) = (u32::from(s.address), u32::from(s.address) + u32::from(s.len));
         if let Some(last) = out.last_mut() {
             let start = u32::from(last.start);
             if last.area == s.area && a <= end + gap && b.max(end) - start <= max {
@@ -58,12 +55,7 @@ pub fn plan(spans: &[Span], limits: Limits) -> Vec<ReadRequest> {
                 continue;
             }
         }
-        out.push(ReadRequest {
-            area: s.area,
-            start: s.address,
-            count: s.len,
-            tags: vec![i],
-        });
+        out.push(ReadRequest { area: s.area, start: s.address, count: s.len, tags: vec![i] });
         end = b;
     }
     out
@@ -73,11 +65,7 @@ pub fn plan(spans: &[Span], limits: Limits) -> Vec<ReadRequest> {
 mod tests {
     use super::*;
 
-    const L: Limits = Limits {
-        max_gap: 8,
-        max_registers: 125,
-        max_bits: 2000,
-    };
+    const L: Limits = Limits { max_gap: 8, max_registers: 125, max_bits: 2000 };
 
     fn reg(area: Area, address: u16, len: u16) -> Span {
         Span { area, address, len }
@@ -85,31 +73,15 @@ mod tests {
 
     #[test]
     fn contiguous_and_near_tags_merge() {
-        let spans = [
-            reg(Area::Holding, 0, 2),
-            reg(Area::Holding, 2, 1),
-            reg(Area::Holding, 10, 4),
-        ];
+        let spans = [reg(Area::Holding, 0, 2), reg(Area::Holding, 2, 1), reg(Area::Holding, 10, 4)];
         let p = plan(&spans, L);
-        assert_eq!(
-            p,
-            vec![ReadRequest {
-                area: Area::Holding,
-                start: 0,
-                count: 14,
-                tags: vec![0, 1, 2]
-            }]
-        );
+        assert_eq!(p, vec![ReadRequest { area: Area::Holding, start: 0, count: 14, tags: vec![0, 1, 2] }]);
     }
 
     #[test]
     fn far_tags_and_other_areas_split() {
-        let spans = [
-            reg(Area::Holding, 0, 1),
-            reg(Area::Holding, 100, 1),
-            reg(Area::Input, 0, 1),
-            reg(Area::Coil, 0, 1),
-        ];
+        let spans =
+            [reg(Area::Holding, 0, 1), reg(Area::Holding, 100, 1), reg(Area::Input, 0, 1), reg(Area::Coil, 0, 1)];
         let p = plan(&spans, L);
         assert_eq!(p.len(), 4);
         assert_eq!(p[0].area, Area::Coil);
@@ -120,15 +92,9 @@ mod tests {
     fn requests_respect_the_size_limit() {
         let spans: Vec<Span> = (0..300).map(|i| reg(Area::Holding, i, 1)).collect();
         let p = plan(&spans, L);
-        assert_eq!(
-            p.iter().map(|r| r.count).collect::<Vec<_>>(),
-            vec![125, 125, 50]
-        );
+        assert_eq!(p.iter().map(|r| r.count).collect::<Vec<_>>(), vec![125, 125, 50]);
         let bits: Vec<Span> = (0..4500).map(|i| reg(Area::Coil, i, 1)).collect();
-        assert_eq!(
-            plan(&bits, L).iter().map(|r| r.count).collect::<Vec<_>>(),
-            vec![2000, 2000, 500]
-        );
+        assert_eq!(plan(&bits, L).iter().map(|r| r.count).collect::<Vec<_>>(), vec![2000, 2000, 500]);
     }
 
     #[test]
@@ -142,11 +108,7 @@ mod tests {
 
     #[test]
     fn overlapping_tags_share_registers() {
-        let spans = [
-            reg(Area::Holding, 0, 4),
-            reg(Area::Holding, 0, 2),
-            reg(Area::Holding, 2, 2),
-        ];
+        let spans = [reg(Area::Holding, 0, 4), reg(Area::Holding, 0, 2), reg(Area::Holding, 2, 2)];
         let p = plan(&spans, L);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].count, 4);
@@ -154,11 +116,7 @@ mod tests {
 
     #[test]
     fn zero_gap_merges_only_adjacent() {
-        let spans = [
-            reg(Area::Holding, 0, 1),
-            reg(Area::Holding, 1, 1),
-            reg(Area::Holding, 3, 1),
-        ];
+        let spans = [reg(Area::Holding, 0, 1), reg(Area::Holding, 1, 1), reg(Area::Holding, 3, 1)];
         let p = plan(&spans, Limits { max_gap: 0, ..L });
         assert_eq!(p.len(), 2);
     }

@@ -1,0 +1,213 @@
+//! Polling benchmark: N simulated Modbus devices × M tags, polled by a real `updraft run` process,
+//! every reading published to the embedded broker and counted by a real MQTT subscriber.
+//!
+//! Prints points/s (polled and delivered to the subscriber), CPU seconds per million points of the
+//! gateway process, its peak RSS, and the share of polls that started on schedule.
+//! Run it with `bash tests/bench/poll.sh` (builds release binaries first).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+struct Args {
+    devices: usize,
+    tags: usize,
+    poll: String,
+    seconds: u64,
+    warmup: u64,
+    subscribe: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args { devices: 100, tags: 100, poll: "1s".into(), seconds: 30, warmup: 5, subscribe: true };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--devices" => a.devices = v().parse().unwrap(),
+            "--tags" => a.tags = v().parse().unwrap(),
+            "--poll" => a.poll = v(),
+            "--seconds" => a.seconds = v().parse().unwrap(),
+            "--warmup" => a.warmup = v().parse().unwrap(),
+            "--no-subscriber" => a.subscribe = false,
+            other => panic!("unknown argument {other}; see tests/bench/poll.sh"),
+        }
+    }
+    a
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Hold all listeners until every port is chosen so none repeats.
+    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // Linux reports in USER_HZ, 100 on every mainstream build.
+    ticks / 100.0
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn metrics(api: SocketAddr) -> HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let mut out: HashMap<String, f64> = HashMap::new();
+    for line in body.lines().filter(|l| l.starts_with("updraft_")) {
+        let (name_labels, value) = line.rsplit_once(' ').unwrap();
+        let name = name_labels.split('{').next().unwrap().to_owned();
+        *out.entry(name).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+fn wait_port(addr: SocketAddr) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{addr} never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn main() {
+    let a = parse_args();
+    let bin = std::env::var("UPDRAFT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/updraft"));
+    assert!(bin.exists(), "{} is missing: run `cargo build --release -p updraft-gateway`", bin.display());
+    let dir = std::env::temp_dir().join(format!("updraft-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let ports = free_ports(a.devices + 2);
+    let (broker_port, api_port) = (ports[a.devices], ports[a.devices + 1]);
+    let mut sim = String::from("[gateway]\nid = \"bench-sim\"\n\n");
+    let mut gw = format!(
+        "[gateway]\nid = \"bench-gw\"\ndata_dir = \"data\"\n\n[broker]\nlisten = \"127.0.0.1:{broker_port}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n"
+    );
+    for (d, port) in ports.iter().take(a.devices).enumerate() {
+        sim += &format!("[simulators.sim-{d}]\nkind = \"modbus-tcp\"\nlisten = \"127.0.0.1:{port}\"\nupdate = \"1s\"\nregisters = [\n");
+        gw += &format!("[devices.dev-{d}]\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:{port}\"\npoll = \"{}\"\ntimeout = \"1s\"\ntags = [\n", a.poll);
+        for t in 0..a.tags {
+            // A mix of types as a real device has: every fourth tag a float over two registers.
+            let (ty, addr) = if t % 4 == 0 { ("f32", t * 2) } else { ("u16", t * 2) };
+            sim += &format!("  {{ area = \"holding\", address = {addr}, type = \"{ty}\", wave = \"sine\", min = 0, max = 1000, period = \"60s\" }},\n");
+            gw += &format!(
+                "  {{ name = \"t{t}\", area = \"holding\", address = {addr}, type = \"{ty}\", scale = 0.1 }},\n"
+            );
+        }
+        sim += "]\n\n";
+        gw += "]\n\n";
+    }
+    std::fs::write(dir.join("sim.toml"), sim).unwrap();
+    std::fs::write(dir.join("gw.toml"), gw).unwrap();
+
+    let _sim = Proc(
+        Command::new(&bin)
+            .args(["simulate", "--log-level", "warn", "-c"])
+            .arg(dir.join("sim.toml"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(SocketAddr::from(([127, 0, 0, 1], ports[a.devices - 1])));
+    let gateway = Proc(
+        Command::new(&bin)
+            .args(["run", "--log-level", "warn", "-c"])
+            .arg(dir.join("gw.toml"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = gateway.0.id();
+    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
+    wait_port(api);
+
+    let delivered = Arc::new(AtomicU64::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    if a.subscribe {
+        let delivered = delivered.clone();
+        rt.spawn(async move {
+            let mut opts = MqttOptions::new("bench-subscriber", "127.0.0.1", broker_port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut ev) = AsyncClient::new(opts, 1024);
+            client.subscribe("updraft/#", QoS::AtMostOnce).await.unwrap();
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+
+    std::thread::sleep(Duration::from_secs(a.warmup));
+    let (m0, c0, d0, t0) = (metrics(api), cpu_seconds(pid), delivered.load(Ordering::Relaxed), Instant::now());
+    std::thread::sleep(Duration::from_secs(a.seconds));
+    let (m1, c1, d1, t1) = (metrics(api), cpu_seconds(pid), delivered.load(Ordering::Relaxed), Instant::now());
+    let secs = (t1 - t0).as_secs_f64();
+    let diff = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
+    let points = diff("updraft_points_good_total") + diff("updraft_points_bad_total");
+    let bad = diff("updraft_points_bad_total");
+    let polls = diff("updraft_polls_total");
+    let late = diff("updraft_polls_late_total");
+    let skipped = diff("updraft_polls_skipped_total");
+    let cpu = c1 - c0;
+    let scheduled = polls + skipped;
+    println!(
+        "updraft poll benchmark: {} devices × {} tags, poll {}, {:.0} s measured after {} s warm-up",
+        a.devices, a.tags, a.poll, secs, a.warmup
+    );
+    println!("  points polled          {:>12.0} /s  ({bad:.0} bad)", points / secs);
+    if a.subscribe {
+        println!("  points delivered (MQTT){:>12.0} /s  to one subscriber of updraft/#", (d1 - d0) as f64 / secs);
+    }
+    println!(
+        "  gateway CPU            {:>12.3} s per million points  ({:.1} % of one core)",
+        cpu / (points / 1e6),
+        100.0 * cpu / secs
+    );
+    println!(
+        "  gateway RSS            {:>12.1} MB now, {:.1} MB peak",
+        status_kb(pid, "VmRSS:") as f64 / 1024.0,
+        status_kb(pid, "VmHWM:") as f64 / 1024.0
+    );
+    println!(
+        "  polls on schedule      {:>12.2} %  ({polls:.0} run, {late:.0} late > period/10, {skipped:.0} skipped)",
+        if scheduled > 0.0 { 100.0 * (polls - late) / scheduled } else { 0.0 }
+    );
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}
