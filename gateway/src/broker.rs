@@ -207,6 +207,12 @@ impl EmbeddedBroker {
                     continue;
                 };
                 let count = publishes.len() as u64 + 1;
+                // Backpressure: the router takes the link's whole buffer at each wake-up, so a buffer
+                // that still holds a burst means the router is behind. Wait for it rather than queue
+                // without bound; meanwhile the hub drops (and counts) what the broker cannot take.
+                while self.pub_tx.buffer().len() >= MAX_BURST {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
                 // Queue the burst straight into the link's buffer, then send the last packet the
                 // normal way, which wakes the router once for the whole burst.
                 self.pub_tx.buffer().extend(publishes);

@@ -191,6 +191,11 @@ fn main() {
         a.devices, a.tags, a.poll, secs, a.warmup
     );
     println!("  points polled          {:>12.0} /s  ({bad:.0} bad)", points / secs);
+    println!(
+        "  points into the broker {:>12.0} /s  ({:.0} batches dropped at its queue)",
+        diff("updraft_broker_published_total") / secs,
+        diff("updraft_dropped_batches_total")
+    );
     if a.subscribe {
         println!("  points delivered (MQTT){:>12.0} /s  to one subscriber of updraft/#", (d1 - d0) as f64 / secs);
     }
