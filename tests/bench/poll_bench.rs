@@ -90,6 +90,25 @@ fn metrics(api: SocketAddr) -> HashMap<String, f64> {
     out
 }
 
+/// Connects a new subscriber to `updraft/#` and counts the distinct retained topics it receives.
+async fn late_subscriber_retained(port: u16, qos: QoS) -> usize {
+    let mut opts = MqttOptions::new(format!("bench-late-{}", qos as u8), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut ev) = AsyncClient::new(opts, 1024);
+    client.subscribe("updraft/#", qos).await.unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(r) = tokio::time::timeout_at(deadline, ev.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = r {
+            if p.retain {
+                seen.insert(p.topic);
+            }
+        }
+    }
+    seen.len()
+}
+
 fn wait_port(addr: SocketAddr) {
     let t = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
@@ -213,6 +232,10 @@ fn main() {
         "  polls on schedule      {:>12.2} %  ({polls:.0} run, {late:.0} late > period/10, {skipped:.0} skipped)",
         if scheduled > 0.0 { 100.0 * (polls - late) / scheduled } else { 0.0 }
     );
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let n = rt.block_on(late_subscriber_retained(broker_port, qos));
+        println!("  late subscriber {qos:?}: {n} of {} retained values within 5 s", a.devices * a.tags);
+    }
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
