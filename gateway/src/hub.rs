@@ -47,7 +47,7 @@ impl CurrentValues {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Snapshot::new();
         for p in slots.iter().flatten() {
-            if device.is_none_or(|d| d == p.device()) {
+            if !p.key.derived && device.is_none_or(|d| d == p.device()) {
                 out.entry(p.key.device.clone()).or_default().insert(p.key.tag.clone(), p.clone());
             }
         }
@@ -66,11 +66,41 @@ struct Consumer {
     dropped: Arc<Counter>,
 }
 
+impl Consumer {
+    fn offer(&self, batch: &Batch) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(batch.clone()) {
+            self.dropped.inc();
+            // Log the first drop and then every thousandth, so a stuck consumer is visible without
+            // flooding the journal.
+            let n = self.dropped.get();
+            if n == 1 || n % 1000 == 0 {
+                warn!(consumer = %self.name, dropped_batches = n, "Consumer queue full; batch dropped.");
+            }
+        }
+    }
+}
+
+/// Which points a consumer receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Device points only (plugins: they never see derived points, so plugins cannot loop).
+    Transform,
+    /// Device points and points derived by plugins (the broker, cloud sinks).
+    Terminal,
+}
+
 /// Built before the drivers start: consumers register, then `run` takes over.
+///
+/// Two inputs: device points from drivers, and derived points from plugins. Shutdown is two-phase:
+/// when the drivers hang up, the plugins' queues close; the plugins flush and hang up in turn; then
+/// the terminal consumers' queues close.
 pub struct Hub {
     rx: mpsc::Receiver<Batch>,
     tx: Option<BusSender>,
-    consumers: Vec<Consumer>,
+    derived_rx: mpsc::Receiver<Batch>,
+    derived_tx: Option<BusSender>,
+    transforms: Vec<Consumer>,
+    terminals: Vec<Consumer>,
     values: Arc<CurrentValues>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -79,9 +109,20 @@ pub struct Hub {
 impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+        let (derived_tx, derived_rx) = mpsc::channel(QUEUE_BATCHES);
         let registry = Arc::new(Registry::default());
         let values = Arc::new(CurrentValues { slots: RwLock::default(), registry: registry.clone() });
-        Hub { rx, tx: Some(tx), consumers: Vec::new(), values, registry, metrics }
+        Hub {
+            rx,
+            tx: Some(tx),
+            derived_rx,
+            derived_tx: Some(derived_tx),
+            transforms: Vec::new(),
+            terminals: Vec::new(),
+            values,
+            registry,
+            metrics,
+        }
     }
 
     /// The tag registry every producer interns its tags in.
@@ -89,9 +130,14 @@ impl Hub {
         self.registry.clone()
     }
 
-    /// A sender for a producer. The hub stops once every sender is dropped.
+    /// A sender for a driver. The hub's first phase ends once every driver sender is dropped.
     pub fn sender(&self) -> BusSender {
         self.tx.clone().expect("senders are taken before the hub runs")
+    }
+
+    /// A sender for a plugin's derived points.
+    pub fn derived_sender(&self) -> BusSender {
+        self.derived_tx.clone().expect("senders are taken before the hub runs")
     }
 
     pub fn values(&self) -> Arc<CurrentValues> {
@@ -99,31 +145,46 @@ impl Hub {
     }
 
     /// Registers a consumer and returns its queue.
-    pub fn subscribe(&mut self, name: &str) -> mpsc::Receiver<Batch> {
+    pub fn subscribe(&mut self, name: &str, stage: Stage) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
         let dropped = self.metrics.dropped(name);
-        self.consumers.push(Consumer { name: name.to_owned(), tx, dropped });
+        let c = Consumer { name: name.to_owned(), tx, dropped };
+        match stage {
+            Stage::Transform => self.transforms.push(c),
+            Stage::Terminal => self.terminals.push(c),
+        }
         rx
     }
 
-    /// Runs until every producer has hung up, then closes the consumers' queues, which is how
-    /// shutdown propagates down the pipeline.
+    /// Runs until every producer has hung up, closing queues in pipeline order.
     pub async fn run(mut self) {
-        // The hub's own sender would keep the channel open forever.
+        // The hub's own senders would keep the channels open forever.
         self.tx = None;
-        while let Some(batch) = self.rx.recv().await {
-            self.values.update(&batch);
-            for c in &self.consumers {
-                if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(batch.clone()) {
-                    c.dropped.inc();
-                    // Log the first drop and then every thousandth, so a stuck consumer is visible
-                    // without flooding the journal.
-                    let n = c.dropped.get();
-                    if n == 1 || n % 1000 == 0 {
-                        warn!(consumer = %c.name, dropped_batches = n, "Consumer queue full; batch dropped.");
+        self.derived_tx = None;
+        let mut derived_open = true;
+        loop {
+            tokio::select! {
+                batch = self.rx.recv() => match batch {
+                    Some(batch) => {
+                        self.values.update(&batch);
+                        self.transforms.iter().chain(&self.terminals).for_each(|c| c.offer(&batch));
                     }
-                }
+                    None => break,
+                },
+                batch = self.derived_rx.recv(), if derived_open => match batch {
+                    Some(batch) => {
+                        self.values.update(&batch);
+                        self.terminals.iter().for_each(|c| c.offer(&batch));
+                    }
+                    None => derived_open = false,
+                },
             }
+        }
+        // Drivers are done: close the plugins' queues, then forward what they flush.
+        self.transforms.clear();
+        while let Some(batch) = self.derived_rx.recv().await {
+            self.values.update(&batch);
+            self.terminals.iter().for_each(|c| c.offer(&batch));
         }
     }
 }

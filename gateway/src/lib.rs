@@ -19,6 +19,7 @@ pub mod config;
 pub mod drivers;
 pub mod hub;
 pub mod metrics;
+pub mod plugins;
 pub mod point;
 pub mod runtime;
 pub mod simulator;

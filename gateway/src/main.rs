@@ -57,6 +57,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => match config::load(&config) {
+            Ok(c) if !runtime::check_plugins(&c).is_empty() => {
+                for p in runtime::check_plugins(&c) {
+                    eprintln!("{}: {p}", config.display());
+                }
+                ExitCode::from(2)
+            }
             Ok(c) => {
                 println!("{}: ok ({} devices, {} simulators)", config.display(), c.devices.len(), c.simulators.len());
                 ExitCode::SUCCESS

@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+pub use crate::plugins::PluginStats;
+
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
@@ -42,6 +44,7 @@ pub struct DeviceStats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     devices: RwLock<BTreeMap<String, Arc<DeviceStats>>>,
+    plugins: RwLock<BTreeMap<String, Arc<PluginStats>>>,
     /// Points handed to the embedded broker.
     pub broker_published: Counter,
     /// Batches a consumer could not take because its queue was full, per consumer.
@@ -54,6 +57,11 @@ impl Metrics {
             return s.clone();
         }
         let mut map = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    pub fn plugin(&self, name: &str) -> Arc<PluginStats> {
+        let mut map = self.plugins.write().unwrap_or_else(|e| e.into_inner());
         map.entry(name.to_owned()).or_default().clone()
     }
 
@@ -101,6 +109,29 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (device, s) in devices.iter() {
                 let _ = writeln!(out, "{name}{{device=\"{}\"}} {}", escape(device), get(s));
+            }
+        }
+        let plugins = self.plugins.read().unwrap_or_else(|e| e.into_inner());
+        type PluginSeries = (&'static str, &'static str, fn(&PluginStats) -> u64);
+        let plugin_series: [PluginSeries; 7] = [
+            ("updraft_plugin_calls_total", "Calls into the plugin.", |s| s.calls.get()),
+            ("updraft_plugin_points_in_total", "Points handed to the plugin.", |s| s.points_in.get()),
+            ("updraft_plugin_points_out_total", "Points the plugin emitted.", |s| s.points_out.get()),
+            ("updraft_plugin_traps_total", "Calls that trapped (timeout, memory, panic, forbidden import).", |s| {
+                s.traps.get()
+            }),
+            ("updraft_plugin_errors_total", "Calls where the plugin returned an error.", |s| s.errors.get()),
+            (
+                "updraft_plugin_points_dropped_total",
+                "Points lost to a failed call, a down instance or a bad emit.",
+                |s| s.points_dropped.get(),
+            ),
+            ("updraft_plugin_restarts_total", "Instances recreated after a trap.", |s| s.restarts.get()),
+        ];
+        for (name, help, get) in plugin_series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (plugin, s) in plugins.iter() {
+                let _ = writeln!(out, "{name}{{plugin=\"{}\"}} {}", escape(plugin), get(s));
             }
         }
         let _ = writeln!(

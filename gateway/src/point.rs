@@ -69,8 +69,10 @@ pub struct TagKey {
     pub id: u32,
     pub device: Arc<str>,
     pub tag: Arc<str>,
-    /// `updraft/{device}/{tag}`.
+    /// `updraft/{device}/{tag}` for device points; the output's topic for derived points.
     pub topic: Bytes,
+    /// Emitted by a plugin rather than read from a device.
+    pub derived: bool,
 }
 
 /// Interns tag identities. Shared by every producer of points.
@@ -79,39 +81,53 @@ pub struct Registry {
     inner: Mutex<Interned>,
 }
 
-/// Keys by device, then tag; nested so that lookups by `&str` allocate nothing.
+/// Keys by topic, so a plugin's derived point never collides with a device point of the same
+/// device and tag name.
 #[derive(Debug, Default)]
 struct Interned {
-    by_device: HashMap<Arc<str>, HashMap<Arc<str>, Arc<TagKey>>>,
-    count: u32,
+    by_topic: HashMap<Arc<str>, Arc<TagKey>>,
+    /// Index = id.
+    by_id: Vec<Arc<TagKey>>,
 }
 
 impl Registry {
-    /// The key of `device`/`tag`, created on first use.
+    /// The key of a device's tag, published on `updraft/{device}/{tag}`; created on first use.
     pub fn intern(&self, device: &str, tag: &str) -> Arc<TagKey> {
+        self.intern_at(device, tag, &format!("{TOPIC_PREFIX}/{device}/{tag}"), false)
+    }
+
+    /// The key of a point published on `topic`; `derived` marks points emitted by plugins.
+    pub fn intern_at(&self, device: &str, tag: &str, topic: &str, derived: bool) -> Arc<TagKey> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = inner.by_device.get(device).and_then(|tags| tags.get(tag)) {
+        if let Some(k) = inner.by_topic.get(topic) {
             return k.clone();
         }
         let key = Arc::new(TagKey {
-            id: inner.count,
+            id: inner.by_id.len() as u32,
             device: Arc::from(device),
             tag: Arc::from(tag),
-            topic: Bytes::from(format!("{TOPIC_PREFIX}/{device}/{tag}")),
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            derived,
         });
-        inner.count += 1;
-        inner.by_device.entry(key.device.clone()).or_default().insert(key.tag.clone(), key.clone());
+        inner.by_id.push(key.clone());
+        inner.by_topic.insert(Arc::from(topic), key.clone());
         key
     }
 
-    /// The key of `device`/`tag` if it exists.
+    /// The key of a device's tag if it exists.
     pub fn get(&self, device: &str, tag: &str) -> Option<Arc<TagKey>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.by_device.get(device)?.get(tag).cloned()
+        inner.by_topic.get(format!("{TOPIC_PREFIX}/{device}/{tag}").as_str()).cloned()
+    }
+
+    /// The key with this id.
+    pub fn by_id(&self, id: u32) -> Option<Arc<TagKey>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_id.get(id as usize).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).count as usize
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {

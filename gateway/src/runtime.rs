@@ -17,8 +17,9 @@ use tracing::{info, warn};
 use crate::broker::{self, BrokerError};
 use crate::config::{Config, DeviceConfig, SimulatorConfig};
 use crate::drivers::modbus::ModbusTcpDriver;
-use crate::hub::{CurrentValues, Hub};
+use crate::hub::{CurrentValues, Hub, Stage};
 use crate::metrics::Metrics;
+use crate::plugins::host::PluginEngine;
 use crate::{api, simulator};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,10 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("plugin `{name}`: {source}")]
+    Plugin { name: String, source: crate::plugins::host::PluginLoadError },
+    #[error("cannot start the plugin engine: {0}")]
+    PluginEngine(String),
     #[error("cannot create the data directory {path}: {source}")]
     DataDir { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -45,6 +50,7 @@ pub struct Gateway {
     drivers: JoinSet<()>,
     hub: tokio::task::JoinHandle<()>,
     publisher: Option<std::thread::JoinHandle<()>>,
+    plugins: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Starts simulators only, for `updraft simulate`.
@@ -87,7 +93,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
-        let rx = hub.subscribe("broker");
+        let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
     } else {
         (None, None)
@@ -102,6 +108,18 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         None
     };
 
+    let mut plugins = Vec::new();
+    if !config.plugins.is_empty() {
+        let engine = PluginEngine::new(&config.gateway.data_dir.join("plugin-cache"))
+            .map_err(|e| StartError::PluginEngine(format!("{e:#}")))?;
+        for (name, p) in &config.plugins {
+            let loaded = engine.load(&p.wasm).map_err(|source| StartError::Plugin { name: name.clone(), source })?;
+            info!(plugin = %name, warm = loaded.warm, load_time = ?loaded.load_time, "Plugin loaded.");
+            let rx = hub.subscribe(&format!("plugin:{name}"), Stage::Transform);
+            plugins.push(crate::plugins::spawn(name, p, loaded, hub.registry(), rx, hub.derived_sender(), &metrics)?);
+        }
+    }
+
     let mut drivers = JoinSet::new();
     for (name, device) in &config.devices {
         match device {
@@ -113,7 +131,26 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     let hub = tokio::spawn(hub.run());
     info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
-    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher })
+    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher, plugins })
+}
+
+/// Compiles and links every plugin of a config, for `updraft check`. Uses a throw-away cache.
+pub fn check_plugins(config: &Config) -> Vec<String> {
+    if config.plugins.is_empty() {
+        return Vec::new();
+    }
+    let dir = std::env::temp_dir().join(format!("updraft-check-{}", std::process::id()));
+    let engine = match PluginEngine::new(&dir) {
+        Ok(e) => e,
+        Err(e) => return vec![format!("cannot start the plugin engine: {e:#}")],
+    };
+    let problems = config
+        .plugins
+        .iter()
+        .filter_map(|(name, p)| engine.load(&p.wasm).err().map(|e| format!("plugin `{name}`: {e}")))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    problems
 }
 
 impl Gateway {
@@ -123,6 +160,9 @@ impl Gateway {
         let drain = async {
             while self.drivers.join_next().await.is_some() {}
             let _ = (&mut self.hub).await;
+            for p in self.plugins.drain(..) {
+                let _ = tokio::task::spawn_blocking(move || p.join()).await;
+            }
             if let Some(p) = self.publisher.take() {
                 let _ = tokio::task::spawn_blocking(move || p.join()).await;
             }

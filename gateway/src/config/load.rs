@@ -67,6 +67,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     if config.gateway.data_dir.is_relative() {
         config.gateway.data_dir = base.join(&config.gateway.data_dir);
     }
+    for plugin in config.plugins.values_mut() {
+        if plugin.wasm.is_relative() {
+            plugin.wasm = base.join(&plugin.wasm);
+        }
+    }
     Ok(config)
 }
 

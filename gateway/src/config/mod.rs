@@ -28,6 +28,9 @@ pub struct Config {
     pub broker: BrokerSection,
     #[serde(default)]
     pub api: ApiSection,
+    /// WASM plugins, by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
     /// Filled by the loader from `[devices.NAME]` tables, dispatched on their `driver` key.
     #[serde(skip)]
     pub devices: BTreeMap<String, DeviceConfig>,
@@ -119,6 +122,80 @@ impl Default for ApiSection {
 
 fn default_api_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// `[plugins.NAME]`: a sandboxed WASM component that transforms subscribed points.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component (`.wasm`), relative to the config file.
+    pub wasm: PathBuf,
+    /// `device/tag` filters; `*` matches one whole segment (`"boiler-1/*"`, `"*/temperature"`).
+    pub subscribe: Vec<String>,
+    /// Handed to the plugin's `init` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// Output name → topic template on the embedded broker (`{device}`, `{tag}`, `{plugin}`).
+    #[serde(default = "default_outputs")]
+    pub outputs: BTreeMap<String, String>,
+    /// How often `on-tick` runs; none if absent.
+    pub tick: Option<Dur>,
+    #[serde(default)]
+    pub batch: PluginBatch,
+}
+
+fn default_outputs() -> BTreeMap<String, String> {
+    BTreeMap::from([("default".to_owned(), "updraft/derived/{device}/{tag}".to_owned())])
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Largest linear memory of the instance.
+    #[serde(default = "default_plugin_memory")]
+    pub memory: Bytes,
+    /// Longest a single call may run before it is interrupted.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout: Dur,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits { memory: default_plugin_memory(), call_timeout: default_call_timeout() }
+    }
+}
+
+const fn default_plugin_memory() -> Bytes {
+    Bytes(32 << 20)
+}
+const fn default_call_timeout() -> Dur {
+    Dur::from_millis(50)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginBatch {
+    /// Most points in one call.
+    #[serde(default = "default_batch_points")]
+    pub max_points: usize,
+    /// Longest a point waits for its batch to fill.
+    #[serde(default = "default_batch_wait")]
+    pub max_wait: Dur,
+}
+
+impl Default for PluginBatch {
+    fn default() -> Self {
+        PluginBatch { max_points: default_batch_points(), max_wait: default_batch_wait() }
+    }
+}
+
+const fn default_batch_points() -> usize {
+    256
+}
+const fn default_batch_wait() -> Dur {
+    Dur::from_millis(20)
 }
 
 /// One southbound device; the variant is chosen by the table's `driver` key.

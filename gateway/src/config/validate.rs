@@ -66,6 +66,48 @@ pub fn validate(config: &Config) -> Found {
             DeviceConfig::ModbusTcp(d) => modbus_tcp(d, base, &mut found),
         }
     }
+    for (name, plugin) in &config.plugins {
+        let base = path(&["plugins", name]);
+        if let Some(p) = name_problem(name) {
+            found.push((base.clone(), format!("plugin name `{name}` {p}")));
+        }
+        if plugin.subscribe.is_empty() {
+            found
+                .push((with(base.clone(), [key("subscribe")]), "subscribe to at least one `device/tag` filter".into()));
+        }
+        for (i, f) in plugin.subscribe.iter().enumerate() {
+            let segs: Vec<&str> = f.split('/').collect();
+            if segs.len() != 2 || segs.iter().any(|s| s.is_empty()) {
+                found.push((
+                    with(base.clone(), [key("subscribe"), Seg::Index(i)]),
+                    format!("filter `{f}` must be `device/tag`, with `*` for any one segment"),
+                ));
+            }
+        }
+        if !plugin.outputs.contains_key("default") {
+            found.push((with(base.clone(), [key("outputs")]), "an output named `default` is required".into()));
+        }
+        for (out, template) in &plugin.outputs {
+            if template.contains(['+', '#']) || template.is_empty() || template.starts_with('/') {
+                found.push((
+                    with(base.clone(), [key("outputs"), key(out)]),
+                    format!("topic template `{template}` must be a plain topic (no wildcards, no leading '/')"),
+                ));
+            }
+        }
+        if plugin.limits.call_timeout.0 < std::time::Duration::from_millis(10) {
+            found.push((with(base.clone(), [key("limits"), key("call_timeout")]), "must be at least 10ms".into()));
+        }
+        if plugin.limits.memory.0 < (1 << 20) || plugin.limits.memory.0 > (4 << 30) {
+            found.push((with(base.clone(), [key("limits"), key("memory")]), "must be between 1MiB and 4GiB".into()));
+        }
+        if plugin.batch.max_points == 0 {
+            found.push((with(base.clone(), [key("batch"), key("max_points")]), "must be at least 1".into()));
+        }
+        if plugin.tick.is_some_and(|t| t.0 < std::time::Duration::from_millis(10)) {
+            found.push((with(base, [key("tick")]), "must be at least 10ms".into()));
+        }
+    }
     let mut listens: BTreeMap<_, &str> = BTreeMap::new();
     for (name, sim) in &config.simulators {
         let base = path(&["simulators", name]);

@@ -1,0 +1,380 @@
+//! The WASM plugin host: one shared wasmtime engine, components compiled once and cached in
+//! `data_dir`, and sandboxed instances with a memory cap and a per-call deadline.
+//!
+//! The sandbox: besides the world's imports (`tags`, `log`), the linker provides WASI p2 — Rust's
+//! std imports it for hash seeds, clocks and panics — from a deny-all context: no preopened
+//! directories, no environment, no arguments, no network, stdin empty, output discarded, and both
+//! clocks frozen at the gateway time of the current call. Any other import traps. A plugin that
+//! opens a file or a socket gets an error, never a resource. Memory is capped by a
+//! `ResourceLimiter`, time by epoch interruption (a 10 ms ticker thread), and a trap poisons only
+//! the instance, which the runner recreates.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, error, info, warn};
+use wasmtime::component::ResourceTable;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+
+use crate::point::Registry;
+
+mod wit {
+    wasmtime::component::bindgen!({
+        world: "updraft-plugin",
+        path: "../plugin-sdk/wit",
+    });
+}
+
+pub use wit::exports::updraft::plugin::plugin::{Batch, Emit};
+pub use wit::updraft::plugin::types::{DataPoint, PluginError, Quality as WitQuality, Value as WitValue};
+use wit::updraft::plugin::{log as wit_log, tags as wit_tags, types as wit_types};
+
+/// Epoch tick of the shared engine: the resolution of call deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginLoadError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid Updraft plugin component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot write the compiled plugin cache in {dir}: {source}")]
+    Cache { dir: PathBuf, source: std::io::Error },
+}
+
+/// The process-wide engine and its epoch ticker.
+pub struct PluginEngine {
+    engine: Engine,
+    cache_dir: PathBuf,
+}
+
+impl PluginEngine {
+    /// Creates the engine (once per process is enough; engines are cheap to share).
+    pub fn new(cache_dir: &Path) -> wasmtime::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&config)?;
+        start_ticker(&engine);
+        Ok(PluginEngine { engine, cache_dir: cache_dir.to_owned() })
+    }
+
+    /// Loads a component: from the compiled cache if this engine compiled the same bytes before,
+    /// else compiles it (tens to hundreds of ms) and writes the cache for the next start.
+    pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
+        let started = Instant::now();
+        let bytes = std::fs::read(path).map_err(|source| PluginLoadError::Read { path: path.to_owned(), source })?;
+        let mut h = Sha256::new();
+        h.update(&bytes);
+        // The cache key covers the wasmtime build and settings, so an upgrade recompiles.
+        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut HashWriter(&mut h));
+        let key: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let cached = self.cache_dir.join(format!("{key}.cwasm"));
+        let invalid = |e: wasmtime::Error| PluginLoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") };
+        let (component, warm) = match load_cached(&self.engine, &cached) {
+            Some(c) => (c, true),
+            None => {
+                let compiled = self.engine.precompile_component(&bytes).map_err(invalid)?;
+                let dir = &self.cache_dir;
+                std::fs::create_dir_all(dir).map_err(|source| PluginLoadError::Cache { dir: dir.clone(), source })?;
+                // Write then rename, so a crash never leaves a half-written file to be loaded.
+                let tmp = cached.with_extension("tmp");
+                std::fs::write(&tmp, &compiled)
+                    .and_then(|()| std::fs::rename(&tmp, &cached))
+                    .map_err(|source| PluginLoadError::Cache { dir: dir.clone(), source })?;
+                (
+                    load_cached(&self.engine, &cached)
+                        .ok_or_else(|| invalid(wasmtime::Error::msg("cache reload failed")))?,
+                    false,
+                )
+            }
+        };
+        let mut linker: Linker<HostState> = Linker::new(&self.engine);
+        wit::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(invalid)?;
+        let pre = linker.instantiate_pre(&component).map_err(invalid)?;
+        let pre = wit::UpdraftPluginPre::new(pre).map_err(invalid)?;
+        debug!(path = %path.display(), warm, elapsed = ?started.elapsed(), "Plugin loaded.");
+        Ok(LoadedPlugin { engine: self.engine.clone(), pre, warm, load_time: started.elapsed() })
+    }
+}
+
+/// Feeds the hash of the engine's compatibility data into SHA-256.
+struct HashWriter<'a>(&'a mut Sha256);
+impl std::hash::Hasher for HashWriter<'_> {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+#[allow(unsafe_code)]
+fn load_cached(engine: &Engine, path: &Path) -> Option<Component> {
+    if !path.exists() {
+        return None;
+    }
+    // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output. Only files this
+    // gateway wrote into its own data directory are loaded (named by the SHA-256 of the source
+    // and of the engine's compatibility hash, written atomically), and wasmtime still checks the
+    // header and version before using it.
+    match unsafe { Component::deserialize_file(engine, path) } {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "Ignoring unusable plugin cache; recompiling.");
+            let _ = std::fs::remove_file(path);
+            None
+        }
+    }
+}
+
+/// Increments the engine's epoch every `EPOCH_TICK` on one thread for the whole process.
+fn start_ticker(engine: &Engine) {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    static ENGINES: std::sync::Mutex<Vec<wasmtime::EngineWeak>> = std::sync::Mutex::new(Vec::new());
+    ENGINES.lock().unwrap_or_else(|e| e.into_inner()).push(engine.weak());
+    STARTED.get_or_init(|| {
+        let _ = std::thread::Builder::new().name("wasm-epoch".into()).spawn(|| loop {
+            std::thread::sleep(EPOCH_TICK);
+            let mut engines = ENGINES.lock().unwrap_or_else(|e| e.into_inner());
+            engines.retain(|w| match w.upgrade() {
+                Some(e) => {
+                    e.increment_epoch();
+                    true
+                }
+                None => false,
+            });
+        });
+    });
+}
+
+/// A compiled, linked plugin from which instances are made.
+pub struct LoadedPlugin {
+    engine: Engine,
+    pre: wit::UpdraftPluginPre<HostState>,
+    /// Whether it came from the compiled cache.
+    pub warm: bool,
+    pub load_time: Duration,
+}
+
+/// What an instance's imports can see.
+pub struct HostState {
+    limits: StoreLimits,
+    plugin: Arc<str>,
+    registry: Arc<Registry>,
+    /// Set when the plugin's log exceeded its budget in this call; reset per call.
+    log_lines: u32,
+    /// Messages logged at error level during the current call (the panic message lands here).
+    pub last_error: Option<String>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// The frozen clock both WASI clocks read: Unix nanoseconds of the current call.
+    clock: Arc<AtomicU64>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// A clock that reads the time the host froze for the current call, so plugins are deterministic
+/// given their input, state and `now`.
+struct FrozenClock(Arc<AtomicU64>);
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+const MAX_LOG_LINES_PER_CALL: u32 = 20;
+const MAX_LOG_LINE: usize = 1024;
+
+impl wit_types::Host for HostState {}
+
+impl wit_tags::Host for HostState {
+    fn describe(&mut self, id: u32) -> Option<wit_tags::TagInfo> {
+        let key = self.registry.by_id(id)?;
+        Some(wit_tags::TagInfo { id, device: key.device.to_string(), tag: key.tag.to_string(), unit: None })
+    }
+}
+
+impl wit_log::Host for HostState {
+    fn log(&mut self, level: wit_log::Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES_PER_CALL {
+            return;
+        }
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let plugin = &*self.plugin;
+        match level {
+            wit_log::Level::Trace | wit_log::Level::Debug => debug!(plugin, "{message}"),
+            wit_log::Level::Info => info!(plugin, "{message}"),
+            wit_log::Level::Warn => warn!(plugin, "{message}"),
+            wit_log::Level::Error => {
+                error!(plugin, "{message}");
+                self.last_error = Some(message);
+            }
+        }
+    }
+}
+
+/// Why a call produced no output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallFailure {
+    /// The instance trapped and must be recreated: `kind` is a short label for metrics.
+    Trap { kind: &'static str, reason: String },
+    /// The plugin returned an error; the instance is still usable.
+    Error(String),
+}
+
+/// A live instance with its own store: memory, limits and state.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    bindings: wit::UpdraftPlugin,
+    call_timeout: Duration,
+    poisoned: Arc<AtomicBool>,
+}
+
+impl LoadedPlugin {
+    /// Instantiates and initializes the plugin with its JSON config.
+    pub fn instantiate(
+        &self,
+        plugin: &str,
+        config_json: &str,
+        memory: u64,
+        call_timeout: Duration,
+        registry: Arc<Registry>,
+    ) -> Result<PluginInstance, CallFailure> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(memory as usize)
+            .instances(8)
+            .tables(16)
+            .memories(4)
+            .trap_on_grow_failure(true)
+            .build();
+        let clock = Arc::new(AtomicU64::new(now_nanos()));
+        // Deny-all: the builder's defaults grant no directories, environment, arguments or
+        // network; only the clocks are replaced.
+        let wasi = WasiCtx::builder()
+            .wall_clock(FrozenClock(clock.clone()))
+            .monotonic_clock(FrozenClock(clock.clone()))
+            .build();
+        let state = HostState {
+            limits,
+            plugin: Arc::from(plugin),
+            registry,
+            log_lines: 0,
+            last_error: None,
+            wasi,
+            table: ResourceTable::new(),
+            clock,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(deadline_ticks(call_timeout));
+        let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&e, None))?;
+        let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: Arc::new(AtomicBool::new(false)) };
+        inst.call(|b, s| b.updraft_plugin_plugin().call_init(s, config_json)).map(|_| ())?;
+        Ok(inst)
+    }
+}
+
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis().div_ceil(EPOCH_TICK.as_millis())).max(1) as u64
+}
+
+impl PluginInstance {
+    pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Vec<Emit>, CallFailure> {
+        self.call(|b, s| b.updraft_plugin_plugin().call_on_batch(s, batch, now))
+    }
+
+    pub fn on_tick(&mut self, now: i64) -> Result<Vec<Emit>, CallFailure> {
+        self.call(|b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
+    }
+
+    /// Linear memory currently used by the instance, in bytes.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Relaxed)
+    }
+
+    fn call<T: Default>(
+        &mut self,
+        f: impl FnOnce(&wit::UpdraftPlugin, &mut Store<HostState>) -> wasmtime::Result<Result<T, PluginError>>,
+    ) -> Result<T, CallFailure> {
+        if self.is_poisoned() {
+            return Err(CallFailure::Trap { kind: "poisoned", reason: "instance trapped earlier".into() });
+        }
+        self.store.data_mut().log_lines = 0;
+        self.store.data_mut().last_error = None;
+        self.store.data().clock.store(now_nanos(), Ordering::Relaxed);
+        self.store.set_epoch_deadline(deadline_ticks(self.call_timeout));
+        match f(&self.bindings, &mut self.store) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(PluginError::InvalidConfig(m))) => Err(CallFailure::Error(format!("invalid config: {m}"))),
+            Ok(Err(PluginError::Internal(m))) => Err(CallFailure::Error(m)),
+            Err(e) => {
+                self.poisoned.store(true, Ordering::Relaxed);
+                Err(classify(&e, self.store.data().last_error.clone()))
+            }
+        }
+    }
+}
+
+/// Names a trap for logs and metrics; `logged` is what the plugin logged at error level during
+/// the call (the SDK's panic hook logs the panic message there).
+fn classify(e: &wasmtime::Error, logged: Option<String>) -> CallFailure {
+    let text = format!("{e:#}");
+    let kind = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "timeout",
+        Some(wasmtime::Trap::UnreachableCodeReached) if logged.as_deref().is_some_and(|m| m.starts_with("panic")) => {
+            "panic"
+        }
+        Some(wasmtime::Trap::UnreachableCodeReached) => "abort",
+        Some(wasmtime::Trap::StackOverflow) => "stack-overflow",
+        Some(_) => "trap",
+        None if text.contains("forcing trap when growing memory")
+            || text.contains("memory") && text.contains("limit") =>
+        {
+            "memory"
+        }
+        None if text.contains("unknown import") || text.contains("wasi:") => "forbidden-import",
+        None => "error",
+    };
+    let reason = match logged {
+        Some(m) => format!("{m} ({text})"),
+        None => text,
+    };
+    CallFailure::Trap { kind, reason }
+}

@@ -1,0 +1,7 @@
+//! Sandboxed WASM plugins: the host (engine, cache, limits) and the runner (threads, batching,
+//! restarts, outputs).
+
+pub mod host;
+mod runner;
+
+pub use runner::{spawn, PluginStats};

@@ -1,0 +1,366 @@
+//! Runs one plugin on its own thread: batches subscribed points by size or time, calls the
+//! instance, turns emits into points on the hub's derived input, and recreates a trapped instance
+//! with exponential backoff. Guest code never runs on the async runtime's workers.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::host::{Batch, CallFailure, DataPoint, Emit, LoadedPlugin, PluginInstance, WitQuality, WitValue};
+use crate::config::PluginConfig;
+use crate::hub::{batch, BusSender};
+use crate::metrics::{Counter, Metrics};
+
+use crate::point::{now_ms, Batch as PointBatch, Point, Quality, Registry, TagKey, Value};
+
+/// Per-plugin counters, on `/metrics` as `updraft_plugin_*_total{plugin}`.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: Counter,
+    pub points_in: Counter,
+    pub points_out: Counter,
+    /// Calls that trapped (timeout, memory, panic, forbidden import); the instance was recreated.
+    pub traps: Counter,
+    /// Calls where the plugin returned an error.
+    pub errors: Counter,
+    /// Points not processed because the instance was down (restart backoff) or its call failed.
+    pub points_dropped: Counter,
+    pub restarts: Counter,
+}
+
+/// Most emits accepted from one call; a runaway plugin cannot flood the bus.
+const MAX_EMITS_PER_CALL: usize = 10_000;
+
+struct Runner {
+    name: Arc<str>,
+    cfg: PluginConfig,
+    config_json: String,
+    loaded: LoadedPlugin,
+    registry: Arc<Registry>,
+    out: BusSender,
+    stats: Arc<PluginStats>,
+    instance: Option<PluginInstance>,
+    failures: u32,
+    restart_at: Instant,
+    healthy_since: Instant,
+    seq: u64,
+    /// Per tag id: `None` not yet decided, else whether the subscription matches.
+    matches: Vec<Option<bool>>,
+    pending: Vec<DataPoint>,
+    pending_since: Option<Instant>,
+}
+
+/// Starts the plugin's thread. It ends after `input` closes and the last batch is flushed.
+pub fn spawn(
+    name: &str,
+    cfg: &PluginConfig,
+    loaded: LoadedPlugin,
+    registry: Arc<Registry>,
+    input: mpsc::Receiver<PointBatch>,
+    out: BusSender,
+    metrics: &Metrics,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let config_json = serde_json::to_string(&cfg.config).unwrap_or_else(|_| "{}".into());
+    let stats = metrics.plugin(name);
+    let mut r = Runner {
+        name: Arc::from(name),
+        cfg: cfg.clone(),
+        config_json,
+        loaded,
+        registry,
+        out,
+        stats,
+        instance: None,
+        failures: 0,
+        restart_at: Instant::now(),
+        healthy_since: Instant::now(),
+        seq: 0,
+        matches: Vec::new(),
+        pending: Vec::new(),
+        pending_since: None,
+    };
+    std::thread::Builder::new().name(format!("plugin-{name}")).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!(plugin = %r.name, error = %e, "Cannot start the plugin thread's runtime.");
+                return;
+            }
+        };
+        rt.block_on(r.run(input));
+    })
+}
+
+impl Runner {
+    async fn run(&mut self, mut input: mpsc::Receiver<PointBatch>) {
+        let span = tracing::info_span!("plugin", plugin = %self.name);
+        let _enter = span.enter();
+        self.ensure_instance();
+        let tick = self.cfg.tick.map(|t| t.0);
+        let mut next_tick = tick.map(|t| Instant::now() + t);
+        loop {
+            let mut deadline = next_tick;
+            if let Some(since) = self.pending_since {
+                let flush_at = since + self.cfg.batch.max_wait.0;
+                deadline = Some(deadline.map_or(flush_at, |d| d.min(flush_at)));
+            }
+            let received = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), input.recv()).await.ok(),
+                None => Some(input.recv().await),
+            };
+            match received {
+                Some(Some(b)) => self.accept(&b).await,
+                Some(None) => break,
+                None => {}
+            }
+            let now = Instant::now();
+            if self.pending_since.is_some_and(|s| now >= s + self.cfg.batch.max_wait.0) {
+                self.flush().await;
+            }
+            if let (Some(t), Some(at)) = (tick, next_tick) {
+                if now >= at {
+                    self.tick().await;
+                    // Skip missed ticks rather than bursting after a stall.
+                    let mut n = at + t;
+                    while n <= now {
+                        n += t;
+                    }
+                    next_tick = Some(n);
+                }
+            }
+        }
+        // Input closed: flush the last batch and let windows close.
+        self.flush().await;
+        if tick.is_some() {
+            self.tick().await;
+        }
+        info!("Plugin stopped.");
+    }
+
+    fn subscribed(&mut self, key: &TagKey) -> bool {
+        let i = key.id as usize;
+        if i >= self.matches.len() {
+            self.matches.resize(i + 1, None);
+        }
+        *self.matches[i].get_or_insert_with(|| self.cfg.subscribe.iter().any(|f| filter_matches(f, key)))
+    }
+
+    async fn accept(&mut self, b: &PointBatch) {
+        for p in b.iter() {
+            if !self.subscribed(&p.key) {
+                continue;
+            }
+            self.pending.push(DataPoint {
+                tag: p.key.id,
+                value: p.value.map(to_wit),
+                quality: if p.quality == Quality::Good { WitQuality::Good } else { WitQuality::Bad },
+                ts: p.ts,
+            });
+            self.pending_since.get_or_insert_with(Instant::now);
+            if self.pending.len() >= self.cfg.batch.max_points {
+                self.flush().await;
+            }
+        }
+    }
+
+    /// Makes sure an instance exists, unless a restart is still backing off.
+    fn ensure_instance(&mut self) -> bool {
+        if self.instance.as_ref().is_some_and(|i| !i.is_poisoned()) {
+            return true;
+        }
+        self.instance = None;
+        if Instant::now() < self.restart_at {
+            return false;
+        }
+        let lim = &self.cfg.limits;
+        match self.loaded.instantiate(
+            &self.name,
+            &self.config_json,
+            lim.memory.0,
+            lim.call_timeout.0,
+            self.registry.clone(),
+        ) {
+            Ok(i) => {
+                if self.failures > 0 {
+                    self.stats.restarts.inc();
+                    info!(after_failures = self.failures, "Plugin instance recreated.");
+                }
+                self.instance = Some(i);
+                self.healthy_since = Instant::now();
+                true
+            }
+            Err(f) => {
+                self.failed(&f, "init");
+                false
+            }
+        }
+    }
+
+    fn failed(&mut self, f: &CallFailure, call: &str) {
+        match f {
+            CallFailure::Trap { kind, reason } => {
+                self.stats.traps.inc();
+                self.instance = None;
+                self.failures += 1;
+                let wait = restart_backoff(self.failures);
+                self.restart_at = Instant::now() + wait;
+                error!(call, kind, %reason, retry_in = ?wait, "Plugin trapped; its output for this call is dropped.");
+            }
+            CallFailure::Error(m) => {
+                self.stats.errors.inc();
+                warn!(call, error = %m, "Plugin returned an error; its output for this call is dropped.");
+            }
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.pending_since = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        let points = std::mem::take(&mut self.pending);
+        let n = points.len() as u64;
+        if !self.ensure_instance() {
+            self.stats.points_dropped.add(n);
+            return;
+        }
+        self.seq += 1;
+        let batch = Batch { seq: self.seq, points };
+        self.stats.calls.inc();
+        self.stats.points_in.add(n);
+        let result = match self.instance.as_mut() {
+            Some(i) => i.on_batch(&batch, now_ms()),
+            None => return,
+        };
+        match result {
+            Ok(emits) => self.publish(emits).await,
+            Err(f) => {
+                self.stats.points_dropped.add(n);
+                self.failed(&f, "on-batch");
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        if !self.ensure_instance() {
+            return;
+        }
+        self.stats.calls.inc();
+        let result = match self.instance.as_mut() {
+            Some(i) => i.on_tick(now_ms()),
+            None => return,
+        };
+        match result {
+            Ok(emits) => self.publish(emits).await,
+            Err(f) => self.failed(&f, "on-tick"),
+        }
+    }
+
+    async fn publish(&mut self, emits: Vec<Emit>) {
+        if self.failures > 0 && self.healthy_since.elapsed() > Duration::from_secs(60) {
+            self.failures = 0;
+        }
+        if emits.is_empty() {
+            return;
+        }
+        let total = emits.len();
+        let mut points = Vec::with_capacity(total.min(MAX_EMITS_PER_CALL));
+        let mut rejected = 0usize;
+        for e in emits.into_iter().take(MAX_EMITS_PER_CALL) {
+            match self.to_point(e) {
+                Ok(p) => points.push(p),
+                Err(why) => {
+                    rejected += 1;
+                    if rejected == 1 {
+                        warn!(%why, "Plugin emitted an unusable point; dropped.");
+                    }
+                }
+            }
+        }
+        let dropped = rejected + total.saturating_sub(MAX_EMITS_PER_CALL);
+        if total > MAX_EMITS_PER_CALL {
+            warn!(
+                emitted = total,
+                limit = MAX_EMITS_PER_CALL,
+                "Plugin emitted too many points in one call; extra dropped."
+            );
+        }
+        self.stats.points_dropped.add(dropped as u64);
+        self.stats.points_out.add(points.len() as u64);
+        if !points.is_empty() && self.out.send(batch(points)).await.is_err() {
+            warn!("Hub closed; plugin output dropped.");
+        }
+    }
+
+    fn to_point(&self, e: Emit) -> Result<Point, String> {
+        let output = if e.output.is_empty() { "default" } else { e.output.as_str() };
+        let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
+        for (what, s) in [("device", &e.device), ("tag", &e.tag)] {
+            if s.is_empty() || s.contains(['+', '#', '/']) {
+                return Err(format!("{what} `{s}` must be non-empty without '/', '+' or '#'"));
+            }
+        }
+        let topic = template.replace("{device}", &e.device).replace("{tag}", &e.tag).replace("{plugin}", &self.name);
+        let key = self.registry.intern_at(&e.device, &e.tag, &topic, true);
+        Ok(match (e.value, e.quality) {
+            (Some(v), WitQuality::Good) => Point::good(key, from_wit(v), e.ts),
+            _ => Point::bad(key, Arc::from("bad quality from plugin"), e.ts),
+        })
+    }
+}
+
+/// Restart delay after `n` consecutive traps: 100 ms doubling, capped at 5 minutes.
+fn restart_backoff(n: u32) -> Duration {
+    Duration::from_millis(100).saturating_mul(1u32 << n.saturating_sub(1).min(12)).min(Duration::from_secs(300))
+}
+
+/// `device/tag` filter with `*` matching one whole segment.
+pub fn filter_matches(filter: &str, key: &TagKey) -> bool {
+    let Some((d, t)) = filter.split_once('/') else { return false };
+    (d == "*" || d == &*key.device) && (t == "*" || t == &*key.tag)
+}
+
+fn to_wit(v: Value) -> WitValue {
+    match v {
+        Value::Bool(b) => WitValue::Boolean(b),
+        Value::Int(i) => WitValue::Int(i),
+        Value::UInt(u) => WitValue::Uint(u),
+        Value::F32(f) => WitValue::Float(f64::from(f)),
+        Value::Float(f) => WitValue::Float(f),
+    }
+}
+
+fn from_wit(v: WitValue) -> Value {
+    match v {
+        WitValue::Boolean(b) => Value::Bool(b),
+        WitValue::Int(i) => Value::Int(i),
+        WitValue::Uint(u) => Value::UInt(u),
+        WitValue::Float(f) => Value::Float(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_whole_segments() {
+        let r = Registry::default();
+        let k = r.intern("boiler-1", "temperature");
+        assert!(filter_matches("boiler-1/*", &k));
+        assert!(filter_matches("*/temperature", &k));
+        assert!(filter_matches("*/*", &k));
+        assert!(!filter_matches("boiler-2/*", &k));
+        assert!(!filter_matches("boiler/*", &k));
+        assert!(!filter_matches("boiler-1", &k));
+    }
+
+    #[test]
+    fn restart_backoff_doubles_and_caps() {
+        assert_eq!(restart_backoff(1), Duration::from_millis(100));
+        assert_eq!(restart_backoff(3), Duration::from_millis(400));
+        assert_eq!(restart_backoff(40), Duration::from_secs(300));
+    }
+}
