@@ -323,6 +323,17 @@ pub fn python() -> PathBuf {
     venv
 }
 
+/// A plugin built by `tests/run.sh` (`cargo build --release` in `plugins/`).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../plugins/target/wasm32-wasip2/release/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash tests/run.sh`, or `cargo build --release` in plugins/ (needs `rustup target add wasm32-wasip2`)",
+        p.display()
+    );
+    p
+}
+
 /// Path of a file under `tests/`.
 pub fn test_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)

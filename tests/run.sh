@@ -15,6 +15,12 @@ if ! .venv/bin/python -c 'import pymodbus' 2>/dev/null \
 fi
 export UPDRAFT_PYTHON="$PWD/.venv/bin/python"
 
+# The example plugins and the misbehaving test fixtures are WASM components built from source.
+if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip2$'; then
+  rustup target add wasm32-wasip2
+fi
+cargo build --release --locked --manifest-path plugins/Cargo.toml
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci "$@"
 else

@@ -2,4 +2,5 @@
 
 mod broker;
 mod modbus;
+mod plugins;
 mod pymodbus;

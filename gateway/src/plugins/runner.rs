@@ -28,6 +28,20 @@ pub struct PluginStats {
     /// Points not processed because the instance was down (restart backoff) or its call failed.
     pub points_dropped: Counter,
     pub restarts: Counter,
+    /// Kind and reason of the latest trap, for the API and for tests.
+    pub last_trap: std::sync::Mutex<Option<(String, String)>>,
+}
+
+impl PluginStats {
+    /// The kind of the latest trap (`timeout`, `memory`, `panic`, …), if any.
+    pub fn last_trap_kind(&self) -> Option<String> {
+        self.last_trap.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(k, _)| k.clone())
+    }
+
+    /// The reason logged for the latest trap.
+    pub fn last_trap_reason(&self) -> Option<String> {
+        self.last_trap.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, r)| r.clone())
+    }
 }
 
 /// Most emits accepted from one call; a runaway plugin cannot flood the bus.
@@ -201,6 +215,8 @@ impl Runner {
     fn failed(&mut self, f: &CallFailure, call: &str) {
         match f {
             CallFailure::Trap { kind, reason } => {
+                *self.stats.last_trap.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(((*kind).to_owned(), reason.clone()));
                 self.stats.traps.inc();
                 self.instance = None;
                 self.failures += 1;

@@ -1,0 +1,144 @@
+//! WASM plugins end to end: a device point goes through a plugin to the embedded broker, and
+//! misbehaving plugins (endless loop, memory bomb, panic, file and socket access) are contained
+//! while device data keeps flowing, then recover when the plugin behaves again.
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+use updraft_tests::{eventually, header, plugin_wasm, start_gateway, ModbusFixture, Subscriber};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scale_plugin_publishes_converted_points() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[700]);
+    fixture.set_holding(1, &[50]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{h}[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [
+  {{ name = "temperature", area = "holding", address = 0 }},
+  {{ name = "level", area = "holding", address = 1 }},
+]
+
+[devices.other]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [{{ name = "temperature", area = "holding", address = 0 }}]
+
+[plugins.to-celsius]
+wasm = "{wasm}"
+subscribe = ["boiler-1/temperature"]
+config = {{ factor = 0.1, offset = -40.0 }}
+limits = {{ memory = "32MiB", call_timeout = "50ms" }}
+[plugins.to-celsius.outputs]
+default = "updraft/derived/{{device}}/{{tag}}"
+"#,
+        h = header("gw-scale"),
+        wasm = plugin_wasm("scale").display()
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    let v = sub.wait_for("updraft/derived/boiler-1/temperature", WAIT, |_| true).await.expect("derived point");
+    assert_eq!(v["value"], 30.0, "700 × 0.1 − 40");
+    assert_eq!(v["quality"], "good");
+    // The raw point is still published, and unsubscribed tags are not transformed.
+    assert_eq!(sub.wait_for("updraft/boiler-1/temperature", WAIT, |_| true).await.unwrap()["value"], 700);
+    let stats = gw.metrics.plugin("to-celsius");
+    eventually(WAIT, || (stats.points_out.get() >= 3).then_some(())).await.unwrap();
+    assert_eq!(stats.points_in.get(), stats.points_out.get() + stats.points_dropped.get());
+    assert_eq!(stats.traps.get(), 0);
+    let all = sub.collect(Duration::from_millis(500), Duration::from_secs(2)).await;
+    assert!(!all.contains_key("updraft/derived/boiler-1/level"), "level is not subscribed");
+    assert!(!all.contains_key("updraft/derived/other/temperature"), "other device is not subscribed");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Sets the fixture's `mode` register and waits until the plugin has trapped once more with the
+/// expected kind, checking that device data kept flowing meanwhile.
+async fn provoke(gw: &updraft::runtime::Gateway, fixture: &ModbusFixture, mode: u16, kind: &str) {
+    let stats = gw.metrics.plugin("chaos");
+    let before = stats.traps.get();
+    let device_before = gw.metrics.device("d").points_good.get();
+    fixture.set_holding(0, &[mode]);
+    eventually(WAIT, || (stats.traps.get() > before).then_some(()))
+        .await
+        .unwrap_or_else(|| panic!("mode {mode} did not trap"));
+    assert_eq!(stats.last_trap_kind().as_deref(), Some(kind), "reason: {:?}", stats.last_trap_reason());
+    fixture.set_holding(0, &[0]);
+    let device_after = gw.metrics.device("d").points_good.get();
+    assert!(device_after > device_before, "device data kept flowing while the plugin misbehaved");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misbehaving_plugins_are_contained_and_recover() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[0]);
+    let addr = fixture.serve().await;
+    // A loopback port the socket attempt would reach if the sandbox let it.
+    let bait = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bait_addr = bait.local_addr().unwrap();
+    let toml = format!(
+        r#"{h}[devices.d]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [{{ name = "mode", area = "holding", address = 0 }}]
+
+[plugins.chaos]
+wasm = "{wasm}"
+subscribe = ["d/*"]
+config = {{ connect_to = "{bait_addr}" }}
+limits = {{ memory = "16MiB", call_timeout = "50ms" }}
+
+[plugins.bystander]
+wasm = "{scale}"
+subscribe = ["d/*"]
+config = {{ factor = 2.0 }}
+[plugins.bystander.outputs]
+default = "updraft/doubled/{{device}}/{{tag}}"
+"#,
+        h = header("gw-chaos"),
+        wasm = plugin_wasm("misbehave").display(),
+        scale = plugin_wasm("scale").display(),
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("healthy at first");
+
+    let started = std::time::Instant::now();
+    provoke(&gw, &fixture, 1, "timeout").await;
+    println!("endless loop contained after {:?}", started.elapsed());
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the loop");
+
+    provoke(&gw, &fixture, 2, "memory").await;
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the bomb");
+
+    provoke(&gw, &fixture, 3, "panic").await;
+    let reason = gw.metrics.plugin("chaos").last_trap_reason().unwrap();
+    assert!(reason.contains("misbehave fixture panicked on purpose"), "panic message is logged: {reason}");
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the panic");
+
+    // File and socket access are refused by the sandbox: the plugin reports it could not escape.
+    fixture.set_holding(0, &[4]);
+    let v = sub.wait_for("updraft/derived/d/escape", WAIT, |_| true).await.expect("file attempt reported");
+    assert_eq!(v["value"], 0, "no file is reachable");
+    fixture.set_holding(0, &[5]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = sub.wait_for("updraft/derived/d/escape", WAIT, |_| true).await.expect("socket attempt reported");
+    assert_eq!(v["value"], 0, "no socket can be opened");
+    bait.set_nonblocking(true).unwrap();
+    assert!(bait.accept().is_err(), "nothing connected to the bait port");
+
+    // The other plugin was never disturbed.
+    let bystander = gw.metrics.plugin("bystander");
+    assert_eq!(bystander.traps.get(), 0);
+    assert!(bystander.points_out.get() > 10);
+    fixture.set_holding(0, &[0]);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
