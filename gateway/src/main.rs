@@ -44,8 +44,27 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Plugin tools for authors.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a built plugin against fixture files (JSON steps with expectations, or CSV points) in the
+    /// gateway's own sandbox with a controlled clock.
+    Test {
+        /// The plugin component (`.wasm`).
+        #[arg(short, long, value_name = "FILE")]
+        wasm: PathBuf,
+        /// Fixture files.
+        #[arg(required = true, value_name = "FIXTURE")]
+        fixtures: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +92,29 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Plugin { command: PluginCommand::Test { wasm, fixtures } } => {
+            let mut failed = 0;
+            for f in &fixtures {
+                match updraft::plugins::testing::run_fixture(&wasm, f) {
+                    Ok(problems) if problems.is_empty() => println!("ok   {}", f.display()),
+                    Ok(problems) => {
+                        failed += 1;
+                        println!("FAIL {}", f.display());
+                        problems.iter().for_each(|p| println!("     {p}"));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAIL {}: {e}", f.display());
+                    }
+                }
+            }
+            println!("{} passed, {failed} failed", fixtures.len() - failed);
+            if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Run { config } => {
             telemetry::init(cli.log_format, &cli.log_level);
             report(run(config, false))

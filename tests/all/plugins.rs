@@ -142,3 +142,38 @@ default = "updraft/doubled/{{device}}/{{tag}}"
     fixture.set_holding(0, &[0]);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Every example plugin's fixtures pass in the author's harness (`updraft plugin test`), which runs
+/// the gateway's own host code.
+#[test]
+fn example_plugin_fixtures_pass_in_the_harness() {
+    let root = updraft_tests::test_file("../plugins");
+    let mut ran = 0;
+    for dir in ["scale", "testing/misbehave"] {
+        let name = dir.rsplit('/').next().unwrap();
+        let wasm = plugin_wasm(name);
+        for f in std::fs::read_dir(root.join(dir).join("tests")).unwrap() {
+            let f = f.unwrap().path();
+            let failures = updraft::plugins::testing::run_fixture(&wasm, &f).unwrap();
+            assert!(failures.is_empty(), "{failures:#?}");
+            ran += 1;
+        }
+    }
+    assert!(ran >= 2);
+}
+
+/// The harness fails a fixture whose expectation the plugin does not meet.
+#[test]
+fn the_harness_reports_a_wrong_expectation() {
+    let dir = updraft_tests::TempDir::new("fixture");
+    let f = dir.path().join("wrong.json");
+    std::fs::write(
+        &f,
+        r#"{"config": {"factor": 2.0}, "steps": [{"now": 5, "points": [{"device": "d", "tag": "t", "value": 3}],
+            "expect": [{"device": "d", "tag": "t", "value": 7}]}]}"#,
+    )
+    .unwrap();
+    let failures = updraft::plugins::testing::run_fixture(&plugin_wasm("scale"), &f).unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].contains("step 1"), "{failures:?}");
+}

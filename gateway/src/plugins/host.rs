@@ -302,7 +302,8 @@ impl LoadedPlugin {
         store.set_epoch_deadline(deadline_ticks(call_timeout));
         let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&e, None))?;
         let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: Arc::new(AtomicBool::new(false)) };
-        inst.call(|b, s| b.updraft_plugin_plugin().call_init(s, config_json)).map(|_| ())?;
+        let now = (now_nanos() / 1_000_000) as i64;
+        inst.call(now, |b, s| b.updraft_plugin_plugin().call_init(s, config_json)).map(|_| ())?;
         Ok(inst)
     }
 }
@@ -316,12 +317,13 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 }
 
 impl PluginInstance {
+    /// Calls `on-batch`; `now` (Unix ms) is also what the plugin's clocks read during the call.
     pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Vec<Emit>, CallFailure> {
-        self.call(|b, s| b.updraft_plugin_plugin().call_on_batch(s, batch, now))
+        self.call(now, |b, s| b.updraft_plugin_plugin().call_on_batch(s, batch, now))
     }
 
     pub fn on_tick(&mut self, now: i64) -> Result<Vec<Emit>, CallFailure> {
-        self.call(|b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
+        self.call(now, |b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
     }
 
     /// Linear memory currently used by the instance, in bytes.
@@ -331,6 +333,7 @@ impl PluginInstance {
 
     fn call<T: Default>(
         &mut self,
+        now_ms: i64,
         f: impl FnOnce(&wit::UpdraftPlugin, &mut Store<HostState>) -> wasmtime::Result<Result<T, PluginError>>,
     ) -> Result<T, CallFailure> {
         if self.is_poisoned() {
@@ -338,7 +341,7 @@ impl PluginInstance {
         }
         self.store.data_mut().log_lines = 0;
         self.store.data_mut().last_error = None;
-        self.store.data().clock.store(now_nanos(), Ordering::Relaxed);
+        self.store.data().clock.store(now_ms.max(0) as u64 * 1_000_000, Ordering::Relaxed);
         self.store.set_epoch_deadline(deadline_ticks(self.call_timeout));
         match f(&self.bindings, &mut self.store) {
             Ok(Ok(v)) => Ok(v),

@@ -3,5 +3,6 @@
 
 pub mod host;
 mod runner;
+pub mod testing;
 
 pub use runner::{spawn, PluginStats};

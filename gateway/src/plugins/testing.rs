@@ -1,0 +1,273 @@
+//! The plugin author's test harness: runs a built plugin in the gateway's own host code (same
+//! linker, sandbox, limits and trap handling) with a clock the test controls, feeds it fixture
+//! points and compares what it emits. Used by `updraft plugin test` and by the gateway's tests.
+//!
+//! A fixture is JSON:
+//! ```json
+//! { "config": {"factor": 0.1}, "limits": {"memory": "32MiB", "call_timeout": "50ms"},
+//!   "steps": [
+//!     {"now": 1000, "points": [{"device": "b", "tag": "t", "value": 700}],
+//!      "expect": [{"device": "b", "tag": "t", "value": 70.0}]},
+//!     {"now": 61000, "tick": true, "expect": []},
+//!     {"now": 62000, "points": [{"device": "b", "tag": "t", "value": 1}], "expect_trap": "timeout"}
+//!   ] }
+//! ```
+//! A point's `ts` defaults to the step's `now`; `value: null` makes a bad point. An expected emit
+//! checks `device`, `tag` and `value` (numbers to 1e-9), and `output`, `quality` and `ts` when given.
+//! Points can also come from CSV lines `now,device,tag,value` (one step per distinct `now`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use super::host::{Batch, CallFailure, DataPoint, Emit, PluginEngine, PluginInstance, WitQuality, WitValue};
+use crate::config::{Bytes, Dur};
+use crate::point::Registry;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fixture {
+    #[serde(default)]
+    pub config: serde_json::Map<String, Json>,
+    #[serde(default)]
+    pub limits: Limits,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_memory")]
+    pub memory: Bytes,
+    #[serde(default = "default_timeout")]
+    pub call_timeout: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { memory: default_memory(), call_timeout: default_timeout() }
+    }
+}
+
+fn default_memory() -> Bytes {
+    Bytes(32 << 20)
+}
+fn default_timeout() -> Dur {
+    Dur::from_millis(50)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Gateway time of the call, Unix ms.
+    pub now: i64,
+    #[serde(default)]
+    pub points: Vec<InPoint>,
+    /// Call `on-tick` instead of `on-batch`.
+    #[serde(default)]
+    pub tick: bool,
+    pub expect: Option<Vec<Expected>>,
+    /// The call must trap with this kind (`timeout`, `memory`, `panic`, `abort`, …).
+    pub expect_trap: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InPoint {
+    pub device: String,
+    pub tag: String,
+    pub value: Json,
+    pub ts: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expected {
+    pub device: String,
+    pub tag: String,
+    pub value: Json,
+    pub output: Option<String>,
+    pub quality: Option<String>,
+    pub ts: Option<i64>,
+}
+
+/// One emitted point in plain form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    pub output: String,
+    pub device: String,
+    pub tag: String,
+    pub value: Json,
+    pub quality: &'static str,
+    pub ts: i64,
+}
+
+/// A plugin instance under test.
+pub struct TestHost {
+    registry: Arc<Registry>,
+    instance: PluginInstance,
+    seq: u64,
+    _cache: tempdir::TempCache,
+}
+
+mod tempdir {
+    /// A compile cache that is removed when the harness ends.
+    pub struct TempCache(pub std::path::PathBuf);
+    impl Drop for TempCache {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl TestHost {
+    pub fn load(wasm: &Path, config: &serde_json::Map<String, Json>, limits: &Limits) -> Result<Self, String> {
+        let dir =
+            std::env::temp_dir().join(format!("updraft-plugin-test-{}-{}", std::process::id(), fastrand::u64(..)));
+        let cache = tempdir::TempCache(dir.clone());
+        let engine = PluginEngine::new(&dir).map_err(|e| format!("{e:#}"))?;
+        let loaded = engine.load(wasm).map_err(|e| e.to_string())?;
+        let registry = Arc::new(Registry::default());
+        let json = serde_json::to_string(config).map_err(|e| e.to_string())?;
+        let instance = loaded
+            .instantiate("under-test", &json, limits.memory.0, limits.call_timeout.0, registry.clone())
+            .map_err(|f| format!("init failed: {f:?}"))?;
+        Ok(TestHost { registry, instance, seq: 0, _cache: cache })
+    }
+
+    /// Calls `on-batch` with the points at gateway time `now`.
+    pub fn batch(&mut self, now: i64, points: &[InPoint]) -> Result<Vec<Emitted>, CallFailure> {
+        let points = points
+            .iter()
+            .map(|p| {
+                let key = self.registry.intern(&p.device, &p.tag);
+                let value = to_wit(&p.value);
+                DataPoint {
+                    tag: key.id,
+                    quality: if value.is_some() { WitQuality::Good } else { WitQuality::Bad },
+                    value,
+                    ts: p.ts.unwrap_or(now),
+                }
+            })
+            .collect();
+        self.seq += 1;
+        let emits = self.instance.on_batch(&Batch { seq: self.seq, points }, now)?;
+        Ok(emits.into_iter().map(plain).collect())
+    }
+
+    /// Calls `on-tick` at gateway time `now`.
+    pub fn tick(&mut self, now: i64) -> Result<Vec<Emitted>, CallFailure> {
+        Ok(self.instance.on_tick(now)?.into_iter().map(plain).collect())
+    }
+}
+
+fn to_wit(v: &Json) -> Option<WitValue> {
+    match v {
+        Json::Bool(b) => Some(WitValue::Boolean(*b)),
+        Json::Number(n) => Some(match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => WitValue::Int(i),
+            (None, Some(u)) => WitValue::Uint(u),
+            _ => WitValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+        }),
+        _ => None,
+    }
+}
+
+fn plain(e: Emit) -> Emitted {
+    let value = match e.value {
+        Some(WitValue::Boolean(b)) => Json::from(b),
+        Some(WitValue::Int(i)) => Json::from(i),
+        Some(WitValue::Uint(u)) => Json::from(u),
+        Some(WitValue::Float(f)) => serde_json::Number::from_f64(f).map(Json::Number).unwrap_or(Json::Null),
+        None => Json::Null,
+    };
+    Emitted {
+        output: if e.output.is_empty() { "default".into() } else { e.output },
+        device: e.device,
+        tag: e.tag,
+        value,
+        quality: if e.quality == WitQuality::Good { "good" } else { "bad" },
+        ts: e.ts,
+    }
+}
+
+fn values_equal(a: &Json, b: &Json) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+        _ => a == b,
+    }
+}
+
+/// Runs a fixture file against a plugin; returns one line per failed step (empty when all pass).
+pub fn run_fixture(wasm: &Path, fixture: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(fixture).map_err(|e| format!("{}: {e}", fixture.display()))?;
+    let fx: Fixture = if fixture.extension().is_some_and(|e| e == "csv") {
+        csv_fixture(&text)?
+    } else {
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", fixture.display()))?
+    };
+    let mut host = TestHost::load(wasm, &fx.config, &fx.limits)?;
+    let mut failures = Vec::new();
+    for (i, step) in fx.steps.iter().enumerate() {
+        let result = if step.tick { host.tick(step.now) } else { host.batch(step.now, &step.points) };
+        let where_ = format!("{} step {} (now {})", fixture.display(), i + 1, step.now);
+        match (result, &step.expect_trap) {
+            (Err(CallFailure::Trap { kind, .. }), Some(want)) if kind == want => {
+                // The gateway recreates a trapped instance; so does the harness.
+                host = TestHost::load(wasm, &fx.config, &fx.limits)?;
+            }
+            (Err(f), _) => failures.push(format!("{where_}: call failed: {f:?}")),
+            (Ok(_), Some(want)) => failures.push(format!("{where_}: expected a `{want}` trap, the call succeeded")),
+            (Ok(got), None) => {
+                if let Some(expect) = &step.expect {
+                    if let Some(problem) = compare(&got, expect) {
+                        failures.push(format!("{where_}: {problem}"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(failures)
+}
+
+fn compare(got: &[Emitted], expect: &[Expected]) -> Option<String> {
+    if got.len() != expect.len() {
+        return Some(format!("expected {} emits, got {}: {got:?}", expect.len(), got.len()));
+    }
+    for (g, e) in got.iter().zip(expect) {
+        let ok = g.device == e.device
+            && g.tag == e.tag
+            && values_equal(&g.value, &e.value)
+            && e.output.as_ref().is_none_or(|o| *o == g.output)
+            && e.quality.as_ref().is_none_or(|q| q == g.quality)
+            && e.ts.is_none_or(|t| t == g.ts);
+        if !ok {
+            return Some(format!("expected {e:?}, got {g:?}"));
+        }
+    }
+    None
+}
+
+/// CSV input: `now,device,tag,value` lines, no expectations (a smoke run that must not fail).
+fn csv_fixture(text: &str) -> Result<Fixture, String> {
+    let mut steps: Vec<Step> = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        if f.len() != 4 || f[0] == "now" {
+            if n == 0 && f.first() == Some(&"now") {
+                continue;
+            }
+            return Err(format!("line {}: expected now,device,tag,value", n + 1));
+        }
+        let now: i64 = f[0].parse().map_err(|_| format!("line {}: bad time `{}`", n + 1, f[0]))?;
+        let value: Json = serde_json::from_str(f[3]).unwrap_or(Json::Null);
+        let point = InPoint { device: f[1].into(), tag: f[2].into(), value, ts: Some(now) };
+        match steps.last_mut() {
+            Some(s) if s.now == now => s.points.push(point),
+            _ => steps.push(Step { now, points: vec![point], tick: false, expect: None, expect_trap: None }),
+        }
+    }
+    Ok(Fixture { config: Default::default(), limits: Limits::default(), steps })
+}
