@@ -6,6 +6,8 @@ use std::rc::Rc;
 
 use serde::de::DeserializeOwned;
 
+pub mod helpers;
+
 /// Generated bindings of the `updraft:plugin@0.1.0` world. Plugin authors do not need them; the
 /// [`export!`] macro wires a [`Plugin`] to them.
 #[doc(hidden)]

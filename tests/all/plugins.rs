@@ -149,9 +149,9 @@ default = "updraft/doubled/{{device}}/{{tag}}"
 fn example_plugin_fixtures_pass_in_the_harness() {
     let root = updraft_tests::test_file("../plugins");
     let mut ran = 0;
-    for dir in ["scale", "testing/misbehave"] {
-        let name = dir.rsplit('/').next().unwrap();
-        let wasm = plugin_wasm(name);
+    for dir in ["scale", "deadband", "window-avg", "threshold-alarm", "testing/misbehave"] {
+        let name = dir.rsplit('/').next().unwrap().replace('-', "_");
+        let wasm = plugin_wasm(&name);
         for f in std::fs::read_dir(root.join(dir).join("tests")).unwrap() {
             let f = f.unwrap().path();
             let failures = updraft::plugins::testing::run_fixture(&wasm, &f).unwrap();
@@ -159,7 +159,7 @@ fn example_plugin_fixtures_pass_in_the_harness() {
             ran += 1;
         }
     }
-    assert!(ran >= 2);
+    assert!(ran >= 5);
 }
 
 /// The harness fails a fixture whose expectation the plugin does not meet.
