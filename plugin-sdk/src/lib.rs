@@ -99,7 +99,15 @@ impl Emitter {
     }
 
     /// Emits a point to a named output of the deployment.
-    pub fn emit(&mut self, output: &str, device: &str, tag: &str, value: Option<Value>, quality: Quality, ts: Timestamp) {
+    pub fn emit(
+        &mut self,
+        output: &str,
+        device: &str,
+        tag: &str,
+        value: Option<Value>,
+        quality: Quality,
+        ts: Timestamp,
+    ) {
         self.out.push(wt::Emit {
             output: output.to_owned(),
             device: device.to_owned(),
@@ -228,14 +236,18 @@ pub mod runtime {
             super::log(Level::Error, &format!("panic: {info}"));
         }));
         let text = if config.trim().is_empty() { "{}".to_owned() } else { config };
-        let cfg: P::Config = serde_json::from_str(&text)
-            .map_err(|e| wt::PluginError::InvalidConfig(format!("config: {e}")))?;
+        let cfg: P::Config =
+            serde_json::from_str(&text).map_err(|e| wt::PluginError::InvalidConfig(format!("config: {e}")))?;
         let p = P::init(cfg).map_err(to_wit_error)?;
         *slot.0.borrow_mut() = Some(p);
         Ok(())
     }
 
-    pub fn on_batch<P: Plugin>(slot: &Slot<P>, batch: wt::Batch, now: Timestamp) -> Result<Vec<wt::Emit>, wt::PluginError> {
+    pub fn on_batch<P: Plugin>(
+        slot: &Slot<P>,
+        batch: wt::Batch,
+        now: Timestamp,
+    ) -> Result<Vec<wt::Emit>, wt::PluginError> {
         let points: Vec<Point> = batch
             .points
             .into_iter()
