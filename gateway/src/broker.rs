@@ -195,6 +195,12 @@ impl EmbeddedBroker {
                 let mut publishes = Vec::with_capacity(points);
                 for batch in &batches {
                     for p in batch.iter() {
+                        // A plugin's message goes out verbatim and is an event, not state: not retained.
+                        if let Some(raw) = &p.payload {
+                            publishes
+                                .push(Packet::Publish(Publish::new(p.key.topic.clone(), raw.clone(), false), None));
+                            continue;
+                        }
                         json.clear();
                         p.write_json(&mut json);
                         // An exact-size copy: the broker keeps payloads alive in its retained map

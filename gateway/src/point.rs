@@ -146,15 +146,22 @@ pub struct Point {
     pub ts: i64,
     /// Why the point is bad; `None` for good points.
     pub error: Option<Arc<str>>,
+    /// A plugin's message published as is (not retained) instead of the point JSON.
+    pub payload: Option<Bytes>,
 }
 
 impl Point {
     pub fn good(key: Arc<TagKey>, value: Value, ts: i64) -> Self {
-        Point { key, value: Some(value), quality: Quality::Good, ts, error: None }
+        Point { key, value: Some(value), quality: Quality::Good, ts, error: None, payload: None }
     }
 
     pub fn bad(key: Arc<TagKey>, error: Arc<str>, ts: i64) -> Self {
-        Point { key, value: None, quality: Quality::Bad, ts, error: Some(error) }
+        Point { key, value: None, quality: Quality::Bad, ts, error: Some(error), payload: None }
+    }
+
+    /// A message from a plugin, published verbatim on its key's topic.
+    pub fn message(key: Arc<TagKey>, payload: Bytes, ts: i64) -> Self {
+        Point { key, value: None, quality: Quality::Good, ts, error: None, payload: Some(payload) }
     }
 
     pub fn device(&self) -> &str {

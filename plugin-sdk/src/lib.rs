@@ -90,6 +90,7 @@ impl Point {
 #[derive(Debug, Default)]
 pub struct Emitter {
     out: Vec<wt::Emit>,
+    messages: Vec<wt::Message>,
 }
 
 impl Emitter {
@@ -121,17 +122,28 @@ impl Emitter {
         });
     }
 
+    /// Emits a message published as is (for example a cloud's batch JSON) to a named output; its
+    /// topic is the output's template with `{subject}` replaced by `subject`.
+    pub fn message(&mut self, output: &str, subject: &str, payload: Vec<u8>) {
+        self.messages.push(wt::Message { output: output.to_owned(), subject: subject.to_owned(), payload });
+    }
+
     /// Passes a point through unchanged (to the `default` output).
     pub fn forward(&mut self, p: &Point) {
         self.emit("default", p.device(), p.tag(), p.value.clone(), p.quality, p.ts);
     }
 
+    /// Points and messages emitted so far.
     pub fn len(&self) -> usize {
-        self.out.len()
+        self.out.len() + self.messages.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
+        self.len() == 0
+    }
+
+    fn finish(self) -> wt::Emits {
+        wt::Emits { points: self.out, messages: self.messages }
     }
 }
 
@@ -243,11 +255,7 @@ pub mod runtime {
         Ok(())
     }
 
-    pub fn on_batch<P: Plugin>(
-        slot: &Slot<P>,
-        batch: wt::Batch,
-        now: Timestamp,
-    ) -> Result<Vec<wt::Emit>, wt::PluginError> {
+    pub fn on_batch<P: Plugin>(slot: &Slot<P>, batch: wt::Batch, now: Timestamp) -> Result<wt::Emits, wt::PluginError> {
         let points: Vec<Point> = batch
             .points
             .into_iter()
@@ -265,20 +273,20 @@ pub mod runtime {
         let mut guard = slot.0.borrow_mut();
         let p = guard.as_mut().ok_or_else(|| wt::PluginError::Internal("on-batch before init".into()))?;
         p.on_batch(&points, now, &mut out).map_err(to_wit_error)?;
-        Ok(out.out)
+        Ok(out.finish())
     }
 
-    pub fn on_tick<P: Plugin>(slot: &Slot<P>, now: Timestamp) -> Result<Vec<wt::Emit>, wt::PluginError> {
+    pub fn on_tick<P: Plugin>(slot: &Slot<P>, now: Timestamp) -> Result<wt::Emits, wt::PluginError> {
         let mut out = Emitter::default();
         let mut guard = slot.0.borrow_mut();
         let p = guard.as_mut().ok_or_else(|| wt::PluginError::Internal("on-tick before init".into()))?;
         p.on_tick(now, &mut out).map_err(to_wit_error)?;
-        Ok(out.out)
+        Ok(out.finish())
     }
 
     pub use super::wit::Guest;
     pub type WitBatch = super::wt::Batch;
-    pub type WitEmit = super::wt::Emit;
+    pub type WitEmits = super::wt::Emits;
     pub type WitError = super::wt::PluginError;
 }
 
@@ -304,10 +312,10 @@ macro_rules! export {
             fn on_batch(
                 batch: $crate::runtime::WitBatch,
                 now: i64,
-            ) -> Result<Vec<$crate::runtime::WitEmit>, $crate::runtime::WitError> {
+            ) -> Result<$crate::runtime::WitEmits, $crate::runtime::WitError> {
                 $crate::runtime::on_batch::<$plugin>(&__UPDRAFT_SLOT, batch, now)
             }
-            fn on_tick(now: i64) -> Result<Vec<$crate::runtime::WitEmit>, $crate::runtime::WitError> {
+            fn on_tick(now: i64) -> Result<$crate::runtime::WitEmits, $crate::runtime::WitError> {
                 $crate::runtime::on_tick::<$plugin>(&__UPDRAFT_SLOT, now)
             }
         }

@@ -149,7 +149,7 @@ default = "updraft/doubled/{{device}}/{{tag}}"
 fn example_plugin_fixtures_pass_in_the_harness() {
     let root = updraft_tests::test_file("../plugins");
     let mut ran = 0;
-    for dir in ["scale", "deadband", "window-avg", "threshold-alarm", "testing/misbehave"] {
+    for dir in ["scale", "deadband", "window-avg", "threshold-alarm", "thingsboard", "testing/misbehave"] {
         let name = dir.rsplit('/').next().unwrap().replace('-', "_");
         let wasm = plugin_wasm(&name);
         for f in std::fs::read_dir(root.join(dir).join("tests")).unwrap() {
@@ -159,7 +159,7 @@ fn example_plugin_fixtures_pass_in_the_harness() {
             ran += 1;
         }
     }
-    assert!(ran >= 5);
+    assert!(ran >= 6);
 }
 
 /// The harness fails a fixture whose expectation the plugin does not meet.
@@ -176,4 +176,47 @@ fn the_harness_reports_a_wrong_expectation() {
     let failures = updraft::plugins::testing::run_fixture(&plugin_wasm("scale"), &f).unwrap();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(failures[0].contains("step 1"), "{failures:?}");
+}
+
+/// A plugin that reshapes data for a cloud format publishes whole messages: here ThingsBoard's
+/// gateway telemetry JSON on the topic the operator chose.
+#[tokio::test(flavor = "multi_thread")]
+async fn thingsboard_plugin_publishes_gateway_telemetry() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[215]);
+    fixture.set_coil(0, true);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{h}[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "200ms"
+tags = [
+  {{ name = "temperature", area = "holding", address = 0, scale = 0.1 }},
+  {{ name = "running", area = "coil", address = 0 }},
+]
+
+[plugins.to-thingsboard]
+wasm = "{wasm}"
+subscribe = ["*/*"]
+batch = {{ max_points = 100, max_wait = "50ms" }}
+[plugins.to-thingsboard.outputs]
+default = "v1/gateway/{{subject}}"
+"#,
+        h = header("gw-tb"),
+        wasm = plugin_wasm("thingsboard").display()
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "v1/gateway/#", QoS::AtMostOnce).await;
+    let v = sub
+        .wait_for("v1/gateway/telemetry", WAIT, |v| {
+            v["boiler-1"][0]["values"].as_object().is_some_and(|m| m.len() == 2)
+        })
+        .await
+        .expect("telemetry message");
+    let row = &v["boiler-1"][0];
+    assert_eq!(row["values"]["temperature"], 21.5);
+    assert_eq!(row["values"]["running"], true);
+    assert!(row["ts"].as_i64().unwrap() > 1_700_000_000_000);
+    gw.shutdown(Duration::from_secs(2)).await;
 }

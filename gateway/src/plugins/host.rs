@@ -30,8 +30,9 @@ mod wit {
     });
 }
 
-pub use wit::exports::updraft::plugin::plugin::{Batch, Emit};
+pub use wit::exports::updraft::plugin::plugin::{Batch, Emits};
 pub use wit::updraft::plugin::types::{DataPoint, PluginError, Quality as WitQuality, Value as WitValue};
+pub use wit::updraft::plugin::types::{Emit, Message};
 use wit::updraft::plugin::{log as wit_log, tags as wit_tags, types as wit_types};
 
 /// Epoch tick of the shared engine: the resolution of call deadlines.
@@ -318,11 +319,11 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 
 impl PluginInstance {
     /// Calls `on-batch`; `now` (Unix ms) is also what the plugin's clocks read during the call.
-    pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Vec<Emit>, CallFailure> {
+    pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Emits, CallFailure> {
         self.call(now, |b, s| b.updraft_plugin_plugin().call_on_batch(s, batch, now))
     }
 
-    pub fn on_tick(&mut self, now: i64) -> Result<Vec<Emit>, CallFailure> {
+    pub fn on_tick(&mut self, now: i64) -> Result<Emits, CallFailure> {
         self.call(now, |b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
     }
 
@@ -331,7 +332,7 @@ impl PluginInstance {
         self.poisoned.load(Ordering::Relaxed)
     }
 
-    fn call<T: Default>(
+    fn call<T>(
         &mut self,
         now_ms: i64,
         f: impl FnOnce(&wit::UpdraftPlugin, &mut Store<HostState>) -> wasmtime::Result<Result<T, PluginError>>,

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::host::{Batch, CallFailure, DataPoint, Emit, LoadedPlugin, PluginInstance, WitQuality, WitValue};
+use super::host::{
+    Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, Message, PluginInstance, WitQuality, WitValue,
+};
 use crate::config::PluginConfig;
 use crate::hub::{batch, BusSender};
 use crate::metrics::{Counter, Metrics};
@@ -274,18 +276,25 @@ impl Runner {
         }
     }
 
-    async fn publish(&mut self, emits: Vec<Emit>) {
+    async fn publish(&mut self, emits: Emits) {
         if self.failures > 0 && self.healthy_since.elapsed() > Duration::from_secs(60) {
             self.failures = 0;
         }
-        if emits.is_empty() {
+        let Emits { points: emitted, messages } = emits;
+        if emitted.is_empty() && messages.is_empty() {
             return;
         }
-        let total = emits.len();
+        let total = emitted.len() + messages.len();
         let mut points = Vec::with_capacity(total.min(MAX_EMITS_PER_CALL));
         let mut rejected = 0usize;
-        for e in emits.into_iter().take(MAX_EMITS_PER_CALL) {
-            match self.to_point(e) {
+        let converted = emitted
+            .into_iter()
+            .map(|e| self.to_point(e))
+            .chain(messages.into_iter().map(|m| self.message_to_point(m)))
+            .take(MAX_EMITS_PER_CALL)
+            .collect::<Vec<_>>();
+        for r in converted {
+            match r {
                 Ok(p) => points.push(p),
                 Err(why) => {
                     rejected += 1;
@@ -308,6 +317,21 @@ impl Runner {
         if !points.is_empty() && self.out.send(batch(points)).await.is_err() {
             warn!("Hub closed; plugin output dropped.");
         }
+    }
+
+    fn message_to_point(&self, m: Message) -> Result<Point, String> {
+        let output = if m.output.is_empty() { "default" } else { m.output.as_str() };
+        let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
+        if m.subject.contains(['+', '#', '/']) {
+            return Err(format!("subject `{}` must not contain '/', '+' or '#'", m.subject));
+        }
+        let topic = template
+            .replace("{subject}", &m.subject)
+            .replace("{device}", &m.subject)
+            .replace("{tag}", "")
+            .replace("{plugin}", &self.name);
+        let key = self.registry.intern_at(&m.subject, "", &topic, true);
+        Ok(Point::message(key, bytes::Bytes::from(m.payload), now_ms()))
     }
 
     fn to_point(&self, e: Emit) -> Result<Point, String> {

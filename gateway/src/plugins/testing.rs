@@ -14,6 +14,7 @@
 //! ```
 //! A point's `ts` defaults to the step's `now`; `value: null` makes a bad point. An expected emit
 //! checks `device`, `tag` and `value` (numbers to 1e-9), and `output`, `quality` and `ts` when given.
+//! A message emit is matched as `device` = its subject, `tag` = `""` and `value` = its JSON payload.
 //! Points can also come from CSV lines `now,device,tag,value` (one step per distinct `now`).
 
 use std::path::Path;
@@ -22,7 +23,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use super::host::{Batch, CallFailure, DataPoint, Emit, PluginEngine, PluginInstance, WitQuality, WitValue};
+use super::host::{
+    Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, PluginEngine, PluginInstance, WitQuality, WitValue,
+};
 use crate::config::{Bytes, Dur};
 use crate::point::Registry;
 
@@ -107,6 +110,10 @@ pub struct Emitted {
 /// A plugin instance under test.
 pub struct TestHost {
     registry: Arc<Registry>,
+    loaded: LoadedPlugin,
+    config_json: String,
+    memory: u64,
+    call_timeout: std::time::Duration,
     instance: PluginInstance,
     seq: u64,
     _cache: tempdir::TempCache,
@@ -130,11 +137,29 @@ impl TestHost {
         let engine = PluginEngine::new(&dir).map_err(|e| format!("{e:#}"))?;
         let loaded = engine.load(wasm).map_err(|e| e.to_string())?;
         let registry = Arc::new(Registry::default());
-        let json = serde_json::to_string(config).map_err(|e| e.to_string())?;
+        let config_json = serde_json::to_string(config).map_err(|e| e.to_string())?;
         let instance = loaded
-            .instantiate("under-test", &json, limits.memory.0, limits.call_timeout.0, registry.clone())
+            .instantiate("under-test", &config_json, limits.memory.0, limits.call_timeout.0, registry.clone())
             .map_err(|f| format!("init failed: {f:?}"))?;
-        Ok(TestHost { registry, instance, seq: 0, _cache: cache })
+        Ok(TestHost {
+            registry,
+            loaded,
+            config_json,
+            memory: limits.memory.0,
+            call_timeout: limits.call_timeout.0,
+            instance,
+            seq: 0,
+            _cache: cache,
+        })
+    }
+
+    /// Replaces the instance with a fresh one, as the gateway does after a trap.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.instance = self
+            .loaded
+            .instantiate("under-test", &self.config_json, self.memory, self.call_timeout, self.registry.clone())
+            .map_err(|f| format!("init failed: {f:?}"))?;
+        Ok(())
     }
 
     /// Calls `on-batch` with the points at gateway time `now`.
@@ -153,14 +178,31 @@ impl TestHost {
             })
             .collect();
         self.seq += 1;
-        let emits = self.instance.on_batch(&Batch { seq: self.seq, points }, now)?;
-        Ok(emits.into_iter().map(plain).collect())
+        Ok(flatten(self.instance.on_batch(&Batch { seq: self.seq, points }, now)?))
     }
 
     /// Calls `on-tick` at gateway time `now`.
     pub fn tick(&mut self, now: i64) -> Result<Vec<Emitted>, CallFailure> {
-        Ok(self.instance.on_tick(now)?.into_iter().map(plain).collect())
+        Ok(flatten(self.instance.on_tick(now)?))
     }
+}
+
+/// Points first, then messages (as `Emitted` with the subject as device, an empty tag, and the
+/// payload parsed as JSON, or as a string if it is not JSON).
+fn flatten(e: Emits) -> Vec<Emitted> {
+    let mut out: Vec<Emitted> = e.points.into_iter().map(plain).collect();
+    out.extend(e.messages.into_iter().map(|m| {
+        Emitted {
+            output: if m.output.is_empty() { "default".into() } else { m.output },
+            device: m.subject,
+            tag: String::new(),
+            value: serde_json::from_slice(&m.payload)
+                .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(&m.payload).into_owned())),
+            quality: "good",
+            ts: 0,
+        }
+    }));
+    out
 }
 
 fn to_wit(v: &Json) -> Option<WitValue> {
@@ -216,7 +258,7 @@ pub fn run_fixture(wasm: &Path, fixture: &Path) -> Result<Vec<String>, String> {
         match (result, &step.expect_trap) {
             (Err(CallFailure::Trap { kind, .. }), Some(want)) if kind == want => {
                 // The gateway recreates a trapped instance; so does the harness.
-                host = TestHost::load(wasm, &fx.config, &fx.limits)?;
+                host.restart()?;
             }
             (Err(f), _) => failures.push(format!("{where_}: call failed: {f:?}")),
             (Ok(_), Some(want)) => failures.push(format!("{where_}: expected a `{want}` trap, the call succeeded")),
