@@ -149,3 +149,23 @@ registers = [{ area = "holding", address = 0, wave = "ramp" }]
     // The data directory resolves against the config file's folder.
     assert!(path.parent().unwrap().join("data").is_dir());
 }
+
+#[test]
+fn check_fails_on_a_plugin_that_is_not_a_component() {
+    let dir = std::env::temp_dir().join(format!("updraft-cli-{}-badplugin", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken.wasm"), b"\0asm but not really").unwrap();
+    let path = dir.join("updraft.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\nid = \"gw\"\n\n[plugins.broken]\nwasm = \"broken.wasm\"\nsubscribe = [\"*/*\"]\n",
+    )
+    .unwrap();
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plugin `broken`") && stderr.contains("is not a valid Updraft plugin component"),
+        "{stderr}"
+    );
+}
