@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip2$'; then
   rustup target add wasm32-wasip2
 fi
-cargo build --release --locked --manifest-path plugins/Cargo.toml
+# Run from plugins/ so its .cargo/config.toml (target wasm32-wasip2) applies.
+(cd plugins && cargo build --release --locked)
 exec cargo run --release --locked -- run -c configs/demo.toml

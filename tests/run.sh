@@ -19,7 +19,8 @@ export UPDRAFT_PYTHON="$PWD/.venv/bin/python"
 if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip2$'; then
   rustup target add wasm32-wasip2
 fi
-cargo build --release --locked --manifest-path plugins/Cargo.toml
+# Run from plugins/ so its .cargo/config.toml (target wasm32-wasip2) applies.
+(cd plugins && cargo build --release --locked)
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci "$@"
