@@ -233,6 +233,66 @@ impl EmbeddedBroker {
     }
 }
 
+/// Topic filter of local write commands: `updraft/{device}/{tag}/set`.
+pub const SET_FILTER: &str = "updraft/+/+/set";
+
+impl EmbeddedBroker {
+    /// Spawns the thread that turns `updraft/{device}/{tag}/set` messages from local clients into
+    /// device writes and answers on `…/set/reply` with `{"ok": true}` or `{"ok": false, "error"}`.
+    /// The payload is the value (`42`, `true`) or `{"value": 42}`. Commands run one at a time; each
+    /// is bounded by its device's timeout.
+    pub fn spawn_command_listener(
+        &mut self,
+        devices: HashMap<String, crate::drivers::WriteTx>,
+    ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+        let Some((mut tx, mut rx)) = self.local.take() else { return Ok(None) };
+        if let Err(e) = tx.subscribe(SET_FILTER) {
+            warn!(error = %e, "Cannot subscribe to local write commands.");
+            return Ok(None);
+        }
+        let handle = std::thread::Builder::new().name("mqtt-commands".into()).spawn(move || loop {
+            let publish = match rx.recv() {
+                Ok(Some(rumqttd::Notification::Forward(f))) => f.publish,
+                Ok(_) => continue,
+                Err(e) => {
+                    debug!(error = %e, "Command link closed.");
+                    break;
+                }
+            };
+            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+            let reply = handle_command(&topic, &publish.payload, &devices);
+            let body = match &reply {
+                Ok(()) => serde_json::json!({ "ok": true }),
+                Err(e) => serde_json::json!({ "ok": false, "error": e }),
+            };
+            if let Err(e) = tx.publish(format!("{topic}/reply"), body.to_string()) {
+                warn!(error = %e, "Cannot publish a command reply.");
+            }
+        })?;
+        Ok(Some(handle))
+    }
+}
+
+fn handle_command(
+    topic: &str,
+    payload: &[u8],
+    devices: &HashMap<String, crate::drivers::WriteTx>,
+) -> Result<(), String> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let [_, device, tag, _] = parts.as_slice() else { return Err(format!("bad command topic `{topic}`")) };
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| format!("payload is not JSON ({e}); send e.g. 42 or {{\"value\": 42}}"))?;
+    let value = match value {
+        serde_json::Value::Object(mut m) => m.remove("value").ok_or("object payload needs a `value` key")?,
+        v => v,
+    };
+    let tx = devices.get(*device).ok_or_else(|| format!("unknown device `{device}`"))?;
+    let (reply, wait) = tokio::sync::oneshot::channel();
+    tx.blocking_send(crate::drivers::WriteCommand { tag: (*tag).to_owned(), value, reply })
+        .map_err(|_| "the device's driver has stopped".to_owned())?;
+    wait.blocking_recv().map_err(|_| "the device's driver has stopped".to_owned())?
+}
+
 /// Completes a future that is known to be ready on its first poll: `LinkTx::send` is an `async fn`
 /// that never awaits (its channel send blocks instead).
 fn complete_now<F: std::future::Future>(fut: F) -> F::Output {

@@ -87,12 +87,22 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             DeviceConfig::ModbusTcp(m) => m.tags.len(),
         })
         .sum();
+    // One write queue per device, shared by the local broker's command listener (and later the
+    // cloud's).
+    let mut write_txs = std::collections::HashMap::new();
+    let mut write_rxs = std::collections::HashMap::new();
+    for name in config.devices.keys() {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        write_txs.insert(name.clone(), tx);
+        write_rxs.insert(name.clone(), rx);
+    }
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
-        let b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count))
+        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count))
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
+        b.spawn_command_listener(write_txs)?;
         let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
     } else {
@@ -124,7 +134,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     for (name, device) in &config.devices {
         match device {
             DeviceConfig::ModbusTcp(d) => {
-                let driver = ModbusTcpDriver::new(name, d, &hub.registry(), metrics.device(name), hub.sender());
+                let mut driver = ModbusTcpDriver::new(name, d, &hub.registry(), metrics.device(name), hub.sender());
+                if let Some(rx) = write_rxs.remove(name) {
+                    driver = driver.with_commands(rx);
+                }
                 drivers.spawn(driver.run(cancel.child_token()));
             }
         }

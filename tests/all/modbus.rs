@@ -215,3 +215,64 @@ async fn shutdown_drains_within_the_grace_period() {
     assert_eq!(stats.polls.get(), polls, "no polling after shutdown");
     println!("shutdown took {:?}", started.elapsed());
 }
+
+/// Local MQTT clients write to devices through `updraft/{device}/{tag}/set`; only `rw` tags accept.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_writes_reach_the_device_and_read_only_tags_refuse() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(10, &[750]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "200ms"
+tags = [
+  {{ name = "setpoint", area = "holding", address = 10, type = "u16", scale = 0.1, access = "rw" }},
+  {{ name = "ratio", area = "holding", address = 20, type = "f32", order = "CDAB", access = "rw" }},
+  {{ name = "pump", area = "coil", address = 0, access = "rw" }},
+  {{ name = "temperature", area = "holding", address = 30 }},
+]
+"#,
+        header("gw-write")
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/+/+/set/reply", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = sub.client.clone();
+    let set = |tag: &str, payload: &str| {
+        let client = client.clone();
+        let topic = format!("updraft/boiler-1/{tag}/set");
+        let payload = payload.to_owned();
+        async move { client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap() }
+    };
+
+    set("setpoint", "80.5").await;
+    let r = sub.wait_for("updraft/boiler-1/setpoint/set/reply", WAIT, |_| true).await.expect("reply");
+    assert_eq!(r, json!({"ok": true}));
+    assert_eq!(fixture.holding(10), Some(805), "80.5 / 0.1 written as a raw register");
+
+    set("ratio", r#"{"value": 1.5}"#).await;
+    assert_eq!(sub.wait_for("updraft/boiler-1/ratio/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
+    assert_eq!((fixture.holding(20), fixture.holding(21)), (Some(0), Some(0x3FC0)), "f32 1.5 in CDAB order");
+
+    set("pump", "true").await;
+    assert_eq!(sub.wait_for("updraft/boiler-1/pump/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
+    let pump = eventually(WAIT, || {
+        gw.values.get("boiler-1", "pump").filter(|p| p.value == Some(updraft::point::Value::Bool(true)))
+    })
+    .await;
+    assert!(pump.is_some(), "the written coil reads back as true");
+
+    set("temperature", "20").await;
+    let r = sub.wait_for("updraft/boiler-1/temperature/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("read-only"), "{r}");
+    assert_eq!(fixture.holding(30), None, "nothing was written");
+
+    set("setpoint", "70000").await;
+    let r = sub.wait_for("updraft/boiler-1/setpoint/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(r["ok"], false, "700000 does not fit a u16: {r}");
+    assert_eq!(fixture.holding(10), Some(805));
+    gw.shutdown(Duration::from_secs(2)).await;
+}

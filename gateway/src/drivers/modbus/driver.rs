@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::{self, Instant, MissedTickBehavior};
-use tokio_modbus::client::{Context, Reader};
+use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::codec::{self, Area, ByteOrder, DataType};
 use super::planner::{self, Limits, ReadRequest, Span};
-use crate::config::ModbusTcpDevice;
+use crate::config::{Access, ModbusTcpDevice};
+use crate::drivers::{WriteCommand, WriteRx};
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;
 use crate::point::{now_ms, Point, Registry, TagKey};
@@ -27,6 +28,7 @@ use crate::point::{now_ms, Point, Registry, TagKey};
 #[derive(Debug, Clone)]
 struct Tag {
     key: Arc<TagKey>,
+    access: Access,
     area: Area,
     address: u16,
     ty: DataType,
@@ -60,6 +62,7 @@ pub struct ModbusTcpDriver {
     plan: Vec<ReadRequest>,
     stats: Arc<DeviceStats>,
     out: BusSender,
+    commands: Option<WriteRx>,
 }
 
 impl ModbusTcpDriver {
@@ -75,6 +78,7 @@ impl ModbusTcpDriver {
             .iter()
             .map(|t| Tag {
                 key: registry.intern(name, &t.name),
+                access: t.access,
                 area: t.area,
                 address: t.address,
                 ty: t.data_type(),
@@ -100,7 +104,14 @@ impl ModbusTcpDriver {
             plan,
             stats,
             out,
+            commands: None,
         }
+    }
+
+    /// Accepts write commands (from the cloud or the local broker) on this queue.
+    pub fn with_commands(mut self, rx: WriteRx) -> Self {
+        self.commands = Some(rx);
+        self
     }
 
     /// Number of requests one poll sends (after merging).
@@ -121,10 +132,21 @@ impl ModbusTcpDriver {
         let mut ticker = time::interval(self.poll);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut last_scheduled: Option<Instant> = None;
+        let mut commands = self.commands.take();
         loop {
             let scheduled = tokio::select! {
                 _ = cancel.cancelled() => break,
                 t = ticker.tick() => t,
+                Some(cmd) = recv_command(&mut commands) => {
+                    let result = self.write(&mut ctx, &cmd).await;
+                    if let Err(e) = &result {
+                        warn!(tag = %cmd.tag, error = %e, "Write refused or failed.");
+                    } else {
+                        info!(tag = %cmd.tag, value = %cmd.value, "Written.");
+                    }
+                    let _ = cmd.reply.send(result);
+                    continue;
+                }
             };
             self.account_schedule(scheduled, last_scheduled);
             last_scheduled = Some(scheduled);
@@ -173,6 +195,62 @@ impl ModbusTcpDriver {
             }
         }
         debug!("Driver stopped.");
+    }
+
+    /// Writes one tag. Refuses tags that are not `access = "rw"` and values that do not fit the
+    /// tag's type; connects first if the link is down.
+    async fn write(&self, ctx: &mut Option<Context>, cmd: &WriteCommand) -> Result<(), String> {
+        let tag = self
+            .tags
+            .iter()
+            .find(|t| t.key.tag.as_ref() == cmd.tag.as_str())
+            .ok_or_else(|| format!("unknown tag `{}`", cmd.tag))?;
+        if tag.access != Access::Rw {
+            return Err(format!("tag `{}` is read-only (set access = \"rw\" in its config to allow writes)", cmd.tag));
+        }
+        let number = match &cmd.value {
+            serde_json::Value::Bool(b) => f64::from(u8::from(*b)),
+            serde_json::Value::Number(n) => n.as_f64().ok_or("value is not a number")?,
+            other => return Err(format!("value must be a number or a boolean, not {other}")),
+        };
+        // Encode before touching the link, so a value that does not fit is refused cleanly.
+        let words = match tag.area {
+            Area::Holding => {
+                let raw = codec::unapply_scale(number, tag.scale, tag.offset);
+                codec::encode(tag.ty, tag.order, crate::point::Value::Float(raw)).map_err(|e| e.to_string())?
+            }
+            Area::Coil => Vec::new(),
+            Area::Input | Area::Discrete => return Err("input registers and discrete inputs cannot be written".into()),
+        };
+        if ctx.is_none() {
+            *ctx = Some(self.connect().await.map_err(|e| format!("device unreachable: {e}"))?);
+        }
+        let Some(c) = ctx.as_mut() else { return Err("device unreachable".into()) };
+        let fut = async {
+            match tag.area {
+                Area::Coil => c.write_single_coil(tag.address, number != 0.0).await,
+                Area::Holding => {
+                    if words.len() == 1 {
+                        c.write_single_register(tag.address, words[0]).await
+                    } else {
+                        c.write_multiple_registers(tag.address, &words).await
+                    }
+                }
+                Area::Input | Area::Discrete => Ok(Err(ExceptionCode::IllegalFunction)),
+            }
+        };
+        match time::timeout(self.timeout, fut).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(exc))) => Err(exception_text(exc)),
+            Ok(Err(e)) => {
+                *ctx = None;
+                Err(format!("link failed: {e}"))
+            }
+            Err(_) => {
+                *ctx = None;
+                Err(format!("timeout after {:?}", self.timeout))
+            }
+        }
     }
 
     fn account_schedule(&self, scheduled: Instant, last: Option<Instant>) {
@@ -317,6 +395,14 @@ impl ModbusTcpDriver {
         for &i in &req.tags {
             out.push(Point::bad(self.tags[i].key.clone(), error.clone(), ts));
         }
+    }
+}
+
+/// The next command, or never if the driver takes no commands.
+async fn recv_command(rx: &mut Option<WriteRx>) -> Option<WriteCommand> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
