@@ -26,7 +26,7 @@ use serde_json::Value as Json;
 use super::host::{
     Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, PluginEngine, PluginInstance, WitQuality, WitValue,
 };
-use crate::config::{Bytes, Dur};
+use crate::config::PluginLimits;
 use crate::point::Registry;
 
 #[derive(Debug, Deserialize)]
@@ -39,27 +39,8 @@ pub struct Fixture {
     pub steps: Vec<Step>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    #[serde(default = "default_memory")]
-    pub memory: Bytes,
-    #[serde(default = "default_timeout")]
-    pub call_timeout: Dur,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { memory: default_memory(), call_timeout: default_timeout() }
-    }
-}
-
-fn default_memory() -> Bytes {
-    Bytes(32 << 20)
-}
-fn default_timeout() -> Dur {
-    Dur::from_millis(50)
-}
+/// The same limits as a deployment's `limits` table, with the same defaults.
+pub type Limits = PluginLimits;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
