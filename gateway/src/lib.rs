@@ -23,4 +23,5 @@ pub mod plugins;
 pub mod point;
 pub mod runtime;
 pub mod simulator;
+pub mod sinks;
 pub mod telemetry;
