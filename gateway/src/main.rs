@@ -76,13 +76,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Check { config } => match config::load(&config) {
-            Ok(c) if !runtime::check_plugins(&c).is_empty() => {
-                for p in runtime::check_plugins(&c) {
-                    eprintln!("{}: {p}", config.display());
-                }
-                ExitCode::from(2)
-            }
             Ok(c) => {
+                let plugin_problems = runtime::check_plugins(&c);
+                if !plugin_problems.is_empty() {
+                    for p in plugin_problems {
+                        eprintln!("{}: {p}", config.display());
+                    }
+                    return ExitCode::from(2);
+                }
                 println!("{}: ok ({} devices, {} simulators)", config.display(), c.devices.len(), c.simulators.len());
                 ExitCode::SUCCESS
             }

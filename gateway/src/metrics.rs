@@ -70,20 +70,6 @@ impl Metrics {
         map.entry(consumer.to_owned()).or_default().clone()
     }
 
-    /// Totals over all devices, for benchmarks and summaries.
-    pub fn totals(&self) -> Totals {
-        let map = self.devices.read().unwrap_or_else(|e| e.into_inner());
-        let mut t = Totals::default();
-        for s in map.values() {
-            t.polls += s.polls.get();
-            t.polls_late += s.polls_late.get();
-            t.polls_skipped += s.polls_skipped.get();
-            t.points += s.points_good.get() + s.points_bad.get();
-            t.points_bad += s.points_bad.get();
-        }
-        t
-    }
-
     pub fn render(&self) -> String {
         let mut out = String::new();
         let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
@@ -145,15 +131,6 @@ impl Metrics {
         }
         out
     }
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Totals {
-    pub polls: u64,
-    pub polls_late: u64,
-    pub polls_skipped: u64,
-    pub points: u64,
-    pub points_bad: u64,
 }
 
 fn escape(s: &str) -> String {

@@ -125,14 +125,6 @@ impl Registry {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.by_id.get(id as usize).cloned()
     }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One reading of one tag.
@@ -172,14 +164,8 @@ impl Point {
         &self.key.tag
     }
 
-    /// The payload published on `updraft/{device}/{tag}`.
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96);
-        self.write_json(&mut out);
-        out
-    }
-
-    /// Appends the payload to `out`, so a caller can reuse one buffer for many points.
+    /// Appends the payload published on `updraft/{device}/{tag}` to `out`, so a caller can reuse
+    /// one buffer for many points.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         #[derive(Serialize)]
         struct Payload<'a> {
@@ -207,6 +193,12 @@ pub fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
+    fn json(p: &Point) -> String {
+        let mut out = Vec::new();
+        p.write_json(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
     fn key(device: &str, tag: &str) -> Arc<TagKey> {
         Registry::default().intern(device, tag)
     }
@@ -225,21 +217,18 @@ mod tests {
     #[test]
     fn good_point_json_matches_the_contract() {
         let p = Point::good(key("boiler-1", "temperature"), Value::Float(21.5), 1732860000123);
-        assert_eq!(String::from_utf8(p.to_json()).unwrap(), r#"{"value":21.5,"ts":1732860000123,"quality":"good"}"#);
+        assert_eq!(json(&p), r#"{"value":21.5,"ts":1732860000123,"quality":"good"}"#);
     }
 
     #[test]
     fn bad_point_carries_null_and_error() {
         let p = Point::bad(key("b", "t"), "timeout after 500ms".into(), 5);
-        assert_eq!(
-            String::from_utf8(p.to_json()).unwrap(),
-            r#"{"value":null,"ts":5,"quality":"bad","error":"timeout after 500ms"}"#
-        );
+        assert_eq!(json(&p), r#"{"value":null,"ts":5,"quality":"bad","error":"timeout after 500ms"}"#);
     }
 
     #[test]
     fn f32_prints_shortest_form() {
         let p = Point::good(key("b", "t"), Value::F32(0.1), 1);
-        assert!(String::from_utf8(p.to_json()).unwrap().starts_with(r#"{"value":0.1,"#));
+        assert!(json(&p).starts_with(r#"{"value":0.1,"#));
     }
 }

@@ -131,7 +131,7 @@ pub fn validate(config: &Config) -> Found {
                     if r.area.is_bit() && ty != DataType::Bool {
                         found.push((
                             with(rp.clone(), [key("type")]),
-                            format!("{:?} areas hold bits: use type = \"bool\"", r.area).to_lowercase(),
+                            format!("area `{}` holds single bits: use type = \"bool\"", area_name(r.area)),
                         ));
                     }
                     if u32::from(r.address) + u32::from(ty.registers()) > 65536 {

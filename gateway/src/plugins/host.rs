@@ -10,7 +10,7 @@
 //! the instance, which the runner recreates.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -169,7 +169,7 @@ pub struct HostState {
     limits: StoreLimits,
     plugin: Arc<str>,
     registry: Arc<Registry>,
-    /// Set when the plugin's log exceeded its budget in this call; reset per call.
+    /// Lines logged during the current call, to enforce the per-call budget.
     log_lines: u32,
     /// Messages logged at error level during the current call (the panic message lands here).
     pub last_error: Option<String>,
@@ -261,7 +261,8 @@ pub struct PluginInstance {
     store: Store<HostState>,
     bindings: wit::UpdraftPlugin,
     call_timeout: Duration,
-    poisoned: Arc<AtomicBool>,
+    /// Set by a trap: wasmtime refuses further calls into a trapped instance.
+    poisoned: bool,
 }
 
 impl LoadedPlugin {
@@ -302,7 +303,7 @@ impl LoadedPlugin {
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(call_timeout));
         let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&e, None))?;
-        let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: Arc::new(AtomicBool::new(false)) };
+        let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: false };
         let now = (now_nanos() / 1_000_000) as i64;
         inst.call(now, |b, s| b.updraft_plugin_plugin().call_init(s, config_json)).map(|_| ())?;
         Ok(inst)
@@ -327,9 +328,9 @@ impl PluginInstance {
         self.call(now, |b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
     }
 
-    /// Linear memory currently used by the instance, in bytes.
+    /// Whether a trap has made the instance unusable (the runner then recreates it).
     pub fn is_poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::Relaxed)
+        self.poisoned
     }
 
     fn call<T>(
@@ -349,7 +350,7 @@ impl PluginInstance {
             Ok(Err(PluginError::InvalidConfig(m))) => Err(CallFailure::Error(format!("invalid config: {m}"))),
             Ok(Err(PluginError::Internal(m))) => Err(CallFailure::Error(m)),
             Err(e) => {
-                self.poisoned.store(true, Ordering::Relaxed);
+                self.poisoned = true;
                 Err(classify(&e, self.store.data().last_error.clone()))
             }
         }

@@ -114,11 +114,6 @@ impl ModbusTcpDriver {
         self
     }
 
-    /// Number of requests one poll sends (after merging).
-    pub fn request_count(&self) -> usize {
-        self.plan.len()
-    }
-
     pub async fn run(self, cancel: CancellationToken) {
         let span = tracing::error_span!("driver", device = %self.device, driver = "modbus-tcp");
         self.run_inner(cancel).instrument(span).await;
@@ -315,13 +310,16 @@ impl ModbusTcpDriver {
                     debug!(start = req.start, count = req.count, %exc, "Merged read refused; splitting it per tag.");
                     split.push(i);
                     for single in split_request(req, &self.tags) {
+                        if let Some(e) = &link_error {
+                            self.bad_points(&single, &format!("not read: {e}"), &mut points);
+                            continue;
+                        }
                         match self.read(ctx, &single).await {
                             Ok(Ok(data)) => self.decode(&single, &data, &mut points),
                             Ok(Err(exc)) => self.bad_points(&single, &exception_text(exc), &mut points),
                             Err(e) => {
                                 self.bad_points(&single, &e.to_string(), &mut points);
                                 link_error = Some(e);
-                                break;
                             }
                         }
                     }
@@ -337,17 +335,6 @@ impl ModbusTcpDriver {
             let req = self.plan.remove(i);
             let singles = split_request(&req, &self.tags);
             self.plan.splice(i..i, singles);
-        }
-        // Points for requests after a link failure inside a split are still owed.
-        if link_error.is_some() && points.len() < self.tags.len() {
-            let seen: std::collections::HashSet<u32> = points.iter().map(|p| p.key.id).collect();
-            let error: Arc<str> = Arc::from("not read: link failed");
-            let ts = now_ms();
-            for t in &self.tags {
-                if !seen.contains(&t.key.id) {
-                    points.push(Point::bad(t.key.clone(), error.clone(), ts));
-                }
-            }
         }
         (points, link_error)
     }
