@@ -166,18 +166,19 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
+        let stop = shutdown_signal().context("cannot install signal handlers")?;
         if simulate_only {
             let cancel = CancellationToken::new();
             let sims = runtime::start_simulators(&cfg, &cancel).await?;
             if sims.is_empty() {
                 anyhow::bail!("{} has no [simulators.*] section", path.display());
             }
-            wait_for_signal().await;
+            stop.await;
             cancel.cancel();
             return Ok(());
         }
         let gateway = runtime::start(cfg).await?;
-        wait_for_signal().await;
+        stop.await;
         info!("Shutting down.");
         gateway.shutdown(SHUTDOWN_GRACE).await;
         Ok(())
@@ -187,24 +188,26 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGINT/SIGTERM handlers now and returns a future that completes on the first of
+/// them. Installing before start-up matters: a SIGTERM that arrives while the gateway starts (a
+/// quick `systemctl stop`) must drain it, not kill it with the default action.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
