@@ -286,10 +286,7 @@ fn handle_command(
         serde_json::Value::Object(mut m) => m.remove("value").ok_or("object payload needs a `value` key")?,
         v => v,
     };
-    let tx = devices.get(*device).ok_or_else(|| format!("unknown device `{device}`"))?;
-    let (reply, wait) = tokio::sync::oneshot::channel();
-    tx.blocking_send(crate::drivers::WriteCommand { tag: (*tag).to_owned(), value, reply })
-        .map_err(|_| "the device's driver has stopped".to_owned())?;
+    let wait = crate::drivers::submit(devices, device, tag, value)?;
     wait.blocking_recv().map_err(|_| "the device's driver has stopped".to_owned())?
 }
 

@@ -64,12 +64,14 @@ struct Consumer {
     name: String,
     tx: mpsc::Sender<Batch>,
     dropped: Arc<Counter>,
+    dropped_points: Arc<Counter>,
 }
 
 impl Consumer {
     fn offer(&self, batch: &Batch) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(batch.clone()) {
             self.dropped.inc();
+            self.dropped_points.add(batch.len() as u64);
             // Log the first drop and then every thousandth, so a stuck consumer is visible without
             // flooding the journal.
             let n = self.dropped.get();
@@ -147,8 +149,8 @@ impl Hub {
     /// Registers a consumer and returns its queue.
     pub fn subscribe(&mut self, name: &str, stage: Stage) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-        let dropped = self.metrics.dropped(name);
-        let c = Consumer { name: name.to_owned(), tx, dropped };
+        let (dropped, dropped_points) = self.metrics.dropped(name);
+        let c = Consumer { name: name.to_owned(), tx, dropped, dropped_points };
         match stage {
             Stage::Transform => self.transforms.push(c),
             Stage::Terminal => self.terminals.push(c),

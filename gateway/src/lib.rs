@@ -14,6 +14,7 @@
 //! - [`telemetry`]: tracing set-up.
 
 pub mod api;
+pub mod backoff;
 pub mod broker;
 pub mod config;
 pub mod drivers;

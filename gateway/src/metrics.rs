@@ -5,10 +5,24 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use crate::plugins::PluginStats;
+pub use crate::sinks::SinkStats;
+
+/// A value that goes up and down (queue lengths, connection state).
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -41,14 +55,18 @@ pub struct DeviceStats {
     pub connect_failures: Counter,
 }
 
+/// Batches and points a hub consumer could not take.
+type DropCounters = (Arc<Counter>, Arc<Counter>);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     devices: RwLock<BTreeMap<String, Arc<DeviceStats>>>,
     plugins: RwLock<BTreeMap<String, Arc<PluginStats>>>,
     /// Points handed to the embedded broker.
     pub broker_published: Counter,
-    /// Batches a consumer could not take because its queue was full, per consumer.
-    dropped: RwLock<BTreeMap<String, Arc<Counter>>>,
+    /// Batches (and their points) a consumer could not take because its queue was full.
+    dropped: RwLock<BTreeMap<String, DropCounters>>,
+    sinks: RwLock<BTreeMap<String, Arc<SinkStats>>>,
 }
 
 impl Metrics {
@@ -65,9 +83,15 @@ impl Metrics {
         map.entry(name.to_owned()).or_default().clone()
     }
 
-    pub fn dropped(&self, consumer: &str) -> Arc<Counter> {
+    /// The (batches, points) dropped counters of a hub consumer.
+    pub fn dropped(&self, consumer: &str) -> DropCounters {
         let mut map = self.dropped.write().unwrap_or_else(|e| e.into_inner());
         map.entry(consumer.to_owned()).or_default().clone()
+    }
+
+    pub fn sink(&self, name: &str) -> Arc<SinkStats> {
+        let mut map = self.sinks.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_owned()).or_default().clone()
     }
 
     pub fn render(&self) -> String {
@@ -126,10 +150,67 @@ impl Metrics {
             self.broker_published.get()
         );
         let _ = writeln!(out, "# HELP updraft_dropped_batches_total Batches dropped because a consumer's queue was full.\n# TYPE updraft_dropped_batches_total counter");
-        for (consumer, c) in self.dropped.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        let dropped = self.dropped.read().unwrap_or_else(|e| e.into_inner());
+        for (consumer, (c, _)) in dropped.iter() {
             let _ = writeln!(out, "updraft_dropped_batches_total{{consumer=\"{}\"}} {}", escape(consumer), c.get());
         }
+        let _ = writeln!(out, "# HELP updraft_dropped_points_total Points dropped because a consumer's queue was full.\n# TYPE updraft_dropped_points_total counter");
+        for (consumer, (_, p)) in dropped.iter() {
+            let _ = writeln!(out, "updraft_dropped_points_total{{consumer=\"{}\"}} {}", escape(consumer), p.get());
+        }
+        self.render_sinks(&mut out);
         out
+    }
+
+    fn render_sinks(&self, out: &mut String) {
+        let sinks = self.sinks.read().unwrap_or_else(|e| e.into_inner());
+        type SinkSeries = (&'static str, &'static str, &'static str, fn(&SinkStats) -> i64);
+        let series: [SinkSeries; 11] = [
+            ("updraft_north_accepted_points_total", "counter", "Points written to the sink's buffer.", |s| {
+                s.accepted.get() as i64
+            }),
+            ("updraft_north_delivered_points_total", "counter", "Points the cloud acknowledged.", |s| {
+                s.delivered.get() as i64
+            }),
+            ("updraft_north_messages_sent_total", "counter", "Messages sent (including resends).", |s| {
+                s.messages_sent.get() as i64
+            }),
+            ("updraft_north_pending_points", "gauge", "Points buffered and not yet acknowledged.", |s| {
+                s.pending_points.get()
+            }),
+            ("updraft_north_buffer_bytes", "gauge", "Bytes of undelivered data on disk.", |s| s.buffer_bytes.get()),
+            ("updraft_north_connected", "gauge", "1 while connected to the cloud.", |s| s.connected.get()),
+            ("updraft_north_disk_ok", "gauge", "0 while the buffer's disk refuses writes.", |s| s.disk_ok.get()),
+            ("updraft_north_disk_errors_total", "counter", "Failed writes or syncs of the buffer.", |s| {
+                s.disk_errors.get() as i64
+            }),
+            ("updraft_north_connects_total", "counter", "Connections established.", |s| s.connects.get() as i64),
+            ("updraft_north_connect_failures_total", "counter", "Failed connection attempts.", |s| {
+                s.connect_failures.get() as i64
+            }),
+            ("updraft_north_truncated_bytes_total", "counter", "Bytes of a torn buffer tail cut at start-up.", |s| {
+                s.truncated_bytes.get() as i64
+            }),
+        ];
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (sink, s) in sinks.iter() {
+                let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", escape(sink), get(s));
+            }
+        }
+        let name = "updraft_north_dropped_points_total";
+        let _ = writeln!(out, "# HELP {name} Points dropped by the sink, by reason.\n# TYPE {name} counter");
+        for (sink, s) in sinks.iter() {
+            for (reason, c) in [
+                ("buffer_full", &s.dropped_full),
+                ("expired", &s.dropped_expired),
+                ("disk", &s.dropped_disk),
+                ("rejected", &s.dropped_rejected),
+                ("corrupt", &s.dropped_corrupt),
+            ] {
+                let _ = writeln!(out, "{name}{{sink=\"{}\",reason=\"{reason}\"}} {}", escape(sink), c.get());
+            }
+        }
     }
 }
 

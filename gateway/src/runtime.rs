@@ -51,6 +51,7 @@ pub struct Gateway {
     hub: tokio::task::JoinHandle<()>,
     publisher: Option<std::thread::JoinHandle<()>>,
     plugins: Vec<std::thread::JoinHandle<()>>,
+    sinks: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Starts simulators only, for `updraft simulate`.
@@ -87,8 +88,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             DeviceConfig::ModbusTcp(m) => m.tags.len(),
         })
         .sum();
-    // One write queue per device, shared by the local broker's command listener (and later the
-    // cloud's).
+    // One write queue per device, shared by the local broker's command listener and the cloud
+    // sinks' command subscriptions.
     let mut write_txs = std::collections::HashMap::new();
     let mut write_rxs = std::collections::HashMap::new();
     for name in config.devices.keys() {
@@ -102,12 +103,16 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
-        b.spawn_command_listener(write_txs)?;
+        b.spawn_command_listener(write_txs.clone())?;
         let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
     } else {
         (None, None)
     };
+
+    // Sinks register before the hub runs; their buffers open (and are repaired) here, so a
+    // problem with the data directory stops start-up with a clear message.
+    let sinks = crate::sinks::start_all(&config, &mut hub, &metrics, &write_txs, &cancel)?;
 
     let api_addr = if config.api.enabled {
         Some(
@@ -144,7 +149,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     let hub = tokio::spawn(hub.run());
     info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
-    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher, plugins })
+    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher, plugins, sinks })
 }
 
 /// Compiles and links every plugin of a config, for `updraft check`. Uses a throw-away cache.
@@ -178,6 +183,10 @@ impl Gateway {
             }
             if let Some(p) = self.publisher.take() {
                 let _ = tokio::task::spawn_blocking(move || p.join()).await;
+            }
+            // Buffer threads sync and record the last acknowledgements as their queues close.
+            for s in self.sinks.drain(..) {
+                let _ = tokio::task::spawn_blocking(move || s.join()).await;
             }
         };
         if tokio::time::timeout(grace, drain).await.is_err() {

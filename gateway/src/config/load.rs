@@ -15,7 +15,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::validate::{self, Seg};
-use super::{Config, DeviceConfig, SimulatorConfig};
+use super::{Config, DeviceConfig, NorthConfig, SimulatorConfig};
 
 /// One problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,20 +62,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             message: format!("cannot read the config file: {e}"),
         }],
     })?;
-    let mut config = parse(&text, path)?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    if config.gateway.data_dir.is_relative() {
-        config.gateway.data_dir = base.join(&config.gateway.data_dir);
-    }
-    for plugin in config.plugins.values_mut() {
-        if plugin.wasm.is_relative() {
-            plugin.wasm = base.join(&plugin.wasm);
-        }
-    }
-    Ok(config)
+    parse(&text, path)
 }
 
-/// Parses and validates config text; `file` is only used in messages.
+/// Parses and validates config text; `file` names it in messages, and relative paths inside it
+/// resolve against its folder.
 pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let mut loc = Locator { text, file, problems: Vec::new() };
     let root = match DeTable::parse(text) {
@@ -90,6 +81,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let mut table = root.into_inner();
     let devices = table.remove("devices");
     let simulators = table.remove("simulators");
+    let north = table.remove("north");
 
     let config: Option<Config> = loc.deserialize(Spanned::new(root_span, DeValue::Table(table)));
     let devices = loc.named_tables(devices, "devices", "driver", DeviceConfig::DRIVERS, |loc, kind, v| match kind {
@@ -102,12 +94,44 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             _ => None,
         });
 
+    let north = loc.named_tables(north, "north", "type", NorthConfig::TYPES, |loc, kind, v| match kind {
+        "mqtt" => loc.deserialize(v).map(NorthConfig::Mqtt),
+        "http" => loc.deserialize(v).map(NorthConfig::Http),
+        _ => None,
+    });
+
     let mut config = match config {
         Some(c) if loc.problems.is_empty() => c,
         _ => return Err(loc.finish()),
     };
     config.devices = devices;
     config.simulators = simulators;
+    config.north = north;
+    let base = file.parent().unwrap_or(Path::new("."));
+    if config.gateway.data_dir.is_relative() {
+        config.gateway.data_dir = base.join(&config.gateway.data_dir);
+    }
+    for plugin in config.plugins.values_mut() {
+        if plugin.wasm.is_relative() {
+            plugin.wasm = base.join(&plugin.wasm);
+        }
+    }
+    for sink in config.north.values_mut() {
+        let files = match sink {
+            super::NorthConfig::Mqtt(m) => [&mut m.password_file, &mut m.ca_file, &mut m.cert_file, &mut m.key_file],
+            super::NorthConfig::Http(h) => [&mut h.password_file, &mut h.ca_file, &mut h.cert_file, &mut h.key_file],
+        };
+        for f in files.into_iter().flatten() {
+            if f.is_relative() {
+                *f = base.join(&*f);
+            }
+        }
+        if let super::NorthConfig::Http(h) = sink {
+            if let Some(f) = h.token_file.as_mut().filter(|f| f.is_relative()) {
+                *f = base.join(&*f);
+            }
+        }
+    }
 
     for (path, message) in validate::validate(&config) {
         let span = span_of(spanned_root.get_ref(), &path).unwrap_or(0..0);

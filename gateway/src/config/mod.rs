@@ -37,6 +37,9 @@ pub struct Config {
     /// Filled by the loader from `[simulators.NAME]` tables, dispatched on their `kind` key.
     #[serde(skip)]
     pub simulators: BTreeMap<String, SimulatorConfig>,
+    /// Filled by the loader from `[north.NAME]` tables, dispatched on their `type` key.
+    #[serde(skip)]
+    pub north: BTreeMap<String, NorthConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,4 +378,203 @@ const fn default_sim_period() -> Dur {
 }
 const fn default_sim_step() -> f64 {
     1.0
+}
+
+/// One northbound sink; the variant is chosen by the table's `type` key.
+#[derive(Debug, Clone)]
+pub enum NorthConfig {
+    Mqtt(MqttNorth),
+    Http(HttpNorth),
+}
+
+impl NorthConfig {
+    pub const TYPES: &'static [&'static str] = &["mqtt", "http"];
+
+    pub fn sources(&self) -> &[String] {
+        match self {
+            NorthConfig::Mqtt(m) => &m.sources,
+            NorthConfig::Http(h) => &h.sources,
+        }
+    }
+    pub fn batch(&self) -> &NorthBatch {
+        match self {
+            NorthConfig::Mqtt(m) => &m.batch,
+            NorthConfig::Http(h) => &h.batch,
+        }
+    }
+    pub fn buffer(&self) -> &NorthBuffer {
+        match self {
+            NorthConfig::Mqtt(m) => &m.buffer,
+            NorthConfig::Http(h) => &h.buffer,
+        }
+    }
+}
+
+/// `type = "mqtt"`: an MQTT 3.1.1 broker in the cloud.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttNorth {
+    /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, default port 8883).
+    pub url: String,
+    /// Defaults to `updraft-{gateway id}`. Must be unique on the cloud broker.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// File holding the password (surrounding whitespace is trimmed). Never inline, never logged.
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the certificate authorities to trust; the system's roots if absent.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and its private key, for brokers that want client certificates.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Topic template of data messages: `{gateway}`, `{device}`, `{tag}` (one message per tag then)
+    /// and `{topic}` (the point's topic on the local broker).
+    #[serde(default = "default_north_topic")]
+    pub topic: String,
+    /// 1: a point leaves the buffer only once the broker acknowledged it. 0: once it is written to
+    /// the connection (lost if the connection drops at that moment).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Where write commands arrive (`{device}` becomes the `+` wildcard). Default: the data topic
+    /// followed by `/set`. Replies go to the command's topic followed by `/reply`.
+    pub command_topic: Option<String>,
+    /// Retained `online`, with last will `offline`. Default: `{prefix}/{gateway}/status`, where
+    /// `{prefix}` is the part of `topic` before `/{gateway}`.
+    pub status_topic: Option<String>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Dur,
+    /// Most data messages sent and not yet acknowledged.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_north_sources")]
+    pub sources: Vec<String>,
+    #[serde(default)]
+    pub batch: NorthBatch,
+    #[serde(default)]
+    pub buffer: NorthBuffer,
+}
+
+/// `type = "http"`: each message is POSTed as JSON; any 2xx answer acknowledges it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpNorth {
+    /// `http://…` or `https://…`; `{gateway}` and `{device}` are filled in.
+    pub url: String,
+    /// File holding a bearer token, sent as `Authorization: Bearer …`; re-read on every retry, so a
+    /// rotated token is picked up without a restart.
+    pub token_file: Option<PathBuf>,
+    /// Basic authentication, with the password read from a file.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Longest one request may take.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_north_sources")]
+    pub sources: Vec<String>,
+    #[serde(default)]
+    pub batch: NorthBatch,
+    #[serde(default)]
+    pub buffer: NorthBuffer,
+}
+
+fn default_north_topic() -> String {
+    "updraft/{gateway}/{device}".to_owned()
+}
+const fn default_qos() -> u8 {
+    1
+}
+const fn default_keep_alive() -> Dur {
+    Dur::from_millis(30_000)
+}
+const fn default_max_inflight() -> u16 {
+    64
+}
+fn default_north_sources() -> Vec<String> {
+    vec!["*/*".to_owned()]
+}
+const fn default_http_timeout() -> Dur {
+    Dur::from_millis(10_000)
+}
+
+/// How points are grouped into messages: one message per device (per rendered topic) per batch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NorthBatch {
+    /// Most points in one message.
+    #[serde(default = "default_north_points")]
+    pub max_points: usize,
+    /// Longest a point waits for its message to fill.
+    #[serde(default = "default_north_wait")]
+    pub max_wait: Dur,
+}
+
+impl Default for NorthBatch {
+    fn default() -> Self {
+        NorthBatch { max_points: default_north_points(), max_wait: default_north_wait() }
+    }
+}
+
+const fn default_north_points() -> usize {
+    500
+}
+const fn default_north_wait() -> Dur {
+    Dur::from_millis(1000)
+}
+
+/// The store-and-forward buffer on disk, under `{data_dir}/north/{name}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NorthBuffer {
+    /// Cap on undelivered data on disk; at about 8 bytes per point, 1GiB holds ~130 million points.
+    #[serde(default = "default_buffer_bytes")]
+    pub max_bytes: Bytes,
+    /// Points older than this when their turn comes are dropped (and counted) instead of sent.
+    #[serde(default = "default_buffer_age")]
+    pub max_age: Dur,
+    /// What to do at the cap: `drop-oldest` (keep the newest data) or `reject-new`.
+    #[serde(default)]
+    pub on_full: OnFull,
+    /// How often appended data is made durable (fdatasync). A power cut loses at most this much; a
+    /// crashed process loses nothing.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: Dur,
+    /// Held in memory while the disk refuses writes (disk full, I/O errors); the oldest is dropped
+    /// past it.
+    #[serde(default = "default_memory_bytes")]
+    pub memory_bytes: Bytes,
+}
+
+impl Default for NorthBuffer {
+    fn default() -> Self {
+        NorthBuffer {
+            max_bytes: default_buffer_bytes(),
+            max_age: default_buffer_age(),
+            on_full: OnFull::default(),
+            flush_interval: default_flush_interval(),
+            memory_bytes: default_memory_bytes(),
+        }
+    }
+}
+
+const fn default_buffer_bytes() -> Bytes {
+    Bytes(1 << 30)
+}
+const fn default_buffer_age() -> Dur {
+    Dur::from_millis(7 * 24 * 3600 * 1000)
+}
+const fn default_flush_interval() -> Dur {
+    Dur::from_millis(200)
+}
+const fn default_memory_bytes() -> Bytes {
+    Bytes(16 << 20)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    #[default]
+    DropOldest,
+    RejectNew,
 }

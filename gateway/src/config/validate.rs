@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::{Access, Config, DeviceConfig, ModbusTcpDevice, SimulatorConfig};
+use super::{Access, Config, DeviceConfig, ModbusTcpDevice, NorthConfig, SimulatorConfig};
 use crate::drivers::modbus::codec::DataType;
 
 /// One step of a key path: a table key or an array index.
@@ -107,6 +107,13 @@ pub fn validate(config: &Config) -> Found {
         if plugin.tick.is_some_and(|t| t.0 < std::time::Duration::from_millis(10)) {
             found.push((with(base, [key("tick")]), "must be at least 10ms".into()));
         }
+    }
+    for (name, sink) in &config.north {
+        let base = path(&["north", name]);
+        if let Some(p) = name_problem(name) {
+            found.push((base.clone(), format!("sink name `{name}` {p}")));
+        }
+        north(sink, base, &mut found);
     }
     let mut listens: BTreeMap<_, &str> = BTreeMap::new();
     for (name, sim) in &config.simulators {
@@ -218,6 +225,117 @@ fn modbus_tcp(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
                     area_name(t.area)
                 ),
             ));
+        }
+    }
+}
+
+fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
+    let at = |k: &str| with(base.clone(), [key(k)]);
+    match sink {
+        NorthConfig::Mqtt(m) => {
+            if let Err(e) = crate::sinks::mqtt::Endpoint::parse(&m.url) {
+                found.push((at("url"), e));
+            }
+            if m.qos > 1 {
+                found
+                    .push((at("qos"), "qos must be 0 or 1 (QoS 1 already guarantees delivery with the buffer)".into()));
+            }
+            for (k, t) in [
+                ("topic", Some(&m.topic)),
+                ("command_topic", m.command_topic.as_ref()),
+                ("status_topic", m.status_topic.as_ref()),
+            ] {
+                if let Some(t) = t {
+                    if t.contains(['+', '#']) || t.is_empty() || t.starts_with('/') {
+                        found
+                            .push((at(k), format!("topic `{t}` must be a plain topic (no wildcards, no leading '/')")));
+                    }
+                }
+            }
+            if m.max_inflight == 0 {
+                found.push((at("max_inflight"), "must be at least 1".into()));
+            }
+            if m.keep_alive.0 < std::time::Duration::from_secs(1) {
+                found.push((at("keep_alive"), "must be at least 1s".into()));
+            }
+            files(
+                &[
+                    ("password_file", &m.password_file),
+                    ("ca_file", &m.ca_file),
+                    ("cert_file", &m.cert_file),
+                    ("key_file", &m.key_file),
+                ],
+                &at,
+                found,
+            );
+            if m.cert_file.is_some() != m.key_file.is_some() {
+                found.push((at("cert_file"), "cert_file and key_file go together".into()));
+            }
+            if m.password_file.is_some() && m.username.is_none() {
+                found.push((at("password_file"), "a password needs a `username`".into()));
+            }
+        }
+        NorthConfig::Http(h) => {
+            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                found.push((at("url"), format!("url `{}` must start with http:// or https://", h.url)));
+            }
+            files(
+                &[
+                    ("token_file", &h.token_file),
+                    ("password_file", &h.password_file),
+                    ("ca_file", &h.ca_file),
+                    ("cert_file", &h.cert_file),
+                    ("key_file", &h.key_file),
+                ],
+                &at,
+                found,
+            );
+            if h.cert_file.is_some() != h.key_file.is_some() {
+                found.push((at("cert_file"), "cert_file and key_file go together".into()));
+            }
+            if h.token_file.is_some() && h.username.is_some() {
+                found.push((at("token_file"), "use either a bearer token or a username, not both".into()));
+            }
+            if h.timeout.0.is_zero() {
+                found.push((at("timeout"), "must be longer than 0s".into()));
+            }
+        }
+    }
+    if sink.sources().is_empty() {
+        found.push((at("sources"), "forward at least one source, e.g. \"*/*\"".into()));
+    }
+    for (i, s) in sink.sources().iter().enumerate() {
+        if let Err(e) = crate::sinks::Source::parse(s) {
+            found.push((with(base.clone(), [key("sources"), Seg::Index(i)]), e));
+        }
+    }
+    let batch = sink.batch();
+    if batch.max_points == 0 || batch.max_points > 100_000 {
+        found.push((with(base.clone(), [key("batch"), key("max_points")]), "must be between 1 and 100000".into()));
+    }
+    let buffer = sink.buffer();
+    if buffer.max_bytes.0 < (1 << 20) {
+        found.push((with(base.clone(), [key("buffer"), key("max_bytes")]), "must be at least 1MiB".into()));
+    }
+    if buffer.max_age.0.is_zero() {
+        found.push((with(base.clone(), [key("buffer"), key("max_age")]), "must be longer than 0s".into()));
+    }
+    let fi = buffer.flush_interval.0;
+    if fi < std::time::Duration::from_millis(10) || fi > std::time::Duration::from_secs(10) {
+        found.push((with(base.clone(), [key("buffer"), key("flush_interval")]), "must be between 10ms and 10s".into()));
+    }
+    if buffer.memory_bytes.0 < (64 << 10) {
+        found.push((with(base, [key("buffer"), key("memory_bytes")]), "must be at least 64KiB".into()));
+    }
+}
+
+/// Secret and certificate files must exist when the config is checked, not on the first reconnect.
+fn files(list: &[(&str, &Option<std::path::PathBuf>)], at: &dyn Fn(&str) -> Vec<Seg>, found: &mut Found) {
+    for (k, f) in list {
+        if let Some(f) = f {
+            if let Err(e) = std::fs::metadata(f) {
+                found.push((at(k), format!("cannot read {}: {e}", f.display())));
+            }
         }
     }
 }

@@ -15,3 +15,33 @@ pub struct WriteCommand {
 
 pub type WriteTx = mpsc::Sender<WriteCommand>;
 pub type WriteRx = mpsc::Receiver<WriteCommand>;
+
+/// Queues a write of `device`'s `tag` and returns where its result will arrive. Refuses at once
+/// (rather than waiting) when the device is unknown or its queue is full, so a flood of commands
+/// cannot stall the caller.
+pub fn submit(
+    devices: &std::collections::HashMap<String, WriteTx>,
+    device: &str,
+    tag: &str,
+    value: serde_json::Value,
+) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+    let tx = devices.get(device).ok_or_else(|| format!("unknown device `{device}`"))?;
+    let (reply, wait) = oneshot::channel();
+    tx.try_send(WriteCommand { tag: tag.to_owned(), value, reply }).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => format!("device `{device}` has too many writes queued; try again"),
+        mpsc::error::TrySendError::Closed(_) => format!("the driver of `{device}` has stopped"),
+    })?;
+    Ok(wait)
+}
+
+/// A write command from the cloud: `{"device": "...", "tag": "...", "value": ..., "id": ...}`;
+/// `id` is optional and echoed in the reply for correlation.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudCommand {
+    pub device: String,
+    pub tag: String,
+    pub value: serde_json::Value,
+    #[serde(default)]
+    pub id: Option<serde_json::Value>,
+}

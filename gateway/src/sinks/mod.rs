@@ -1,4 +1,181 @@
-//! Northbound sinks: the disk store behind store-and-forward (the cloud MQTT and HTTP sinks are
-//! next).
+//! Northbound sinks: store-and-forward to the cloud.
+//!
+//! Each `[north.NAME]` sink is a terminal consumer of the hub and runs in two halves that meet at
+//! its disk buffer (`{data_dir}/north/{name}`):
+//! - `buffer`: a thread that filters the hub's batches by the sink's `sources`, encodes them
+//!   (`codec`) and appends them to the store (`store`), making them durable on a short interval
+//!   (group commit) and applying acknowledgements;
+//! - a transport (`mqtt`, `http`) that reads records in order through an `Outbox`, groups points
+//!   into one JSON message per device, sends them, and acknowledges records once the cloud confirmed
+//!   every point in them (MQTT PUBACK, HTTP 2xx).
+//!
+//! The only copy of undelivered data that matters is the one on disk: the transport may lose its
+//! connection, its in-flight window or its process at any time and starts again from the first
+//! unacknowledged record (at-least-once; duplicates only within the in-flight window).
 
+pub mod buffer;
+pub mod codec;
+pub mod http;
+pub mod mqtt;
+pub mod outbox;
 pub mod store;
+mod tls;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NorthConfig;
+use crate::drivers::WriteTx;
+use crate::hub::{Hub, Stage};
+use crate::metrics::{Counter, Gauge, Metrics};
+use crate::point::TagKey;
+
+/// One entry of a sink's `sources`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `device/tag` with `*` for a whole segment: device points only.
+    Tag { device: String, tag: String },
+    /// An MQTT topic filter (`+`, `#`) matched against a point's topic on the local broker, which
+    /// is how plugin outputs (`updraft/derived/#`) are selected.
+    Topic(Vec<String>),
+}
+
+impl Source {
+    pub fn parse(s: &str) -> Result<Source, String> {
+        let segs: Vec<&str> = s.split('/').collect();
+        if s.contains(['+', '#']) || segs.len() != 2 {
+            for (i, seg) in segs.iter().enumerate() {
+                let bad_hash = seg.contains('#') && (*seg != "#" || i + 1 != segs.len());
+                let bad_plus = seg.contains('+') && *seg != "+";
+                if bad_hash || bad_plus || seg.contains('*') {
+                    return Err(format!(
+                        "source `{s}` is neither `device/tag` (with `*` for any one segment) nor an MQTT topic filter \
+                         (`+` for one level, `#` at the end)"
+                    ));
+                }
+            }
+            return Ok(Source::Topic(segs.into_iter().map(str::to_owned).collect()));
+        }
+        if segs.iter().any(|seg| seg.is_empty() || (seg.contains('*') && *seg != "*")) {
+            return Err(format!("source `{s}` must be `device/tag`, with `*` for a whole segment"));
+        }
+        Ok(Source::Tag { device: segs[0].to_owned(), tag: segs[1].to_owned() })
+    }
+
+    pub fn matches(&self, key: &TagKey) -> bool {
+        match self {
+            Source::Tag { device, tag } => {
+                !key.derived && (device == "*" || **device == *key.device) && (tag == "*" || **tag == *key.tag)
+            }
+            Source::Topic(filter) => {
+                let topic = String::from_utf8_lossy(&key.topic);
+                let mut levels = topic.split('/');
+                for f in filter {
+                    if f == "#" {
+                        return true;
+                    }
+                    match levels.next() {
+                        Some(l) if f == "+" || f == l => {}
+                        _ => return false,
+                    }
+                }
+                levels.next().is_none()
+            }
+        }
+    }
+}
+
+/// A sink's counters, on `/metrics` with a `sink` label.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Points written to the buffer.
+    pub accepted: Counter,
+    /// Points the cloud acknowledged.
+    pub delivered: Counter,
+    /// Points dropped at the buffer's cap (`drop-oldest` or `reject-new`).
+    pub dropped_full: Counter,
+    /// Points older than `max_age` when their turn came.
+    pub dropped_expired: Counter,
+    /// Points dropped from memory while the disk refused writes.
+    pub dropped_disk: Counter,
+    /// Points the cloud refused for good (HTTP 4xx other than 401, 403, 408, 429).
+    pub dropped_rejected: Counter,
+    /// Records that passed their checksum but could not be decoded.
+    pub dropped_corrupt: Counter,
+    /// Bytes cut from a torn tail at start-up.
+    pub truncated_bytes: Counter,
+    pub messages_sent: Counter,
+    pub connects: Counter,
+    pub connect_failures: Counter,
+    pub disk_errors: Counter,
+    pub pending_points: Gauge,
+    pub buffer_bytes: Gauge,
+    /// 1 while connected to the cloud.
+    pub connected: Gauge,
+    /// 0 while the disk refuses writes (data is then held in memory, up to `memory_bytes`).
+    pub disk_ok: Gauge,
+}
+
+/// Renders a topic (or URL) template.
+pub fn render(template: &str, gateway: &str, device: &str, tag: &str, topic: &str) -> String {
+    template.replace("{gateway}", gateway).replace("{device}", device).replace("{tag}", tag).replace("{topic}", topic)
+}
+
+/// Starts every configured sink. Each registers as a terminal consumer of the hub.
+pub fn start_all(
+    config: &crate::config::Config,
+    hub: &mut Hub,
+    metrics: &Arc<Metrics>,
+    commands: &HashMap<String, WriteTx>,
+    cancel: &CancellationToken,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let mut threads = Vec::new();
+    for (name, sink) in &config.north {
+        let stats = metrics.sink(name);
+        let dir = config.gateway.data_dir.join("north").join(name);
+        let sources = sink.sources().iter().filter_map(|s| Source::parse(s).ok()).collect();
+        let shared = buffer::open(name, &dir, sink.buffer(), stats.clone())?;
+        let rx = hub.subscribe(&format!("north:{name}"), Stage::Terminal);
+        threads.push(buffer::spawn(name, rx, sources, shared.clone(), sink.buffer().flush_interval.0)?);
+        let outbox = outbox::Outbox::new(shared, &config.gateway.id, sink.batch(), sink.buffer().max_age.0);
+        let cancel = cancel.child_token();
+        match sink {
+            NorthConfig::Mqtt(m) => {
+                let client = mqtt::MqttSink::new(name, &config.gateway.id, m, commands.clone(), stats)
+                    .map_err(std::io::Error::other)?;
+                tokio::spawn(client.run(outbox, cancel));
+            }
+            NorthConfig::Http(h) => {
+                let client = http::HttpSink::new(name, &config.gateway.id, h, stats).map_err(std::io::Error::other)?;
+                tokio::spawn(client.run(outbox, cancel));
+            }
+        }
+    }
+    Ok(threads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::Registry;
+
+    #[test]
+    fn sources_select_device_points_and_topics() {
+        let r = Registry::default();
+        let t = r.intern("boiler-1", "temperature");
+        let d = r.intern_at("boiler-1", "avg", "updraft/derived/boiler-1/avg", true);
+        let all = Source::parse("*/*").unwrap();
+        assert!(all.matches(&t) && !all.matches(&d), "device filters skip derived points");
+        assert!(Source::parse("boiler-1/*").unwrap().matches(&t));
+        assert!(!Source::parse("boiler-2/*").unwrap().matches(&t));
+        let derived = Source::parse("updraft/derived/#").unwrap();
+        assert!(derived.matches(&d) && !derived.matches(&t));
+        assert!(Source::parse("updraft/+/temperature").unwrap().matches(&t));
+        assert!(!Source::parse("updraft/+").unwrap().matches(&t));
+        assert!(Source::parse("a/b#").is_err());
+        assert!(Source::parse("a*/b").is_err());
+        assert!(Source::parse("#/x").is_err());
+    }
+}

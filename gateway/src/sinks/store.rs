@@ -13,6 +13,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const HEADER: u64 = 8;
+/// Bytes a record takes on disk besides its payload (length and checksum).
+pub const FRAME_OVERHEAD: u64 = HEADER;
 /// Largest record accepted; anything longer on disk is corruption.
 pub const MAX_RECORD: usize = 16 << 20;
 
@@ -22,6 +24,13 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Cap on unacknowledged bytes; past it the oldest segment is dropped (drop-oldest).
     pub max_bytes: u64,
+    /// What a record is worth in the counts (`pending`, `dropped`): the sink counts points.
+    pub weigh: fn(&[u8]) -> u64,
+}
+
+/// Counts records, for stores that do not weigh them.
+pub fn one(_: &[u8]) -> u64 {
+    1
 }
 
 /// What `open` found.
@@ -29,8 +38,8 @@ pub struct StoreOptions {
 pub struct OpenReport {
     /// Bytes cut from the end of the last segment because they did not form a valid record.
     pub truncated_bytes: u64,
-    /// Unacknowledged records found.
-    pub pending_records: u64,
+    /// Unacknowledged records found, weighed by `StoreOptions::weigh`.
+    pub pending: u64,
 }
 
 #[derive(Debug)]
@@ -47,8 +56,8 @@ pub struct Store {
     segments: VecDeque<Segment>,
     writer: File,
     acked: u64,
-    /// Records dropped because the cap was reached, since open.
-    pub dropped_records: u64,
+    /// Records dropped because the cap was reached, since open, weighed by `StoreOptions::weigh`.
+    pub dropped: u64,
 }
 
 fn seg_path(dir: &Path, base: u64) -> PathBuf {
@@ -58,8 +67,8 @@ fn seg_path(dir: &Path, base: u64) -> PathBuf {
 /// Reads valid records of a segment from `from` (a position inside it); stops at the first
 /// invalid or incomplete record and returns the position where valid data ends.
 fn scan(path: &Path, from: u64, mut visit: impl FnMut(u64, Vec<u8>) -> bool) -> io::Result<u64> {
-    let mut f = File::open(path)?;
-    let len = f.metadata()?.len();
+    let mut f = io::BufReader::with_capacity(64 << 10, File::open(path)?);
+    let len = f.get_ref().metadata()?.len();
     let mut pos = from;
     f.seek(SeekFrom::Start(pos))?;
     let mut header = [0u8; HEADER as usize];
@@ -122,8 +131,11 @@ impl Store {
         }
         let tail = segments.back().expect("one segment exists");
         let writer = OpenOptions::new().create(true).append(true).open(&tail.path)?;
-        let store = Store { dir: dir.to_owned(), opts, segments, writer, acked, dropped_records: 0 };
-        report.pending_records = store.read_from(store.acked, usize::MAX)?.len() as u64;
+        let store = Store { dir: dir.to_owned(), opts, segments, writer, acked, dropped: 0 };
+        store.for_each_from(store.acked, |_, r| {
+            report.pending += (opts.weigh)(r);
+            true
+        })?;
         Ok((store, report))
     }
 
@@ -139,7 +151,12 @@ impl Store {
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         frame.extend_from_slice(payload);
-        self.writer.write_all(&frame)?;
+        if let Err(e) = self.writer.write_all(&frame) {
+            // Disk full or an I/O error: cut what part of the frame was written, so the next append
+            // does not land behind garbage (which a later open would cut, with every record after it).
+            let _ = self.writer.set_len(self.tail().len);
+            return Err(e);
+        }
         let tail = self.segments.back_mut().expect("one segment exists");
         let at = tail.base + tail.len;
         tail.len += frame.len() as u64;
@@ -155,20 +172,36 @@ impl Store {
     /// Up to `max` records from `offset` on, with their offsets.
     pub fn read_from(&self, offset: u64, max: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
+        if max > 0 {
+            self.for_each_from(offset, |at, payload| {
+                out.push((at, payload.to_vec()));
+                out.len() < max
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Visits records from `offset` on, in order, until `visit` returns false.
+    pub fn for_each_from(&self, offset: u64, mut visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<()> {
+        let mut more = true;
         for s in &self.segments {
-            if out.len() >= max {
+            if !more {
                 break;
             }
             if s.base + s.len <= offset || s.len == 0 {
                 continue;
             }
             let from = offset.saturating_sub(s.base);
+            // Only the part written when the scan starts: the writer may be appending meanwhile.
             scan(&s.path, from, |at, payload| {
-                out.push((s.base + at, payload));
-                out.len() < max
+                if at >= s.len {
+                    return false;
+                }
+                more = visit(s.base + at, &payload);
+                more
             })?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The offset just past the last record.
@@ -220,11 +253,12 @@ impl Store {
             let s = self.segments.pop_front().expect("checked");
             let from = self.acked.saturating_sub(s.base);
             let mut n = 0u64;
-            scan(&s.path, from, |_, _| {
-                n += 1;
+            let weigh = self.opts.weigh;
+            scan(&s.path, from, |_, r| {
+                n += weigh(&r);
                 true
             })?;
-            self.dropped_records += n;
+            self.dropped += n;
             fs::remove_file(&s.path)?;
             self.acked = self.acked.max(s.base + s.len);
             write_ack(&self.dir, self.acked)?;
@@ -267,7 +301,7 @@ mod tests {
         d
     }
 
-    const OPTS: StoreOptions = StoreOptions { segment_bytes: 64, max_bytes: 1 << 20 };
+    const OPTS: StoreOptions = StoreOptions { segment_bytes: 64, max_bytes: 1 << 20, weigh: one };
 
     #[test]
     fn records_survive_reopen_in_order_across_segments() {
@@ -278,7 +312,7 @@ mod tests {
         assert!(s.segments.len() > 2, "small segments roll over");
         drop(s);
         let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report, OpenReport { truncated_bytes: 0, pending_records: 20 });
+        assert_eq!(report, OpenReport { truncated_bytes: 0, pending: 20 });
         let got = s.read_from(0, usize::MAX).unwrap();
         assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), offsets);
         assert_eq!(got[7].1, b"record-7");
@@ -295,7 +329,7 @@ mod tests {
         assert!(fs::read_dir(&d).unwrap().count() < files_before, "fully acked segments are deleted");
         drop(s);
         let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report.pending_records, 5);
+        assert_eq!(report.pending, 5);
         let got = s.read_from(s.acked(), usize::MAX).unwrap();
         assert_eq!(got.first().map(|(_, p)| p.clone()), Some(b"r15".to_vec()));
         let _ = fs::remove_dir_all(&d);
@@ -304,7 +338,8 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_and_counted_and_appending_continues() {
         let d = dir("torn");
-        let (mut s, _) = Store::open(&d, StoreOptions { segment_bytes: 1 << 20, max_bytes: 1 << 30 }).unwrap();
+        let (mut s, _) =
+            Store::open(&d, StoreOptions { segment_bytes: 1 << 20, max_bytes: 1 << 30, weigh: one }).unwrap();
         for i in 0..5 {
             s.append(format!("ok-{i}").as_bytes()).unwrap();
         }
@@ -317,7 +352,7 @@ mod tests {
         drop(f);
         let (mut s, report) = Store::open(&d, OPTS).unwrap();
         assert_eq!(report.truncated_bytes, 15);
-        assert_eq!(report.pending_records, 5);
+        assert_eq!(report.pending, 5);
         s.append(b"after").unwrap();
         let got = s.read_from(0, usize::MAX).unwrap();
         assert_eq!(got.len(), 6);
@@ -328,13 +363,13 @@ mod tests {
     #[test]
     fn over_the_cap_the_oldest_records_are_dropped_and_counted() {
         let d = dir("cap");
-        let (mut s, _) = Store::open(&d, StoreOptions { segment_bytes: 100, max_bytes: 300 }).unwrap();
+        let (mut s, _) = Store::open(&d, StoreOptions { segment_bytes: 100, max_bytes: 300, weigh: one }).unwrap();
         for i in 0..100 {
             s.append(format!("point-{i:03}").as_bytes()).unwrap();
         }
         assert!(s.pending_bytes() <= 300 + 100, "pending {}", s.pending_bytes());
         let left = s.read_from(s.acked(), usize::MAX).unwrap();
-        assert_eq!(s.dropped_records + left.len() as u64, 100, "every record is either kept or counted");
+        assert_eq!(s.dropped + left.len() as u64, 100, "every record is either kept or counted");
         assert_eq!(left.last().unwrap().1, b"point-099", "the newest survive");
         let _ = fs::remove_dir_all(&d);
     }
@@ -349,7 +384,7 @@ mod tests {
         drop(s);
         fs::write(d.join("ack"), [1u8; 12]).unwrap();
         let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report.pending_records, 2);
+        assert_eq!(report.pending, 2);
         assert_eq!(s.acked(), 0);
         let _ = fs::remove_dir_all(&d);
     }

@@ -4,4 +4,4 @@ pub mod codec;
 mod driver;
 pub mod planner;
 
-pub use driver::{backoff, ModbusTcpDriver};
+pub use driver::ModbusTcpDriver;

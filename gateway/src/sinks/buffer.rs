@@ -1,0 +1,305 @@
+//! The writing half of a sink: a thread that turns the hub's batches into buffer records.
+//!
+//! It owns every write to the sink's store, so disk I/O never runs on the async runtime. Each batch
+//! is filtered, encoded and appended at once (a killed process loses nothing the thread saw: the
+//! data is in the page cache); `fdatasync` runs once per `flush_interval` for all of them (group
+//! commit: a power cut loses at most that interval). The same tick applies the transport's
+//! acknowledgements to the store.
+//!
+//! When the disk refuses a write (full, read-only, failing), records are held in memory up to
+//! `memory_bytes`, oldest dropped and counted beyond that, and written out in order once the disk
+//! accepts writes again: a full disk degrades the sink, it never stops the gateway.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tracing::{error, info, warn};
+
+use super::codec::{self, Dict, DictEntry};
+use super::store::{Store, StoreOptions};
+use super::{SinkStats, Source};
+use crate::config::{NorthBuffer, OnFull};
+use crate::point::Batch;
+
+/// Segment size: small enough that acknowledged data is deleted promptly, large enough that a
+/// 1 GiB buffer is a few hundred files.
+const SEGMENT_BYTES: u64 = 8 << 20;
+
+/// What the two halves of a sink share.
+#[derive(Debug)]
+pub struct Shared {
+    pub name: String,
+    pub store: Mutex<Store>,
+    pub dict: Arc<RwLock<Vec<Arc<DictEntry>>>>,
+    dict_owned: Mutex<Option<Dict>>,
+    /// Woken after each append.
+    pub appended: Notify,
+    /// Everything before this offset was acknowledged by the cloud; the buffer thread applies it.
+    pub ack_to: AtomicU64,
+    pub stats: Arc<SinkStats>,
+    pub opts: NorthBuffer,
+    /// Points pending when the store was opened.
+    pending_at_open: u64,
+}
+
+impl Shared {
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Opens (and repairs) a sink's buffer.
+pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -> std::io::Result<Arc<Shared>> {
+    let err = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("sink `{name}`: {what} {}: {e}", dir.display()))
+    };
+    let store_opts = StoreOptions { segment_bytes: SEGMENT_BYTES, max_bytes: opts.max_bytes.0, weigh: codec::count };
+    let (store, report) = Store::open(dir, store_opts).map_err(|e| err("cannot open the buffer in", e))?;
+    let dict = Dict::open(dir).map_err(|e| err("cannot read the tag dictionary in", e))?;
+    if report.truncated_bytes > 0 {
+        warn!(sink = %name, bytes = report.truncated_bytes, "Cut a torn tail from the buffer (an interrupted write, e.g. a power cut).");
+        stats.truncated_bytes.add(report.truncated_bytes);
+    }
+    if report.pending > 0 {
+        info!(sink = %name, points = report.pending, bytes = store.pending_bytes(), "Buffered points from before the restart will be sent.");
+    }
+    stats.disk_ok.set(1);
+    stats.pending_points.set(report.pending as i64);
+    stats.buffer_bytes.set(store.pending_bytes() as i64);
+    let acked = store.acked();
+    Ok(Arc::new(Shared {
+        name: name.to_owned(),
+        store: Mutex::new(store),
+        dict: dict.entries(),
+        dict_owned: Mutex::new(Some(dict)),
+        appended: Notify::new(),
+        ack_to: AtomicU64::new(acked),
+        stats,
+        opts: opts.clone(),
+        pending_at_open: report.pending,
+    }))
+}
+
+/// Starts the buffer thread. It runs until the hub closes its queue, then syncs and applies the
+/// last acknowledgements.
+pub fn spawn(
+    name: &str,
+    mut rx: mpsc::Receiver<Batch>,
+    sources: Vec<Source>,
+    shared: Arc<Shared>,
+    flush_interval: Duration,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let dict = shared.dict_owned.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(dict) = dict else { return Err(std::io::Error::other("buffer thread already started")) };
+    std::thread::Builder::new().name(format!("north-{name}")).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!(sink = %shared.name, error = %e, "Cannot start the buffer thread.");
+                return;
+            }
+        };
+        let mut w = Writer::new(shared, dict, sources);
+        rt.block_on(async {
+            let mut tick = tokio::time::interval(flush_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    batch = rx.recv() => match batch {
+                        Some(b) => w.ingest(&b),
+                        None => break,
+                    },
+                    _ = tick.tick() => w.flush(),
+                }
+            }
+        });
+        w.flush();
+    })
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    dict: Dict,
+    sources: Vec<Source>,
+    /// Registry id → 1 selected, 2 not, 0 not yet known.
+    selected: Vec<u8>,
+    buf: Vec<u8>,
+    /// Records (with their point counts) the disk refused, oldest first.
+    held: VecDeque<(Vec<u8>, u64)>,
+    held_bytes: u64,
+    dirty: bool,
+    store_dropped_seen: u64,
+    rejected_logged: u64,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, dict: Dict, sources: Vec<Source>) -> Self {
+        Writer {
+            shared,
+            dict,
+            sources,
+            selected: Vec::new(),
+            buf: Vec::with_capacity(4096),
+            held: VecDeque::new(),
+            held_bytes: 0,
+            dirty: false,
+            store_dropped_seen: 0,
+            rejected_logged: 0,
+        }
+    }
+
+    fn is_selected(&mut self, key: &crate::point::TagKey) -> bool {
+        let i = key.id as usize;
+        if self.selected.len() <= i {
+            self.selected.resize(i + 1, 0);
+        }
+        if self.selected[i] == 0 {
+            self.selected[i] = if self.sources.iter().any(|s| s.matches(key)) { 1 } else { 2 };
+        }
+        self.selected[i] == 1
+    }
+
+    fn ingest(&mut self, batch: &Batch) {
+        let wanted: Vec<bool> = batch.iter().map(|p| self.is_selected(&p.key)).collect();
+        let mut buf = std::mem::take(&mut self.buf);
+        let n = codec::encode(&mut self.dict, batch.iter().zip(&wanted).filter(|(_, w)| **w).map(|(p, _)| p), &mut buf)
+            as u64;
+        if n > 0 {
+            self.write(&buf, n);
+        }
+        self.buf = buf;
+    }
+
+    fn write(&mut self, record: &[u8], n: u64) {
+        let stats = self.shared.stats.clone();
+        // Behind held records, a new one must wait its turn, or order would break.
+        if !self.held.is_empty() {
+            self.hold(record.to_vec(), n);
+            return;
+        }
+        if let Err(e) = self.dict.persist() {
+            self.disk_failed(&e);
+            self.hold(record.to_vec(), n);
+            return;
+        }
+        let mut store = self.shared.store();
+        if self.shared.opts.on_full == OnFull::RejectNew
+            && store.pending_bytes() + record.len() as u64 > self.shared.opts.max_bytes.0
+        {
+            drop(store);
+            stats.dropped_full.add(n);
+            let total = stats.dropped_full.get();
+            if self.rejected_logged == 0 || total / 10_000 > self.rejected_logged / 10_000 {
+                warn!(sink = %self.shared.name, dropped_points = total, "Buffer full (on_full = \"reject-new\"); new points are dropped.");
+            }
+            self.rejected_logged = total;
+            return;
+        }
+        match store.append(record) {
+            Ok(_) => {
+                drop(store);
+                stats.accepted.add(n);
+                self.dirty = true;
+                self.shared.appended.notify_one();
+            }
+            Err(e) => {
+                drop(store);
+                self.disk_failed(&e);
+                self.hold(record.to_vec(), n);
+            }
+        }
+    }
+
+    fn disk_failed(&mut self, e: &std::io::Error) {
+        let stats = &self.shared.stats;
+        stats.disk_errors.inc();
+        if stats.disk_ok.get() == 1 {
+            error!(sink = %self.shared.name, error = %e, memory_cap = %bytesize::ByteSize(self.shared.opts.memory_bytes.0),
+                "The buffer's disk refuses writes; holding new points in memory until it recovers.");
+        }
+        stats.disk_ok.set(0);
+    }
+
+    fn hold(&mut self, record: Vec<u8>, n: u64) {
+        let stats = &self.shared.stats;
+        stats.accepted.add(n);
+        self.held_bytes += record.len() as u64;
+        self.held.push_back((record, n));
+        while self.held_bytes > self.shared.opts.memory_bytes.0 {
+            let Some((r, n)) = self.held.pop_front() else { break };
+            self.held_bytes -= r.len() as u64;
+            stats.dropped_disk.add(n);
+            let total = stats.dropped_disk.get();
+            if total == n || total / 10_000 > (total - n) / 10_000 {
+                warn!(sink = %self.shared.name, dropped_points = total, "Memory hold full while the disk refuses writes; oldest points dropped.");
+            }
+        }
+    }
+
+    /// Writes held records, syncs, applies acknowledgements and refreshes the gauges.
+    fn flush(&mut self) {
+        if !self.held.is_empty() {
+            if let Err(e) = self.dict.persist() {
+                self.disk_failed(&e);
+            } else {
+                let mut store = self.shared.store();
+                while let Some((r, _)) = self.held.front() {
+                    match store.append(r) {
+                        Ok(_) => {
+                            self.dirty = true;
+                            let (r, _) = self.held.pop_front().expect("checked");
+                            self.held_bytes -= r.len() as u64;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                drop(store);
+                if self.held.is_empty() {
+                    info!(sink = %self.shared.name, "The buffer's disk accepts writes again.");
+                    self.shared.stats.disk_ok.set(1);
+                    self.shared.appended.notify_one();
+                }
+            }
+        }
+        let mut store = self.shared.store();
+        if self.dirty {
+            match store.sync() {
+                Ok(()) => self.dirty = false,
+                Err(e) => {
+                    drop(store);
+                    self.disk_failed(&e);
+                    store = self.shared.store();
+                }
+            }
+        }
+        let target = self.shared.ack_to.load(Ordering::Acquire);
+        if target > store.acked() {
+            if let Err(e) = store.ack(target) {
+                // Not fatal: the acknowledgement is retried next tick, and a restart meanwhile only
+                // means resending.
+                warn!(sink = %self.shared.name, error = %e, "Cannot record delivered points; will retry.");
+            }
+        }
+        let stats = &self.shared.stats;
+        let newly_dropped = store.dropped - self.store_dropped_seen;
+        if newly_dropped > 0 {
+            self.store_dropped_seen = store.dropped;
+            stats.dropped_full.add(newly_dropped);
+            warn!(sink = %self.shared.name, dropped_points = newly_dropped, "Buffer full (on_full = \"drop-oldest\"); oldest points dropped.");
+        }
+        stats.buffer_bytes.set(store.pending_bytes() as i64);
+        drop(store);
+        let settled = stats.delivered.get()
+            + stats.dropped_expired.get()
+            + stats.dropped_rejected.get()
+            + stats.dropped_corrupt.get()
+            + self.store_dropped_seen
+            + stats.dropped_disk.get();
+        let pending = (self.shared.pending_at_open + stats.accepted.get()).saturating_sub(settled);
+        stats.pending_points.set(pending as i64);
+    }
+}

@@ -1,0 +1,358 @@
+//! The MQTT transport of a sink (rumqttc): sends the outbox's messages, maps PUBACKs back to
+//! buffer records, keeps the gateway's status topic, and takes write commands from the cloud.
+//!
+//! rumqttc's `publish` returns once the request is queued, not when the broker has it, and it has no
+//! delivery token. So each connection gets a fresh client and event loop, driven from one task:
+//! publishes are requested in a known order, `Outgoing::Publish(pkid)` events come back in that
+//! order and give each message its packet id, and `Incoming::PubAck(pkid)` settles it. A fresh event
+//! loop per connection also means rumqttc never replays its own copy of unacknowledged messages
+//! after a reconnect: the outbox rewinds to the first unacknowledged record instead, the one source
+//! of truth.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::outbox::{Outbox, Token};
+use super::{tls, SinkStats};
+use crate::backoff::backoff;
+use crate::config::MqttNorth;
+use crate::drivers::{CloudCommand, WriteTx};
+
+/// Where the cloud broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let bad = || format!("url `{url}` must be mqtt://host[:port] or mqtts://host[:port]");
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => return Err(bad()),
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains(['/', '@', '?']) {
+            return Err(bad());
+        }
+        let default_port = if tls { 8883 } else { 1883 };
+        // `[::1]:1883` style IPv6 literals keep their brackets out of the host.
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') && !p.contains(']') => (h, p.parse::<u16>().map_err(|_| bad())?),
+            _ => (rest, default_port),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Endpoint { host: host.to_owned(), port, tls })
+    }
+}
+
+pub struct MqttSink {
+    name: String,
+    gateway: String,
+    cfg: MqttNorth,
+    endpoint: Endpoint,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    client_id: String,
+    qos: QoS,
+    status_topic: String,
+    command_filter: String,
+    devices: Arc<HashMap<String, WriteTx>>,
+    stats: Arc<SinkStats>,
+}
+
+/// Why a connection ended.
+struct Ended {
+    connected: bool,
+    error: String,
+}
+
+impl MqttSink {
+    pub fn new(
+        name: &str,
+        gateway: &str,
+        cfg: &MqttNorth,
+        devices: HashMap<String, WriteTx>,
+        stats: Arc<SinkStats>,
+    ) -> Result<Self, String> {
+        let endpoint = Endpoint::parse(&cfg.url)?;
+        let tls = if endpoint.tls {
+            let c = tls::client_config(cfg.ca_file.as_deref(), cfg.cert_file.as_deref(), cfg.key_file.as_deref())
+                .map_err(|e| format!("sink `{name}`: {e}"))?;
+            Some(Arc::new(c))
+        } else {
+            None
+        };
+        let status_topic = match &cfg.status_topic {
+            Some(t) => t.replace("{gateway}", gateway),
+            None => {
+                let prefix = match cfg.topic.split_once("/{gateway}") {
+                    Some((p, _)) if !p.is_empty() && !p.contains('{') => p.to_owned(),
+                    _ => cfg.topic.split('/').next().filter(|s| !s.contains('{')).unwrap_or("updraft").to_owned(),
+                };
+                format!("{prefix}/{gateway}/status")
+            }
+        };
+        let command_filter = match &cfg.command_topic {
+            Some(t) => t.replace("{gateway}", gateway).replace("{device}", "+").replace("{tag}", "+"),
+            None => format!("{}/set", cfg.topic)
+                .replace("{gateway}", gateway)
+                .replace("{device}", "+")
+                .replace("{tag}", "+")
+                .replace("{topic}", "+"),
+        };
+        Ok(MqttSink {
+            name: name.to_owned(),
+            gateway: gateway.to_owned(),
+            client_id: cfg.client_id.clone().unwrap_or_else(|| format!("updraft-{gateway}")),
+            qos: if cfg.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+            cfg: cfg.clone(),
+            endpoint,
+            tls,
+            status_topic,
+            command_filter,
+            devices: Arc::new(devices),
+            stats,
+        })
+    }
+
+    fn options(&self) -> Result<MqttOptions, String> {
+        let mut o = MqttOptions::new(&self.client_id, &self.endpoint.host, self.endpoint.port);
+        o.set_keep_alive(self.cfg.keep_alive.0);
+        o.set_clean_session(true);
+        o.set_inflight(self.cfg.max_inflight.saturating_add(16));
+        o.set_request_channel_capacity(usize::from(self.cfg.max_inflight) * 2 + 64);
+        o.set_max_packet_size(16 << 20, 16 << 20);
+        o.set_last_will(LastWill::new(&self.status_topic, "offline", QoS::AtLeastOnce, true));
+        if let Some(user) = &self.cfg.username {
+            // Re-read on every connection, so a rotated password needs no restart.
+            let password = match &self.cfg.password_file {
+                Some(f) => tls::read_secret(f)?,
+                None => String::new(),
+            };
+            o.set_credentials(user, password);
+        }
+        if let Some(c) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(c.clone())));
+        }
+        Ok(o)
+    }
+
+    /// Runs until cancelled: connect, send, reconnect with backoff.
+    pub async fn run(self, mut outbox: Outbox, cancel: CancellationToken) {
+        outbox.set_template(&self.cfg.topic);
+        let mut failures = 0u32;
+        loop {
+            let ended = match self.session(&mut outbox, &cancel).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            self.stats.connected.set(0);
+            if ended.connected {
+                failures = 0;
+            }
+            failures += 1;
+            let delay = backoff(failures);
+            warn!(sink = %self.name, url = %self.cfg.url, error = %ended.error, retry_in = ?delay,
+                "{}", if ended.connected { "Cloud connection lost; undelivered points stay buffered." } else { "Cannot connect to the cloud; points are buffered." });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    async fn session(&self, outbox: &mut Outbox, cancel: &CancellationToken) -> Result<(), Ended> {
+        let fail = |connected, error: String| Ended { connected, error };
+        let opts = self.options().map_err(|e| fail(false, e))?;
+        let (client, mut el) = AsyncClient::new(opts, usize::from(self.cfg.max_inflight) * 2 + 64);
+        let connect = tokio::time::timeout(Duration::from_secs(30), wait_connack(&mut el));
+        let connected = tokio::select! {
+            r = connect => r,
+            _ = cancel.cancelled() => return Ok(()),
+        };
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.stats.connect_failures.inc();
+                return Err(fail(false, e));
+            }
+            Err(_) => {
+                self.stats.connect_failures.inc();
+                return Err(fail(false, "no CONNACK within 30s".into()));
+            }
+        }
+        self.stats.connects.inc();
+        self.stats.connected.set(1);
+        info!(sink = %self.name, url = %self.cfg.url, client_id = %self.client_id, "Connected to the cloud broker.");
+
+        // The event loop runs in its own task: its `poll` is not safe to drop halfway, which a
+        // `select!` here would do.
+        let (ev_tx, mut ev_rx) = mpsc::channel(1024);
+        let pump = tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let stop = ev.is_err();
+                if ev_tx.send(ev).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let _pump = AbortOnDrop(pump);
+        let lost = |e: rumqttc::ClientError| fail(true, e.to_string());
+
+        // Every publish request, in order; `Some` for data messages.
+        let mut order: VecDeque<Option<Token>> = VecDeque::new();
+        let mut inflight: HashMap<u16, Token> = HashMap::new();
+        let mut window = 0usize;
+        let max_window = usize::from(self.cfg.max_inflight);
+        client.publish(&self.status_topic, QoS::AtLeastOnce, true, "online").await.map_err(lost)?;
+        order.push_back(None);
+        client.subscribe(&self.command_filter, QoS::AtLeastOnce).await.map_err(lost)?;
+        outbox.rewind();
+        let (reply_tx, mut reply_rx) = mpsc::channel::<(String, String)>(64);
+        loop {
+            while window < max_window {
+                let Some(msg) = outbox.next_message() else { break };
+                client.publish(msg.target, self.qos, false, msg.payload).await.map_err(lost)?;
+                order.push_back(Some(msg.token));
+                window += 1;
+                self.stats.messages_sent.inc();
+            }
+            tokio::select! {
+                ev = ev_rx.recv() => match ev {
+                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => match order.pop_front() {
+                        Some(Some(token)) if self.qos == QoS::AtMostOnce => {
+                            outbox.done(token);
+                            window -= 1;
+                        }
+                        Some(Some(token)) => {
+                            inflight.insert(pkid, token);
+                        }
+                        _ => {}
+                    },
+                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+                        if let Some(token) = inflight.remove(&ack.pkid) {
+                            outbox.done(token);
+                            window -= 1;
+                        }
+                    }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(&p.topic, &p.payload, reply_tx.clone()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(fail(true, e.to_string())),
+                    None => return Err(fail(true, "event loop stopped".into())),
+                },
+                Some((topic, body)) = reply_rx.recv() => {
+                    client.publish(topic, QoS::AtLeastOnce, false, body).await.map_err(lost)?;
+                    order.push_back(None);
+                }
+                _ = outbox.wait(), if window < max_window => {}
+                _ = cancel.cancelled() => {
+                    // A clean goodbye: retained `offline` (the broker does not fire the will on a
+                    // DISCONNECT), then wait briefly for it to leave.
+                    let _ = client.publish(&self.status_topic, QoS::AtLeastOnce, true, "offline").await;
+                    let _ = client.disconnect().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Some(Ok(ev)) = ev_rx.recv().await {
+                            if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    self.stats.connected.set(0);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Runs a write command from the cloud; its reply is published by the session loop.
+    fn command(&self, topic: &str, payload: &[u8], replies: mpsc::Sender<(String, String)>) {
+        let reply_topic = format!("{topic}/reply");
+        let cmd: Result<CloudCommand, String> = serde_json::from_slice(payload).map_err(|e| {
+            format!("command must be JSON {{\"device\": \"...\", \"tag\": \"...\", \"value\": ...}}: {e}")
+        });
+        let devices = self.devices.clone();
+        let sink = self.name.clone();
+        let gateway = self.gateway.clone();
+        tokio::spawn(async move {
+            let (id, device, tag, result) = match cmd {
+                Ok(c) => {
+                    let result = match crate::drivers::submit(&devices, &c.device, &c.tag, c.value.clone()) {
+                        Ok(wait) => wait.await.unwrap_or_else(|_| Err("the device's driver has stopped".into())),
+                        Err(e) => Err(e),
+                    };
+                    (c.id, Some(c.device), Some(c.tag), result)
+                }
+                Err(e) => (None, None, None, Err(e)),
+            };
+            match &result {
+                Ok(()) => info!(sink = %sink, gateway = %gateway, device = ?device, tag = ?tag, "Cloud write done."),
+                Err(e) => warn!(sink = %sink, device = ?device, tag = ?tag, error = %e, "Cloud write refused."),
+            }
+            let mut body = serde_json::Map::new();
+            body.insert("ok".into(), result.is_ok().into());
+            if let Err(e) = result {
+                body.insert("error".into(), e.into());
+            }
+            for (k, v) in [("device", device.map(Into::into)), ("tag", tag.map(Into::into)), ("id", id)] {
+                if let Some(v) = v {
+                    body.insert(k.into(), v);
+                }
+            }
+            if replies.send((reply_topic, serde_json::Value::Object(body).to_string())).await.is_err() {
+                debug!(sink = %sink, "Connection ended before a command reply could be sent.");
+            }
+        });
+    }
+}
+
+async fn wait_connack(el: &mut EventLoop) -> Result<(), String> {
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        let e = Endpoint::parse("mqtts://iot.example.com").unwrap();
+        assert_eq!((e.host.as_str(), e.port, e.tls), ("iot.example.com", 8883, true));
+        let e = Endpoint::parse("mqtt://10.0.0.5:1884").unwrap();
+        assert_eq!((e.host.as_str(), e.port, e.tls), ("10.0.0.5", 1884, false));
+        assert_eq!(Endpoint::parse("mqtt://[::1]:1884").unwrap().host, "::1");
+        for bad in ["http://x", "mqtt://", "mqtt://h:0", "mqtt://h:port", "iot.example.com:8883", "mqtt://u@h"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

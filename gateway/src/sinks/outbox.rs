@@ -1,0 +1,320 @@
+//! The reading half of a sink: records from the buffer become cloud messages, and cloud
+//! acknowledgements become the buffer's acknowledged position.
+//!
+//! Points are grouped by destination (the rendered topic or URL: one per device by default) into
+//! messages of at most `max_points`, sent when full or `max_wait` after their first point. A record
+//! is acknowledged once every message holding one of its points is, and only in order, so the
+//! acknowledged position never passes a point the cloud has not confirmed. Messages of one group
+//! leave in order, so each device's points arrive in the order they were read.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::buffer::Shared;
+use super::codec::{self, Decoded};
+use super::render;
+use super::store::FRAME_OVERHEAD;
+use crate::config::NorthBatch;
+use crate::point::{now_ms, Quality};
+
+/// Records read from the buffer per refill.
+const READ_RECORDS: usize = 256;
+
+/// Which records a message holds points of: (record index, points) runs.
+#[derive(Debug, Clone)]
+pub struct Token {
+    generation: u64,
+    runs: Vec<(u64, u32)>,
+}
+
+/// One message ready to send.
+#[derive(Debug)]
+pub struct Message {
+    /// The rendered topic (MQTT) or URL (HTTP).
+    pub target: String,
+    pub payload: Vec<u8>,
+    /// Points in the message.
+    pub points: u64,
+    /// A plugin's verbatim message rather than a JSON batch of points.
+    pub raw: bool,
+    pub token: Token,
+}
+
+#[derive(Debug)]
+struct Rec {
+    start: u64,
+    end: u64,
+    points: u64,
+    /// Points not yet settled (acknowledged, expired or rejected).
+    remaining: u64,
+    rejected: u64,
+    expired: u64,
+}
+
+#[derive(Debug)]
+struct Group {
+    device: Arc<str>,
+    json: Vec<u8>,
+    points: u32,
+    runs: Vec<(u64, u32)>,
+    since: Instant,
+}
+
+pub struct Outbox {
+    shared: Arc<Shared>,
+    gateway: String,
+    template: String,
+    max_points: usize,
+    max_wait: Duration,
+    max_age_ms: i64,
+    /// Store offset of the next record to read.
+    cursor: u64,
+    /// Records read and not yet settled, oldest first; `first` is the index of the front one.
+    records: VecDeque<Rec>,
+    first: u64,
+    groups: HashMap<String, Group>,
+    ready: VecDeque<Message>,
+    generation: u64,
+}
+
+impl Outbox {
+    pub fn new(shared: Arc<Shared>, gateway: &str, batch: &NorthBatch, max_age: Duration) -> Self {
+        let cursor = shared.ack_to.load(Ordering::Acquire);
+        Outbox {
+            shared,
+            gateway: gateway.to_owned(),
+            template: String::new(),
+            max_points: batch.max_points.max(1),
+            max_wait: batch.max_wait.0,
+            max_age_ms: max_age.as_millis().min(i64::MAX as u128) as i64,
+            cursor,
+            records: VecDeque::new(),
+            first: 0,
+            groups: HashMap::new(),
+            ready: VecDeque::new(),
+            generation: 0,
+        }
+    }
+
+    /// Sets the destination template (`{gateway}`, `{device}`, `{tag}`, `{topic}`).
+    pub fn set_template(&mut self, template: &str) {
+        self.template = template.to_owned();
+    }
+
+    /// Forgets everything in flight and starts again from the first unacknowledged record: after a
+    /// lost connection nothing sent in it can be trusted to have arrived.
+    pub fn rewind(&mut self) {
+        if let Some(front) = self.records.front() {
+            self.cursor = front.start;
+        }
+        self.first += self.records.len() as u64;
+        self.records.clear();
+        self.groups.clear();
+        self.ready.clear();
+        self.generation += 1;
+    }
+
+    /// The next message to send, if one is due.
+    pub fn next_message(&mut self) -> Option<Message> {
+        if self.ready.is_empty() {
+            self.refill();
+        }
+        if self.ready.is_empty() {
+            self.flush_due(false);
+        }
+        self.ready.pop_front()
+    }
+
+    /// Messages that are due now, or all partial groups if `all`.
+    fn flush_due(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut due: Vec<(String, Instant)> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| all || now.duration_since(g.since) >= self.max_wait)
+            .map(|(k, g)| (k.clone(), g.since))
+            .collect();
+        due.sort_by_key(|(_, since)| *since);
+        for (k, _) in due {
+            if let Some(g) = self.groups.remove(&k) {
+                self.seal(k, g);
+            }
+        }
+    }
+
+    /// When the oldest partial group falls due.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.groups.values().map(|g| g.since + self.max_wait).min()
+    }
+
+    /// Waits until there may be something to send: new data, or a partial message falling due.
+    pub async fn wait(&self) {
+        match self.deadline() {
+            Some(at) => {
+                tokio::select! {
+                    _ = self.shared.appended.notified() => {}
+                    _ = tokio::time::sleep_until(at.into()) => {}
+                }
+            }
+            None => self.shared.appended.notified().await,
+        }
+    }
+
+    /// The cloud confirmed a message.
+    pub fn done(&mut self, token: Token) {
+        self.settle(token, false);
+    }
+
+    /// The cloud refused a message for good: its points are counted as rejected, not delivered.
+    pub fn rejected(&mut self, token: Token) {
+        self.settle(token, true);
+    }
+
+    fn settle(&mut self, token: Token, rejected: bool) {
+        if token.generation != self.generation {
+            return;
+        }
+        for (idx, n) in token.runs {
+            if let Some(r) = idx.checked_sub(self.first).and_then(|i| self.records.get_mut(i as usize)) {
+                r.remaining = r.remaining.saturating_sub(u64::from(n));
+                if rejected {
+                    r.rejected += u64::from(n);
+                }
+            }
+        }
+        self.advance();
+    }
+
+    /// Pops settled records off the front and publishes the new acknowledged position.
+    fn advance(&mut self) {
+        let stats = &self.shared.stats;
+        let mut acked = None;
+        while self.records.front().is_some_and(|r| r.remaining == 0) {
+            let r = self.records.pop_front().expect("checked");
+            self.first += 1;
+            stats.delivered.add(r.points - r.expired - r.rejected);
+            stats.dropped_expired.add(r.expired);
+            stats.dropped_rejected.add(r.rejected);
+            acked = Some(r.end);
+        }
+        if let Some(end) = acked {
+            self.shared.ack_to.fetch_max(end, Ordering::AcqRel);
+        }
+    }
+
+    fn refill(&mut self) {
+        let read = {
+            let store = self.shared.store();
+            // The buffer may have dropped its oldest data at the cap meanwhile.
+            self.cursor = self.cursor.max(store.acked());
+            if self.cursor >= store.end() {
+                return;
+            }
+            store.read_from(self.cursor, READ_RECORDS)
+        };
+        let records = match read {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(sink = %self.shared.name, error = %e, "Cannot read the buffer; will retry.");
+                return;
+            }
+        };
+        let entries = self.shared.dict.clone();
+        let entries = entries.read().unwrap_or_else(|e| e.into_inner());
+        let oldest = now_ms() - self.max_age_ms;
+        for (offset, payload) in records {
+            let idx = self.first + self.records.len() as u64;
+            let end = offset + FRAME_OVERHEAD + payload.len() as u64;
+            self.cursor = end;
+            let mut rec = Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0 };
+            let Some(points) = codec::decode(&payload) else {
+                let n = codec::count(&payload);
+                warn!(sink = %self.shared.name, offset, points = n, "Skipping a buffer record that cannot be decoded.");
+                self.shared.stats.dropped_corrupt.add(n);
+                self.records.push_back(rec);
+                continue;
+            };
+            rec.points = points.len() as u64;
+            for p in &points {
+                let Some(entry) = entries.get(p.id as usize) else {
+                    self.shared.stats.dropped_corrupt.inc();
+                    rec.points -= 1;
+                    continue;
+                };
+                if p.ts < oldest {
+                    rec.expired += 1;
+                    continue;
+                }
+                rec.remaining += 1;
+                let target = render(&self.template, &self.gateway, &entry.device, &entry.tag, &entry.topic);
+                if let Some(payload) = &p.payload {
+                    // A plugin's own message: sent as is, after what its group already holds.
+                    if let Some(g) = self.groups.remove(&target) {
+                        self.seal(target.clone(), g);
+                    }
+                    let token = Token { generation: self.generation, runs: vec![(idx, 1)] };
+                    self.ready.push_back(Message { target, payload: payload.clone(), points: 1, raw: true, token });
+                    continue;
+                }
+                let g = self.groups.entry(target.clone()).or_insert_with(|| Group {
+                    device: entry.device.clone(),
+                    json: Vec::with_capacity(64 * self.max_points.min(1000)),
+                    points: 0,
+                    runs: Vec::new(),
+                    since: Instant::now(),
+                });
+                if g.points > 0 {
+                    g.json.push(b',');
+                }
+                write_point(&mut g.json, &entry.tag, p);
+                g.points += 1;
+                match g.runs.last_mut() {
+                    Some((i, n)) if *i == idx => *n += 1,
+                    _ => g.runs.push((idx, 1)),
+                }
+                if g.points as usize >= self.max_points {
+                    let g = self.groups.remove(&target).expect("just used");
+                    self.seal(target, g);
+                }
+            }
+            self.records.push_back(rec);
+        }
+        drop(entries);
+        // Records with nothing to send (all expired, say) settle at once.
+        self.advance();
+    }
+
+    fn seal(&mut self, target: String, g: Group) {
+        let mut payload = Vec::with_capacity(g.json.len() + 64 + target.len());
+        payload.extend_from_slice(b"{\"gateway\":");
+        let _ = serde_json::to_writer(&mut payload, &self.gateway);
+        payload.extend_from_slice(b",\"device\":");
+        let _ = serde_json::to_writer(&mut payload, &*g.device);
+        payload.extend_from_slice(b",\"points\":[");
+        payload.extend_from_slice(&g.json);
+        payload.extend_from_slice(b"]}");
+        let token = Token { generation: self.generation, runs: g.runs };
+        self.ready.push_back(Message { target, payload, points: u64::from(g.points), raw: false, token });
+    }
+}
+
+/// `{"tag":"t","value":21.7,"ts":1732860000123,"quality":"good"}`, plus `"error"` when bad.
+fn write_point(out: &mut Vec<u8>, tag: &str, p: &Decoded) {
+    out.extend_from_slice(b"{\"tag\":");
+    let _ = serde_json::to_writer(&mut *out, tag);
+    out.extend_from_slice(b",\"value\":");
+    let _ = serde_json::to_writer(&mut *out, &p.value);
+    out.extend_from_slice(b",\"ts\":");
+    let _ = write!(out, "{}", p.ts);
+    out.extend_from_slice(if p.quality == Quality::Good { b",\"quality\":\"good\"" } else { b",\"quality\":\"bad\"" });
+    if let Some(e) = &p.error {
+        out.extend_from_slice(b",\"error\":");
+        let _ = serde_json::to_writer(&mut *out, e);
+    }
+    out.push(b'}');
+}
