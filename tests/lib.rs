@@ -17,6 +17,8 @@ use tokio_modbus::server::Service;
 use tokio_modbus::{ExceptionCode, Request, Response};
 use updraft::runtime::Gateway;
 
+pub mod cloud;
+
 /// How the fixture server misbehaves.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
@@ -35,6 +37,8 @@ struct State {
     faults: Faults,
     /// Every read request as (function, start, count), for planner assertions.
     reads: Vec<(&'static str, u16, u16)>,
+    /// A holding register that counts the reads that include it (1, 2, 3, …).
+    counter_at: Option<u16>,
 }
 
 /// A Modbus TCP server built on tokio-modbus, independent of the gateway's own simulator.
@@ -65,6 +69,12 @@ impl ModbusFixture {
     pub fn holding(&self, address: u16) -> Option<u16> {
         self.state.lock().unwrap().holding.get(&address).copied()
     }
+    /// Makes holding register `address` a sequence number: every read that includes it first
+    /// increments it, so each poll returns a value never served before.
+    pub fn count_reads_at(&self, address: u16) {
+        self.state.lock().unwrap().counter_at = Some(address);
+    }
+
     pub fn set_faults(&self, f: Faults) {
         self.state.lock().unwrap().faults = f;
     }
@@ -115,6 +125,9 @@ impl Service for ModbusFixture {
         let reply: Reply = match req {
             Request::ReadHoldingRegisters(a, n) => {
                 s.reads.push(("holding", a, n));
+                if let Some(c) = s.counter_at.filter(|c| (a..a.saturating_add(n)).contains(c)) {
+                    *s.holding.entry(c).or_default() += 1;
+                }
                 match exception(&s, a, n) {
                     Some(e) => Err(e),
                     None => Ok(Response::ReadHoldingRegisters(words(&s.holding, a, n))),

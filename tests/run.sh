@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The stand-in cloud broker (mosquitto) and openssl (test certificates) come from Debian.
+if ! command -v mosquitto >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto openssl >/dev/null
+fi
+# The tests start their own mosquitto on free ports; the distribution's service is not needed.
+
 # Independent protocol peers (pymodbus) live in a project-local venv.
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -2,5 +2,6 @@
 
 mod broker;
 mod modbus;
+mod north;
 mod plugins;
 mod pymodbus;

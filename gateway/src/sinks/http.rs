@@ -31,6 +31,7 @@ enum Failure {
 
 impl HttpSink {
     pub fn new(name: &str, _gateway: &str, cfg: &HttpNorth, stats: Arc<SinkStats>) -> Result<Self, String> {
+        tls::install_default_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout.0)
             .connect_timeout(cfg.timeout.0.min(std::time::Duration::from_secs(10)))

@@ -53,6 +53,13 @@ pub fn client_config(
     }
 }
 
+/// Makes `ring` the process's rustls provider. reqwest builds its TLS settings even for plain
+/// `http://` clients and panics without one; with the `-no-provider` features nothing else sets it.
+pub fn install_default_provider() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Reads a secret file, trimming surrounding whitespace (editors add a final newline).
 pub fn read_secret(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path)

@@ -1,0 +1,408 @@
+//! Northbound sinks end to end: a Modbus fixture whose register counts its reads (so every poll
+//! yields a new sequence number) → the gateway → a real mosquitto as the cloud, through a proxy
+//! that cuts the link or swallows PUBACKs. Points are counted end to end: every sequence number the
+//! device served must reach the cloud.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::QoS;
+use updraft_tests::cloud::{tag_values, CloudClient, GatewayProcess, Link, Mosquitto, Proxy};
+use updraft_tests::{eventually, header, start_gateway, ModbusFixture, TempDir};
+
+const TOPIC: &str = "parks/gw/press";
+
+fn device(modbus: SocketAddr, poll: &str) -> String {
+    format!(
+        r#"
+[devices.press]
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "{poll}"
+tags = [
+  {{ name = "seq", area = "holding", address = 0 }},
+  {{ name = "setpoint", area = "holding", address = 10, access = "rw" }},
+  {{ name = "temperature", area = "holding", address = 20, scale = 0.1 }},
+]
+"#
+    )
+}
+
+fn mqtt_sink(url: SocketAddr) -> String {
+    format!(
+        r#"
+[north.cloud]
+type = "mqtt"
+url = "mqtt://{url}"
+client_id = "gw-under-test"
+topic = "parks/{{gateway}}/{{device}}"
+keep_alive = "1s"
+batch = {{ max_points = 50, max_wait = "100ms" }}
+"#
+    )
+}
+
+/// A device serving sequence numbers at holding 0.
+async fn counting_device() -> (ModbusFixture, SocketAddr) {
+    let dev = ModbusFixture::default();
+    dev.count_reads_at(0);
+    dev.set_holding(20, &[215]);
+    let addr = dev.serve().await;
+    (dev, addr)
+}
+
+/// Appends every `seq` value the cloud receives to `seen` until `done(seen)` or `within` passes.
+async fn gather(cloud: &mut CloudClient, seen: &mut Vec<u64>, within: Duration, done: impl Fn(&[u64]) -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done(seen) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        if let Some((topic, payload, _)) = cloud.next(left).await {
+            if topic == TOPIC {
+                seen.extend(tag_values(&payload, "seq").iter().filter_map(|v| v.as_u64()));
+            }
+        }
+    }
+    true
+}
+
+fn max(seen: &[u64]) -> u64 {
+    seen.iter().copied().max().unwrap_or(0)
+}
+
+/// Per-device order: the first arrival of each value comes in increasing order (re-sends after a
+/// reconnect may repeat values, but never reorder new ones before old ones).
+fn assert_in_order(seen: &[u64]) {
+    let mut firsts = BTreeSet::new();
+    let mut last = 0;
+    for v in seen {
+        if firsts.insert(*v) {
+            assert!(*v > last, "value {v} arrived after {last}: order broken in {seen:?}");
+            last = *v;
+        }
+    }
+}
+
+fn duplicates(seen: &[u64]) -> usize {
+    seen.len() - seen.iter().collect::<BTreeSet<_>>().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_outage_and_kill_9_lose_no_polled_point() {
+    let cloud = Mosquitto::start().await;
+    let proxy = Proxy::start(cloud.addr).await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let dir = TempDir::new("kill9");
+    let cfg = dir.path().join("updraft.toml");
+    std::fs::write(&cfg, format!("{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(proxy.addr))).unwrap();
+
+    let gw = GatewayProcess::start(&cfg);
+    let mut seen = Vec::new();
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(20), |s| max(s) >= 5).await, "data reaches the cloud");
+
+    // The uplink goes down; polling goes on into the buffer. Then the gateway dies hard.
+    proxy.set(Link::Down);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.kill9();
+    let served_at_kill = dev.holding(0).unwrap() as u64;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Restarted, still offline, it buffers more; then the link returns.
+    let gw = GatewayProcess::start(&cfg);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Link::Up);
+    let target = dev.holding(0).unwrap() as u64 + 5;
+    let arrived = gather(&mut sub, &mut seen, Duration::from_secs(60), |s| max(s) >= target).await;
+    assert!(gw.stop().success(), "clean exit on SIGTERM");
+    assert!(arrived, "the backlog drains after the outage: got up to {} of {target}", max(&seen));
+
+    let got: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=target).filter(|v| !got.contains(v)).collect();
+    // The one read the device answered in the instant of the kill may not have reached the buffer;
+    // every other reading, before the outage, during it, across the kill and after, arrives.
+    assert!(
+        missing.iter().all(|v| *v == served_at_kill),
+        "lost points {missing:?} (kill happened after value {served_at_kill}); received {} values",
+        got.len()
+    );
+    assert_in_order(&seen);
+    println!(
+        "{} values through an outage and a kill -9: {} missing (at the kill), {} duplicates",
+        target,
+        missing.len(),
+        duplicates(&seen)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_pubacks_mean_resending_never_deleting() {
+    let cloud = Mosquitto::start().await;
+    let proxy = Proxy::start(cloud.addr).await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let (gw, _dir) =
+        start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(proxy.addr))).await;
+    let stats = gw.metrics.sink("cloud");
+    let mut seen = Vec::new();
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(20), |s| max(s) >= 3).await);
+
+    // The broker keeps receiving, but its PUBACKs never come back.
+    proxy.set(Link::DropReplies);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let delivered = stats.delivered.get();
+    let arrived_before = seen.len();
+    gather(&mut sub, &mut seen, Duration::from_millis(800), |_| false).await;
+    assert!(seen.len() > arrived_before, "the broker still gets the messages");
+    assert_eq!(stats.delivered.get(), delivered, "nothing counts as delivered without a PUBACK");
+    assert!(stats.pending_points.get() > 0 || stats.accepted.get() > delivered, "unacknowledged points stay buffered");
+
+    proxy.set(Link::Down);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Link::Up);
+    let target = dev.holding(0).unwrap() as u64 + 5;
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(40), |s| max(s) >= target).await);
+    let got: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=target).filter(|v| !got.contains(v)).collect();
+    assert!(missing.is_empty(), "lost {missing:?}");
+    assert!(duplicates(&seen) > 0, "messages the broker never acknowledged are sent again");
+    assert_in_order(&seen);
+    let settled = eventually(Duration::from_secs(10), || (stats.pending_points.get() < 10).then_some(())).await;
+    assert!(settled.is_some(), "the buffer drains: {} pending", stats.pending_points.get());
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_writes_reach_the_device_and_read_only_tags_are_refused() {
+    let cloud = Mosquitto::start().await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let (gw, _dir) =
+        start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "200ms"), mqtt_sink(cloud.addr))).await;
+    let online = sub.wait_for("parks/gw/status", Duration::from_secs(20), |p| p == b"online").await;
+    assert!(online.is_some(), "retained `online` on the status topic");
+
+    let json = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap_or_default();
+    let reply_topic = "parks/gw/press/set/reply";
+    let client = sub.client.clone();
+    let command = |body: &str| {
+        let (client, body) = (client.clone(), body.to_owned());
+        async move { client.publish("parks/gw/press/set", QoS::AtLeastOnce, false, body).await.unwrap() }
+    };
+
+    command(r#"{"device": "press", "tag": "setpoint", "value": 42, "id": "c1"}"#).await;
+    let reply = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "c1").await.expect("a reply");
+    assert_eq!(json(&reply)["ok"], true, "{}", String::from_utf8_lossy(&reply));
+    assert_eq!(dev.holding(10), Some(42), "the register was written");
+
+    command(r#"{"device": "press", "tag": "temperature", "value": 1, "id": "c2"}"#).await;
+    let reply = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "c2").await.expect("a reply");
+    let reply = json(&reply);
+    assert_eq!(reply["ok"], false);
+    assert!(reply["error"].as_str().unwrap_or("").contains("read-only"), "{reply}");
+    assert_eq!(dev.holding(20), Some(215), "a read-only register is left alone");
+
+    command(r#"{"device": "boiler-9", "tag": "setpoint", "value": 1, "id": "c3"}"#).await;
+    let reply = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "c3").await.expect("a reply");
+    assert!(json(&reply)["error"].as_str().unwrap_or("").contains("unknown device"));
+
+    command("not json").await;
+    let reply = sub
+        .wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["ok"] == false && json(p).get("id").is_none())
+        .await;
+    assert!(reply.is_some(), "malformed commands get an error reply too");
+
+    gw.shutdown(Duration::from_secs(5)).await;
+    let offline = sub.wait_for("parks/gw/status", Duration::from_secs(10), |p| p == b"offline").await;
+    assert!(offline.is_some(), "a clean stop leaves `offline` on the status topic");
+}
+
+fn newest_segment(dir: &Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segs.sort();
+    segs.pop().expect("a segment file")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_buffer_tail_is_cut_and_counted_and_the_rest_delivered() {
+    let cloud = Mosquitto::start().await;
+    let proxy = Proxy::start(cloud.addr).await;
+    proxy.set(Link::Down);
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let dir = TempDir::new("torn");
+    let cfg = dir.path().join("updraft.toml");
+    std::fs::write(&cfg, format!("{}{}{}", header("gw"), device(maddr, "50ms"), mqtt_sink(proxy.addr))).unwrap();
+
+    let gw = updraft::runtime::start(updraft::config::load(&cfg).unwrap()).await.unwrap();
+    let stats = gw.metrics.sink("cloud");
+    assert!(eventually(Duration::from_secs(10), || (stats.accepted.get() >= 30).then_some(())).await.is_some());
+    gw.shutdown(Duration::from_secs(5)).await;
+    let buffered = dev.holding(0).unwrap() as u64;
+
+    // A power cut in the middle of a write: a record header promising more than is there.
+    let seg = newest_segment(&dir.path().join("data/north/cloud"));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+    std::io::Write::write_all(&mut f, &[200, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]).unwrap();
+    drop(f);
+
+    proxy.set(Link::Up);
+    let gw = updraft::runtime::start(updraft::config::load(&cfg).unwrap()).await.expect("starts despite the torn tail");
+    let stats = gw.metrics.sink("cloud");
+    assert_eq!(stats.truncated_bytes.get(), 11, "the torn bytes are cut and counted");
+    let mut seen = Vec::new();
+    let target = buffered + 5;
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(30), |s| max(s) >= target).await);
+    let got: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=target).filter(|v| !got.contains(v)).collect();
+    assert!(missing.is_empty(), "lost {missing:?}");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Mounts a small tmpfs and unmounts it on drop (lazily, in case a file is still open).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_to_memory_and_recovers_without_loss() {
+    let cloud = Mosquitto::start().await;
+    let proxy = Proxy::start(cloud.addr).await;
+    proxy.set(Link::Down);
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let dir = TempDir::new("diskfull");
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("data/north"), "1m") else {
+        // Mounting needs root (CI runs as root); without it this scenario cannot be staged.
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let cfg = dir.path().join("updraft.toml");
+    std::fs::write(&cfg, format!("{}{}{}", header("gw"), device(maddr, "20ms"), mqtt_sink(proxy.addr))).unwrap();
+    let gw = updraft::runtime::start(updraft::config::load(&cfg).unwrap()).await.unwrap();
+    let stats = gw.metrics.sink("cloud");
+    assert!(eventually(Duration::from_secs(10), || (stats.accepted.get() >= 10).then_some(())).await.is_some());
+
+    // Fill the file system to the last byte.
+    let filler = dir.path().join("data/north/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    let degraded = eventually(Duration::from_secs(30), || (stats.disk_ok.get() == 0).then_some(())).await;
+    assert!(degraded.is_some(), "the sink notices the full disk");
+    let polled = dev.holding(0).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(dev.holding(0).unwrap() > polled, "polling goes on while the disk is full");
+
+    std::fs::remove_file(&filler).unwrap();
+    let recovered = eventually(Duration::from_secs(5), || (stats.disk_ok.get() == 1).then_some(())).await;
+    assert!(recovered.is_some(), "the sink resumes writing within 5 s of space returning");
+
+    proxy.set(Link::Up);
+    let target = dev.holding(0).unwrap() as u64 + 5;
+    let mut seen = Vec::new();
+    assert!(
+        gather(&mut sub, &mut seen, Duration::from_secs(60), |s| max(s) >= target).await,
+        "got up to {}",
+        max(&seen)
+    );
+    let got: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=target).filter(|v| !got.contains(v)).collect();
+    assert!(missing.is_empty(), "lost {} points, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(stats.disk_errors.get() > 0);
+    assert_eq!(stats.dropped_disk.get(), 0, "the memory hold was big enough");
+    assert_in_order(&seen);
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_retries_until_2xx_and_sends_the_bearer_token() {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+
+    type Log = Arc<Mutex<(u32, Vec<(String, String, Vec<u8>)>)>>;
+    let log: Log = Arc::default();
+    async fn ingest(
+        State(log): State<Log>,
+        UrlPath(device): UrlPath<String>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let mut l = log.lock().unwrap();
+        l.0 += 1;
+        // The first three requests meet a cloud in trouble.
+        if l.0 <= 3 {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        l.1.push((device, auth, body.to_vec()));
+        StatusCode::NO_CONTENT
+    }
+    let app = axum::Router::new().route("/ingest/:device", axum::routing::post(ingest)).with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let secrets = TempDir::new("secrets");
+    let token = secrets.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let (dev, maddr) = counting_device().await;
+    let sink = format!(
+        "[north.web]\ntype = \"http\"\nurl = \"http://{http}/ingest/{{device}}\"\ntoken_file = \"{}\"\nbatch = {{ max_points = 20, max_wait = \"100ms\" }}\n",
+        token.display()
+    );
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), sink)).await;
+    let stats = gw.metrics.sink("web");
+
+    let seqs = |log: &Log| -> Vec<u64> {
+        log.lock()
+            .unwrap()
+            .1
+            .iter()
+            .flat_map(|(_, _, body)| tag_values(body, "seq"))
+            .filter_map(|v| v.as_u64())
+            .collect()
+    };
+    let got = eventually(Duration::from_secs(30), || (max(&seqs(&log)) >= 15).then_some(())).await;
+    assert!(got.is_some(), "points arrive after the retries: {:?}", seqs(&log));
+    gw.shutdown(Duration::from_secs(5)).await;
+
+    let seen = seqs(&log);
+    let set: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=15).filter(|v| !set.contains(v)).collect();
+    assert!(missing.is_empty(), "lost {missing:?}");
+    assert_in_order(&seen);
+    let l = log.lock().unwrap();
+    assert!(l.1.iter().all(|(d, auth, _)| d == "press" && auth == "Bearer s3cret"));
+    let body: serde_json::Value = serde_json::from_slice(&l.1[0].2).unwrap();
+    assert_eq!((body["gateway"].as_str(), body["device"].as_str()), (Some("gw"), Some("press")));
+    assert_eq!(body["points"][0]["quality"], "good");
+    assert!(stats.connect_failures.get() >= 3, "the 503s were retried");
+    drop(dev);
+}
