@@ -38,10 +38,14 @@ impl Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n{listener_extra}\n"),
+            // `user root`: as root, mosquitto would otherwise switch to its own user and could no
+            // longer read the test's key files.
+            format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n{listener_extra}\n"),
         )
         .unwrap();
-        let mut child = Command::new("mosquitto")
+        // Debian puts it in /usr/sbin, which is not on every PATH.
+        let bin = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
+        let mut child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -260,5 +264,48 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A throw-away PKI made with the openssl command line: a CA, a server certificate for
+/// `localhost`/127.0.0.1 and a client certificate, all PEM files in `dir`.
+pub fn make_pki(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[
+        &["req", "-x509"],
+        &ec[..],
+        &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=updraft-test-ca"],
+    ]
+    .concat());
+    std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [("server", "localhost"), ("client", "gw")] {
+        run(&[
+            &["req"],
+            &ec[..],
+            &["-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
     }
 }

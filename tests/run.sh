@@ -10,8 +10,12 @@ if ! command -v mosquitto >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto openssl >/dev/null
+  # The tests start their own mosquitto on free ports. The package's service would hold port 1883,
+  # which the demo's embedded broker uses, so it is switched off where systemd runs it.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+    $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+  fi
 fi
-# The tests start their own mosquitto on free ports; the distribution's service is not needed.
 
 # Independent protocol peers (pymodbus) live in a project-local venv.
 if [ ! -x .venv/bin/python ]; then

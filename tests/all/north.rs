@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::QoS;
-use updraft_tests::cloud::{tag_values, CloudClient, GatewayProcess, Link, Mosquitto, Proxy};
+use updraft_tests::cloud::{make_pki, tag_values, CloudClient, GatewayProcess, Link, Mosquitto, Proxy};
 use updraft_tests::{eventually, header, start_gateway, ModbusFixture, TempDir};
 
 const TOPIC: &str = "parks/gw/press";
@@ -405,4 +405,51 @@ async fn http_sink_retries_until_2xx_and_sends_the_bearer_token() {
     assert_eq!(body["points"][0]["quality"], "good");
     assert!(stats.connect_failures.get() >= 3, "the 503s were retried");
     drop(dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_client_certificate_and_a_private_ca() {
+    let pki = TempDir::new("pki");
+    make_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let cloud = Mosquitto::start_with(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        p("ca.pem"),
+        p("server.pem"),
+        p("server.key")
+    ))
+    .await;
+    let (_dev, maddr) = counting_device().await;
+    let tls_sink = |ca: &str, with_cert: bool| {
+        let cert = if with_cert {
+            format!("cert_file = \"{}\"\nkey_file = \"{}\"\n", p("client.pem"), p("client.key"))
+        } else {
+            String::new()
+        };
+        format!(
+            "[north.cloud]\ntype = \"mqtt\"\nurl = \"mqtts://localhost:{}\"\nca_file = \"{ca}\"\n{cert}topic = \"parks/{{gateway}}/{{device}}\"\nbatch = {{ max_points = 50, max_wait = \"100ms\" }}\n",
+            cloud.addr.port()
+        )
+    };
+
+    // Without a client certificate the broker refuses the handshake: nothing is delivered, all is kept.
+    let (gw, _dir) =
+        start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), tls_sink(&p("ca.pem"), false))).await;
+    let stats = gw.metrics.sink("cloud");
+    let failed = eventually(Duration::from_secs(10), || (stats.connect_failures.get() > 0).then_some(())).await;
+    assert!(failed.is_some(), "the handshake fails without a client certificate");
+    assert_eq!(stats.delivered.get(), 0);
+    gw.shutdown(Duration::from_secs(5)).await;
+
+    // With one, signed by the CA the broker trusts, data flows over TLS.
+    let (gw, _dir) =
+        start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), tls_sink(&p("ca.pem"), true))).await;
+    let stats = gw.metrics.sink("cloud");
+    let delivered = eventually(Duration::from_secs(20), || (stats.delivered.get() >= 5).then_some(())).await;
+    assert!(
+        delivered.is_some(),
+        "points are delivered over mqtts (connect failures: {})",
+        stats.connect_failures.get()
+    );
+    gw.shutdown(Duration::from_secs(5)).await;
 }
