@@ -176,8 +176,6 @@ max_inflight = 64
         backlog_bytes as f64 / buffered.max(1) as f64
     );
     proxy.set(Link::Up);
-    let del0 = stats.delivered.get();
-    let start = Instant::now();
     let live = tokio::spawn({
         let (tx, keys) = (tx.clone(), keys.clone());
         async move {
@@ -189,6 +187,16 @@ max_inflight = 64
             }
         }
     });
+    // The reconnect waits out the backoff the outage built up; the drain is timed from the
+    // connection on.
+    let up = Instant::now();
+    while stats.connected.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reconnect = up.elapsed();
+    let backlog = stats.pending_points.get() as u64;
+    let del0 = stats.delivered.get();
+    let start = Instant::now();
     // Drained when what is left is no more than a second of live data in flight.
     while stats.pending_points.get() as u64 > a.live && start.elapsed() < Duration::from_secs(600) {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -197,7 +205,8 @@ max_inflight = 64
     let sent = stats.delivered.get() - del0;
     live.abort();
     println!(
-        "drain: backlog of {} points gone in {:.1}s with live data at {} pts/s: {:.0} pts/s acknowledged = {:.1}x the live rate",
+        "drain: reconnected {:.1}s after the link returned; backlog of {} points gone in {:.1}s with live data at {} pts/s: {:.0} pts/s acknowledged = {:.1}x the live rate",
+        reconnect.as_secs_f64(),
         backlog,
         secs,
         a.live,
