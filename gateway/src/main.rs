@@ -84,7 +84,14 @@ fn main() -> ExitCode {
                     }
                     return ExitCode::from(2);
                 }
-                println!("{}: ok ({} devices, {} simulators)", config.display(), c.devices.len(), c.simulators.len());
+                println!(
+                    "{}: ok ({} devices, {} simulators, {} plugins, {} northbound sinks)",
+                    config.display(),
+                    c.devices.len(),
+                    c.simulators.len(),
+                    c.plugins.len(),
+                    c.north.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

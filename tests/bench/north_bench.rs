@@ -58,7 +58,13 @@ fn value(tag: usize, tick: u64) -> Value {
 
 /// Offers `rate` points/s for `seconds`, one device batch of `tags` points at a time, paced every
 /// 10 ms. Returns points offered.
-async fn offer(tx: &updraft::hub::BusSender, keys: &[Vec<Arc<TagKey>>], rate: u64, seconds: f64, tick0: &mut u64) -> u64 {
+async fn offer(
+    tx: &updraft::hub::BusSender,
+    keys: &[Vec<Arc<TagKey>>],
+    rate: u64,
+    seconds: f64,
+    tick0: &mut u64,
+) -> u64 {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut dev = 0usize;
@@ -135,7 +141,10 @@ max_inflight = 64
     while stats.connected.get() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("sink benchmark: {} devices x {} tags, batches of {} points, mosquitto on loopback, disk buffer on", a.devices, a.tags, a.tags);
+    println!(
+        "sink benchmark: {} devices x {} tags, batches of {} points, mosquitto on loopback, disk buffer on",
+        a.devices, a.tags, a.tags
+    );
 
     // 1. Sustained rates.
     for &rate in &a.rates {
