@@ -19,10 +19,12 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// mosquitto (Debian's package), on a free loopback port, killed on drop.
+/// mosquitto (Debian's package), on a free loopback port, killed on drop. Sessions and queued
+/// messages persist across `stop`/`restart` (saved on SIGTERM), like a real cloud broker's.
 pub struct Mosquitto {
     pub addr: SocketAddr,
-    child: Child,
+    child: Option<Child>,
+    conf: PathBuf,
     _dir: crate::TempDir,
 }
 
@@ -40,22 +42,31 @@ impl Mosquitto {
             &conf,
             // `user root`: as root, mosquitto would otherwise switch to its own user and could no
             // longer read the test's key files.
-            format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n{listener_extra}\n"),
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_queued_messages 1000000\n{listener_extra}\n",
+                dir.path().display()
+            ),
         )
         .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Self::spawn(&conf, addr).await;
+        Mosquitto { addr, child: Some(child), conf, _dir: dir }
+    }
+
+    async fn spawn(conf: &Path, addr: SocketAddr) -> Child {
         // Debian puts it in /usr/sbin, which is not on every PATH.
         let bin = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
         let mut child = Command::new(bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto is not installed: run `bash tests/run.sh` (it installs Debian's mosquitto)");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         for _ in 0..100 {
             if TcpStream::connect(addr).await.is_ok() {
-                return Mosquitto { addr, child, _dir: dir };
+                return child;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -65,10 +76,28 @@ impl Mosquitto {
     }
 }
 
+impl Mosquitto {
+    /// Stops the broker cleanly (SIGTERM: it saves its sessions), as in a cloud outage.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the saved sessions.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.child = Some(Self::spawn(&self.conf, self.addr).await);
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -162,9 +191,12 @@ pub struct CloudClient {
 }
 
 impl CloudClient {
+    /// A subscriber with a persistent session (QoS 1, clean session off): messages published while
+    /// it is disconnected, e.g. across a broker restart, are kept for it by the broker.
     pub async fn connect(addr: SocketAddr, filter: &str) -> Self {
         let mut opts = MqttOptions::new(format!("cloud-{}", free_port()), addr.ip().to_string(), addr.port());
         opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(false);
         opts.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut el) = AsyncClient::new(opts, 1024);
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();

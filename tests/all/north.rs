@@ -93,30 +93,29 @@ fn duplicates(seen: &[u64]) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloud_outage_and_kill_9_lose_no_polled_point() {
-    let cloud = Mosquitto::start().await;
-    let proxy = Proxy::start(cloud.addr).await;
+async fn cloud_broker_down_and_kill_9_lose_no_polled_point() {
+    let mut cloud = Mosquitto::start().await;
     let (dev, maddr) = counting_device().await;
     let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
     let dir = TempDir::new("kill9");
     let cfg = dir.path().join("updraft.toml");
-    std::fs::write(&cfg, format!("{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(proxy.addr))).unwrap();
+    std::fs::write(&cfg, format!("{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(cloud.addr))).unwrap();
 
     let gw = GatewayProcess::start(&cfg);
     let mut seen = Vec::new();
     assert!(gather(&mut sub, &mut seen, Duration::from_secs(20), |s| max(s) >= 5).await, "data reaches the cloud");
 
-    // The uplink goes down; polling goes on into the buffer. Then the gateway dies hard.
-    proxy.set(Link::Down);
+    // The cloud broker goes down; polling goes on into the buffer. Then the gateway dies hard.
+    cloud.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gw.kill9();
     let served_at_kill = dev.holding(0).unwrap() as u64;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // Restarted, still offline, it buffers more; then the link returns.
+    // Restarted, still offline, it buffers more; then the broker comes back.
     let gw = GatewayProcess::start(&cfg);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.set(Link::Up);
+    cloud.restart().await;
     let target = dev.holding(0).unwrap() as u64 + 5;
     let arrived = gather(&mut sub, &mut seen, Duration::from_secs(60), |s| max(s) >= target).await;
     assert!(gw.stop().success(), "clean exit on SIGTERM");
@@ -133,11 +132,39 @@ async fn cloud_outage_and_kill_9_lose_no_polled_point() {
     );
     assert_in_order(&seen);
     println!(
-        "{} values through an outage and a kill -9: {} missing (at the kill), {} duplicates",
+        "{} values through a broker outage and a kill -9: {} missing (at the kill), {} duplicates",
         target,
         missing.len(),
         duplicates(&seen)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_uplink_loses_nothing_and_reconnects() {
+    let cloud = Mosquitto::start().await;
+    let proxy = Proxy::start(cloud.addr).await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let (gw, _dir) =
+        start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(proxy.addr))).await;
+    let stats = gw.metrics.sink("cloud");
+    let mut seen = Vec::new();
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(20), |s| max(s) >= 3).await);
+    proxy.set(Link::Down);
+    let buffered = eventually(Duration::from_secs(10), || (stats.pending_points.get() >= 30).then_some(())).await;
+    assert!(buffered.is_some(), "points pile up in the buffer during the outage");
+    assert_eq!(stats.connected.get(), 0);
+    let metrics = gw.metrics.render();
+    assert!(metrics.contains("updraft_north_connected{sink=\"cloud\"} 0"), "{metrics}");
+    proxy.set(Link::Up);
+    let target = dev.holding(0).unwrap() as u64 + 5;
+    assert!(gather(&mut sub, &mut seen, Duration::from_secs(40), |s| max(s) >= target).await);
+    let got: BTreeSet<u64> = seen.iter().copied().collect();
+    let missing: Vec<u64> = (1..=target).filter(|v| !got.contains(v)).collect();
+    assert!(missing.is_empty(), "lost {missing:?}");
+    assert_in_order(&seen);
+    assert!(stats.connects.get() >= 2, "reconnected");
+    gw.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,6 +286,7 @@ async fn a_torn_buffer_tail_is_cut_and_counted_and_the_rest_delivered() {
     let gw = updraft::runtime::start(updraft::config::load(&cfg).unwrap()).await.expect("starts despite the torn tail");
     let stats = gw.metrics.sink("cloud");
     assert_eq!(stats.truncated_bytes.get(), 11, "the torn bytes are cut and counted");
+    assert!(gw.metrics.render().contains("updraft_north_truncated_bytes_total{sink=\"cloud\"} 11"));
     let mut seen = Vec::new();
     let target = buffered + 5;
     assert!(gather(&mut sub, &mut seen, Duration::from_secs(30), |s| max(s) >= target).await);

@@ -309,7 +309,11 @@ fn suggestion(message: &str) -> Option<String> {
         let end = start + m[start..].find('`')?;
         let got = m[start..end].to_owned();
         let expected = m.split_once("expected one of ").or_else(|| m.split_once("expected "))?.1;
-        let options = expected.split(", ").map(|s| s.trim_matches(|c| c == '`' || c == ' ').to_owned()).collect();
+        let options = expected
+            .split(", ")
+            .flat_map(|s| s.split(" or "))
+            .map(|s| s.trim_matches(|c| c == '`' || c == ' ').to_owned())
+            .collect();
         Some((got, options))
     };
     if !(message.starts_with("unknown field") || message.starts_with("unknown variant")) {
@@ -430,6 +434,46 @@ tags = [
         let p = problems(&text);
         assert!(p[0].starts_with("t.toml:10:"), "{p:?}");
         assert!(p[0].contains("duplicate tag name `temperature`"), "{p:?}");
+    }
+
+    #[test]
+    fn the_contract_sink_parses_and_its_mistakes_are_located() {
+        let sink = r#"
+[north.cloud]
+type = "mqtt"
+url = "mqtts://iot.example.com:8883"
+client_id = "park-a-gw-01"
+topic = "parks/{gateway}/{device}"
+qos = 1
+sources = ["*/*", "updraft/derived/#"]
+batch = { max_points = 500, max_wait = "1s" }
+[north.cloud.buffer]
+max_bytes = "1GiB"
+max_age = "7d"
+on_full = "drop-oldest"
+"#;
+        let c = parse(&format!("{GOOD}{sink}"), Path::new("t.toml")).unwrap();
+        let super::super::NorthConfig::Mqtt(m) = &c.north["cloud"] else { panic!("an mqtt sink") };
+        assert_eq!(m.buffer.max_bytes.0, 1 << 30);
+        assert_eq!(m.batch.max_wait.0, std::time::Duration::from_secs(1));
+
+        let p = problems(&format!("{GOOD}{}", sink.replace("\"mqtt\"", "\"mqqt\"")));
+        assert!(p[0].starts_with("t.toml:14:8: unknown type `mqqt`") && p[0].contains("did you mean `mqtt`?"), "{p:?}");
+        let bad = sink
+            .replace("mqtts://iot.example.com:8883", "iot.example.com:8883")
+            .replace("qos = 1", "qos = 2")
+            .replace("\"*/*\"", "\"*/a/#/b\"")
+            .replace("drop-oldest", "drop-newest")
+            .replace("[north.cloud.buffer]", "password_file = \"/nonexistent/cloud.secret\"\n[north.cloud.buffer]");
+        let p = problems(&format!("{GOOD}{bad}"));
+        // The enum mistake is found by serde first; fix it to see the semantic checks.
+        assert!(p.iter().any(|p| p.starts_with("t.toml:25:11:") && p.contains("did you mean `drop-oldest`?")), "{p:?}");
+        let p = problems(&format!("{GOOD}{}", bad.replace("drop-newest", "drop-oldest")));
+        assert!(p.iter().any(|p| p.starts_with("t.toml:15:") && p.contains("mqtt://host[:port]")), "{p:?}");
+        assert!(p.iter().any(|p| p.starts_with("t.toml:18:") && p.contains("qos must be 0 or 1")), "{p:?}");
+        assert!(p.iter().any(|p| p.starts_with("t.toml:19:") && p.contains("*/a/#/b")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("cannot read /nonexistent/cloud.secret")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("a password needs a `username`")), "{p:?}");
     }
 
     #[test]

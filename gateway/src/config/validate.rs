@@ -271,6 +271,8 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             if m.cert_file.is_some() != m.key_file.is_some() {
                 found.push((at("cert_file"), "cert_file and key_file go together".into()));
             }
+            let tls = crate::sinks::mqtt::Endpoint::parse(&m.url).is_ok_and(|e| e.tls);
+            tls_material(tls, [&m.ca_file, &m.cert_file, &m.key_file], &at, found);
             if m.password_file.is_some() && m.username.is_none() {
                 found.push((at("password_file"), "a password needs a `username`".into()));
             }
@@ -293,6 +295,7 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             if h.cert_file.is_some() != h.key_file.is_some() {
                 found.push((at("cert_file"), "cert_file and key_file go together".into()));
             }
+            tls_material(h.url.starts_with("https://"), [&h.ca_file, &h.cert_file, &h.key_file], &at, found);
             if h.token_file.is_some() && h.username.is_some() {
                 found.push((at("token_file"), "use either a bearer token or a username, not both".into()));
             }
@@ -326,6 +329,32 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
     }
     if buffer.memory_bytes.0 < (64 << 10) {
         found.push((with(base, [key("buffer"), key("memory_bytes")]), "must be at least 64KiB".into()));
+    }
+}
+
+/// Certificates and keys are parsed at check time too, so a wrong file is found by `updraft check`
+/// rather than at the first connection.
+fn tls_material(
+    tls: bool,
+    [ca, cert, key]: [&Option<std::path::PathBuf>; 3],
+    at: &dyn Fn(&str) -> Vec<Seg>,
+    found: &mut Found,
+) {
+    let all_exist = [ca, cert, key].iter().all(|f| f.as_ref().is_none_or(|f| f.exists()));
+    if !tls || !all_exist || cert.is_some() != key.is_some() {
+        return;
+    }
+    if let Err(e) = crate::sinks::tls::client_config(ca.as_deref(), cert.as_deref(), key.as_deref()) {
+        let k = if e.starts_with("cannot read cert_file") || e.starts_with("client certificate") {
+            "cert_file"
+        } else if e.starts_with("cannot read key_file") {
+            "key_file"
+        } else if ca.is_some() {
+            "ca_file"
+        } else {
+            "url"
+        };
+        found.push((at(k), e));
     }
 }
 

@@ -19,7 +19,7 @@ pub mod http;
 pub mod mqtt;
 pub mod outbox;
 pub mod store;
-mod tls;
+pub(crate) mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
