@@ -275,6 +275,21 @@ impl Subscriber {
         out
     }
 
+    /// Every message (topic, payload) until `quiet` passes with no message, or `max` elapses.
+    pub async fn drain(&mut self, quiet: Duration, max: Duration) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + max;
+        while let Ok(Some((topic, payload, _))) =
+            tokio::time::timeout(quiet.min(deadline - tokio::time::Instant::now()), self.rx.recv()).await
+        {
+            out.push((topic, payload));
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        out
+    }
+
     /// Collects the latest payload per topic until `quiet` passes with no message, or `max` elapses.
     pub async fn collect(&mut self, quiet: Duration, max: Duration) -> HashMap<String, serde_json::Value> {
         let mut out = HashMap::new();

@@ -44,6 +44,8 @@ pub struct EmbeddedBroker {
     _pub_rx: LinkRx,
     /// In-process subscriber link, for cloud commands and local writes (taken by later stages).
     pub local: Option<(LinkTx, LinkRx)>,
+    /// In-process subscriber link for local topics the cloud sinks forward.
+    pub tap: Option<(LinkTx, LinkRx)>,
 }
 
 /// Most points handed to the router in one wake-up.
@@ -96,6 +98,7 @@ pub fn start(cfg: &BrokerSection, expected_topics: usize) -> Result<EmbeddedBrok
     // In-process links must be taken before `start()`, which never returns while healthy.
     let (pub_tx, pub_rx) = broker.link("updraft-publisher").map_err(|e| BrokerError::Link(e.to_string()))?;
     let local = broker.link("updraft-local").map_err(|e| BrokerError::Link(e.to_string()))?;
+    let tap = broker.link("updraft-north-tap").map_err(|e| BrokerError::Link(e.to_string()))?;
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -108,7 +111,7 @@ pub fn start(cfg: &BrokerSection, expected_topics: usize) -> Result<EmbeddedBrok
         .map_err(BrokerError::Thread)?;
     wait_listening(addr, &done_rx)?;
     info!(%addr, "Embedded MQTT broker listening.");
-    Ok(EmbeddedBroker { addr, pub_tx, _pub_rx: pub_rx, local: Some(local) })
+    Ok(EmbeddedBroker { addr, pub_tx, _pub_rx: pub_rx, local: Some(local), tap: Some(tap) })
 }
 
 /// Fails with a clear message if the address is taken, and resolves port 0 to a free port.
@@ -195,6 +198,10 @@ impl EmbeddedBroker {
                 let mut publishes = Vec::with_capacity(points);
                 for batch in &batches {
                     for p in batch.iter() {
+                        // A local client's message is already on the broker.
+                        if p.key.external {
+                            continue;
+                        }
                         // A plugin's message goes out verbatim and is an event, not state: not retained.
                         if let Some(raw) = &p.payload {
                             publishes
@@ -230,6 +237,69 @@ impl EmbeddedBroker {
             }
             debug!("Broker publisher stopped.");
         })
+    }
+}
+
+/// Most distinct local topics taken in for the cloud sinks. Each costs a tag key and a dictionary
+/// entry for the life of the process, so a client publishing on ever-new topics must not grow them
+/// without bound.
+pub const MAX_EXTERNAL_TOPICS: usize = 10_000;
+
+impl EmbeddedBroker {
+    /// Subscribes to `filters` on the local broker and feeds what local MQTT clients publish there
+    /// to the cloud sinks, as verbatim messages. The gateway's own `updraft/…` topics are skipped:
+    /// their points reach the sinks directly.
+    pub fn spawn_tap(
+        &mut self,
+        filters: &[String],
+        registry: Arc<crate::point::Registry>,
+        tx: crate::hub::BusSender,
+        dropped: Arc<crate::metrics::Counter>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let Some((mut link_tx, mut rx)) = self.tap.take() else { return };
+        for f in filters {
+            if let Err(e) = link_tx.subscribe(f.as_str()) {
+                warn!(filter = %f, error = %e, "Cannot subscribe to a local topic for the cloud sinks.");
+            }
+        }
+        let mut external = 0usize;
+        tokio::spawn(async move {
+            let _keep = link_tx;
+            loop {
+                let publish = tokio::select! {
+                    n = rx.next() => match n {
+                        Ok(Some(rumqttd::Notification::Forward(f))) => f.publish,
+                        Ok(_) => continue,
+                        Err(_) => break,
+                    },
+                    _ = cancel.cancelled() => break,
+                };
+                let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                if topic.starts_with(&format!("{TOPIC_PREFIX}/")) {
+                    continue;
+                }
+                let key = match registry.get_topic(&topic) {
+                    Some(k) => k,
+                    None if external >= MAX_EXTERNAL_TOPICS => {
+                        dropped.inc();
+                        if dropped.get() == 1 {
+                            warn!(limit = MAX_EXTERNAL_TOPICS, %topic, "Too many distinct local topics for the cloud sinks; dropping messages on new ones.");
+                        }
+                        continue;
+                    }
+                    None => {
+                        external += 1;
+                        registry.intern_external(&topic)
+                    }
+                };
+                let point = crate::point::Point::message(key, publish.payload, crate::point::now_ms());
+                if tx.send(crate::hub::batch(vec![point])).await.is_err() {
+                    break;
+                }
+            }
+            debug!("Local topic tap stopped.");
+        });
     }
 }
 

@@ -73,6 +73,9 @@ pub struct TagKey {
     pub topic: Bytes,
     /// Emitted by a plugin rather than read from a device.
     pub derived: bool,
+    /// Published into the local broker by an MQTT client (a local device), picked up for the cloud
+    /// sinks: the broker must not publish it again.
+    pub external: bool,
 }
 
 /// Interns tag identities. Shared by every producer of points.
@@ -98,6 +101,25 @@ impl Registry {
 
     /// The key of a point published on `topic`; `derived` marks points emitted by plugins.
     pub fn intern_at(&self, device: &str, tag: &str, topic: &str, derived: bool) -> Arc<TagKey> {
+        self.intern_with(device, tag, topic, derived, false)
+    }
+
+    /// The key of messages a local MQTT client publishes on `topic` (the whole topic stands in
+    /// for the device name; the tag is empty).
+    pub fn intern_external(&self, topic: &str) -> Arc<TagKey> {
+        self.intern_with(topic, "", topic, true, true)
+    }
+
+    /// How many keys exist.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn intern_with(&self, device: &str, tag: &str, topic: &str, derived: bool, external: bool) -> Arc<TagKey> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = inner.by_topic.get(topic) {
             return k.clone();
@@ -108,6 +130,7 @@ impl Registry {
             tag: Arc::from(tag),
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             derived,
+            external,
         });
         inner.by_id.push(key.clone());
         inner.by_topic.insert(Arc::from(topic), key.clone());
@@ -118,6 +141,12 @@ impl Registry {
     pub fn get(&self, device: &str, tag: &str) -> Option<Arc<TagKey>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.by_topic.get(format!("{TOPIC_PREFIX}/{device}/{tag}").as_str()).cloned()
+    }
+
+    /// The key of whatever is published on `topic`, if it exists.
+    pub fn get_topic(&self, topic: &str) -> Option<Arc<TagKey>> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.by_topic.get(topic).cloned()
     }
 
     /// The key with this id.

@@ -104,6 +104,20 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
         b.spawn_command_listener(write_txs.clone())?;
+        // Local topics the sinks forward (`sources` with topic filters), outside the gateway's own.
+        let filters: std::collections::BTreeSet<String> = config
+            .north
+            .values()
+            .flat_map(|n| n.sources().iter())
+            .filter(|s| matches!(crate::sinks::Source::parse(s), Ok(crate::sinks::Source::Topic(_))))
+            .filter(|s| !s.starts_with(&format!("{}/", broker::TOPIC_PREFIX)))
+            .cloned()
+            .collect();
+        if !filters.is_empty() {
+            let filters: Vec<String> = filters.into_iter().collect();
+            let dropped = metrics.dropped("local-topics").1;
+            b.spawn_tap(&filters, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
+        }
         let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
     } else {

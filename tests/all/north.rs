@@ -481,3 +481,24 @@ async fn mqtts_with_a_client_certificate_and_a_private_ca() {
     );
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_local_mqtt_devices_reach_the_cloud_verbatim() {
+    let cloud = Mosquitto::start().await;
+    let (_dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let sink = mqtt_sink(cloud.addr).replace("keep_alive", "sources = [\"*/*\", \"factory/#\"]\nkeep_alive");
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "200ms"), sink)).await;
+    let local_addr = gw.broker_addr.unwrap();
+    let mut local = updraft_tests::Subscriber::connect(local_addr, "factory/#", QoS::AtMostOnce).await;
+    let meter = updraft_tests::Subscriber::connect(local_addr, "unused/#", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = r#"{"kwh": 12.5, "meter": "m-3"}"#;
+    meter.client.publish("factory/line1/meter-3", QoS::AtLeastOnce, false, body).await.unwrap();
+
+    let got = sub.wait_for("parks/gw/factory/line1/meter-3", Duration::from_secs(10), |_| true).await;
+    assert_eq!(got.as_deref(), Some(body.as_bytes()), "forwarded verbatim under the sink's topic");
+    let local_copies = local.drain(Duration::from_millis(500), Duration::from_secs(2)).await;
+    assert_eq!(local_copies.len(), 1, "the gateway does not publish the message again locally");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
