@@ -25,9 +25,12 @@ use super::{SinkStats, Source};
 use crate::config::{NorthBuffer, OnFull};
 use crate::point::Batch;
 
-/// Segment size: small enough that acknowledged data is deleted promptly, large enough that a
-/// 1 GiB buffer is a few hundred files.
-const SEGMENT_BYTES: u64 = 8 << 20;
+/// Segment size: small enough that acknowledged data is deleted promptly and that the cap (which
+/// drops whole segments) is kept to within an eighth, large enough that a 1 GiB buffer is a few
+/// hundred files.
+fn segment_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 8).clamp(64 << 10, 8 << 20)
+}
 
 /// What the two halves of a sink share.
 #[derive(Debug)]
@@ -57,7 +60,11 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
     let err = |what: &str, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("sink `{name}`: {what} {}: {e}", dir.display()))
     };
-    let store_opts = StoreOptions { segment_bytes: SEGMENT_BYTES, max_bytes: opts.max_bytes.0, weigh: codec::count };
+    let store_opts = StoreOptions {
+        segment_bytes: segment_bytes(opts.max_bytes.0),
+        max_bytes: opts.max_bytes.0,
+        weigh: codec::count,
+    };
     let (store, report) = Store::open(dir, store_opts).map_err(|e| err("cannot open the buffer in", e))?;
     let dict = Dict::open(dir).map_err(|e| err("cannot read the tag dictionary in", e))?;
     if report.truncated_bytes > 0 {
@@ -134,6 +141,7 @@ struct Writer {
     dirty: bool,
     store_dropped_seen: u64,
     rejected_logged: u64,
+    ack_failing: bool,
 }
 
 impl Writer {
@@ -149,6 +157,7 @@ impl Writer {
             dirty: false,
             store_dropped_seen: 0,
             rejected_logged: 0,
+            ack_failing: false,
         }
     }
 
@@ -278,10 +287,15 @@ impl Writer {
         }
         let target = self.shared.ack_to.load(Ordering::Acquire);
         if target > store.acked() {
-            if let Err(e) = store.ack(target) {
+            match store.ack(target) {
+                Ok(()) => self.ack_failing = false,
                 // Not fatal: the acknowledgement is retried next tick, and a restart meanwhile only
-                // means resending.
-                warn!(sink = %self.shared.name, error = %e, "Cannot record delivered points; will retry.");
+                // means resending. Logged once per failure spell, not every tick.
+                Err(e) if !self.ack_failing => {
+                    self.ack_failing = true;
+                    warn!(sink = %self.shared.name, error = %e, "Cannot record delivered points; will retry.");
+                }
+                Err(_) => {}
             }
         }
         let stats = &self.shared.stats;
@@ -301,5 +315,70 @@ impl Writer {
             + stats.dropped_disk.get();
         let pending = (self.shared.pending_at_open + stats.accepted.get()).saturating_sub(settled);
         stats.pending_points.set(pending as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Bytes;
+    use crate::point::{Point, Registry, Value};
+
+    fn run(on_full: OnFull) -> (Arc<Shared>, Arc<SinkStats>, u64) {
+        let dir = std::env::temp_dir().join(format!("updraft-buffer-{}-{}", std::process::id(), fastrand::u64(..)));
+        let stats = Arc::new(SinkStats::default());
+        let opts = NorthBuffer { max_bytes: Bytes(256 << 10), on_full, ..NorthBuffer::default() };
+        let shared = open("t", &dir, &opts, stats.clone()).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let sources = vec![Source::parse("*/*").unwrap()];
+        let thread = spawn("t", rx, sources, shared.clone(), Duration::from_millis(10)).unwrap();
+        let r = Registry::default();
+        let keys: Vec<_> = (0..100).map(|i| r.intern("press", &format!("t{i}"))).collect();
+        let batches = 2000u64;
+        for b in 0..batches {
+            let points: Vec<Point> =
+                keys.iter().map(|k| Point::good(k.clone(), Value::Int(b as i64), b as i64)).collect();
+            tx.blocking_send(crate::hub::batch(points)).unwrap();
+        }
+        drop(tx);
+        thread.join().unwrap();
+        (shared, stats, batches * 100)
+    }
+
+    /// The values of the records left in the buffer, one per record.
+    fn left(shared: &Shared) -> Vec<i64> {
+        let store = shared.store();
+        let records = store.read_from(store.acked(), usize::MAX).unwrap();
+        records
+            .iter()
+            .map(|(_, r)| match codec::decode(r).unwrap()[0].value {
+                Some(Value::Int(v)) => v,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_counts_every_dropped_point() {
+        let (shared, stats, offered) = run(OnFull::DropOldest);
+        let kept = left(&shared);
+        assert!(stats.dropped_full.get() > 0, "the cap was reached");
+        assert_eq!(stats.accepted.get(), offered);
+        assert_eq!(stats.dropped_full.get() + kept.len() as u64 * 100, offered, "every point is kept or counted");
+        assert_eq!(kept.last(), Some(&1999), "the newest survive");
+        assert!(kept.windows(2).all(|w| w[1] == w[0] + 1), "what is kept is contiguous");
+        assert!(shared.store().pending_bytes() <= (256 << 10) + (64 << 10));
+        assert_eq!(stats.pending_points.get(), kept.len() as i64 * 100);
+    }
+
+    #[test]
+    fn reject_new_keeps_the_oldest_and_counts_every_refused_point() {
+        let (shared, stats, offered) = run(OnFull::RejectNew);
+        let kept = left(&shared);
+        assert!(stats.dropped_full.get() > 0);
+        assert_eq!(stats.accepted.get() + stats.dropped_full.get(), offered, "every point is taken or counted");
+        assert_eq!(kept.first(), Some(&0), "the oldest survive");
+        assert_eq!(kept.len() as u64 * 100, stats.accepted.get());
+        assert!(shared.store().pending_bytes() <= 256 << 10);
     }
 }
