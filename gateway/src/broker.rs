@@ -307,47 +307,63 @@ impl EmbeddedBroker {
 pub const SET_FILTER: &str = "updraft/+/+/set";
 
 impl EmbeddedBroker {
-    /// Spawns the thread that turns `updraft/{device}/{tag}/set` messages from local clients into
+    /// Spawns the task that turns `updraft/{device}/{tag}/set` messages from local clients into
     /// device writes and answers on `…/set/reply` with `{"ok": true}` or `{"ok": false, "error"}`.
-    /// The payload is the value (`42`, `true`) or `{"value": 42}`. Commands run one at a time; each
-    /// is bounded by its device's timeout.
-    pub fn spawn_command_listener(
-        &mut self,
-        devices: HashMap<String, crate::drivers::WriteTx>,
-    ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
-        let Some((mut tx, mut rx)) = self.local.take() else { return Ok(None) };
+    /// The payload is the value (`42`, `true`) or `{"value": 42}`. Each write is bounded by its
+    /// device's timeout.
+    pub fn spawn_command_listener(&mut self, devices: HashMap<String, crate::drivers::WriteTx>) {
+        let Some((mut tx, mut rx)) = self.local.take() else { return };
         if let Err(e) = tx.subscribe(SET_FILTER) {
             warn!(error = %e, "Cannot subscribe to local write commands.");
-            return Ok(None);
+            return;
         }
-        let handle = std::thread::Builder::new().name("mqtt-commands".into()).spawn(move || loop {
-            let publish = match rx.recv() {
-                Ok(Some(rumqttd::Notification::Forward(f))) => f.publish,
-                Ok(_) => continue,
-                Err(e) => {
-                    debug!(error = %e, "Command link closed.");
-                    break;
-                }
-            };
-            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-            let reply = handle_command(&topic, &publish.payload, &devices);
-            let body = match &reply {
-                Ok(()) => serde_json::json!({ "ok": true }),
-                Err(e) => serde_json::json!({ "ok": false, "error": e }),
-            };
-            if let Err(e) = tx.publish(format!("{topic}/reply"), body.to_string()) {
-                warn!(error = %e, "Cannot publish a command reply.");
+        let devices = Arc::new(devices);
+        // Commands run concurrently (a slow device does not hold up writes to the others); each
+        // reply comes back here because only this task owns the link.
+        let (reply_tx, mut replies) = mpsc::channel::<(String, String)>(64);
+        tokio::spawn(async move {
+            loop {
+                let publish = tokio::select! {
+                    n = rx.next() => match n {
+                        Ok(Some(rumqttd::Notification::Forward(f))) => f.publish,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            debug!(error = %e, "Command link closed.");
+                            break;
+                        }
+                    },
+                    Some((topic, body)) = replies.recv() => {
+                        if let Err(e) = tx.publish(topic, body) {
+                            warn!(error = %e, "Cannot publish a command reply.");
+                        }
+                        continue;
+                    }
+                };
+                let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                let submitted = submit_command(&topic, &publish.payload, &devices);
+                let reply_tx = reply_tx.clone();
+                tokio::spawn(async move {
+                    let result = match submitted {
+                        Ok(wait) => wait.await.unwrap_or_else(|_| Err("the device's driver has stopped".into())),
+                        Err(e) => Err(e),
+                    };
+                    let body = match &result {
+                        Ok(()) => serde_json::json!({ "ok": true }),
+                        Err(e) => serde_json::json!({ "ok": false, "error": e }),
+                    };
+                    let _ = reply_tx.send((format!("{topic}/reply"), body.to_string())).await;
+                });
             }
-        })?;
-        Ok(Some(handle))
+        });
     }
 }
 
-fn handle_command(
+/// Parses a local write command and queues it on its device's driver.
+fn submit_command(
     topic: &str,
     payload: &[u8],
     devices: &HashMap<String, crate::drivers::WriteTx>,
-) -> Result<(), String> {
+) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, String> {
     let parts: Vec<&str> = topic.split('/').collect();
     let [_, device, tag, _] = parts.as_slice() else { return Err(format!("bad command topic `{topic}`")) };
     let value: serde_json::Value = serde_json::from_slice(payload)
@@ -356,8 +372,7 @@ fn handle_command(
         serde_json::Value::Object(mut m) => m.remove("value").ok_or("object payload needs a `value` key")?,
         v => v,
     };
-    let wait = crate::drivers::submit(devices, device, tag, value)?;
-    wait.blocking_recv().map_err(|_| "the device's driver has stopped".to_owned())?
+    crate::drivers::submit(devices, device, tag, value)
 }
 
 /// Completes a future that is known to be ready on its first poll: `LinkTx::send` is an `async fn`

@@ -103,7 +103,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
-        b.spawn_command_listener(write_txs.clone())?;
+        b.spawn_command_listener(write_txs.clone());
         // Local topics the sinks forward (`sources` with topic filters), outside the gateway's own.
         let filters: std::collections::BTreeSet<String> = config
             .north
