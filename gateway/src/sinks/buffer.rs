@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
 
 use super::codec::{self, Dict, DictEntry};
-use super::store::{Store, StoreOptions};
+use super::store::{self, Store, StoreOptions};
 use super::{SinkStats, Source};
 use crate::config::{NorthBuffer, OnFull};
 use crate::point::Batch;
@@ -45,8 +45,8 @@ pub struct Shared {
     pub ack_to: AtomicU64,
     pub stats: Arc<SinkStats>,
     pub opts: NorthBuffer,
-    /// Points pending when the store was opened.
-    pending_at_open: u64,
+    /// Points pending when the store was opened (weighed in the background after start-up).
+    pending_at_open: AtomicU64,
 }
 
 impl Shared {
@@ -71,14 +71,11 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
         warn!(sink = %name, bytes = report.truncated_bytes, "Cut a torn tail from the buffer (an interrupted write, e.g. a power cut).");
         stats.truncated_bytes.add(report.truncated_bytes);
     }
-    if report.pending > 0 {
-        info!(sink = %name, points = report.pending, bytes = store.pending_bytes(), "Buffered points from before the restart will be sent.");
-    }
     stats.disk_ok.set(1);
-    stats.pending_points.set(report.pending as i64);
     stats.buffer_bytes.set(store.pending_bytes() as i64);
     let acked = store.acked();
-    Ok(Arc::new(Shared {
+    let (pending_segments, pending_bytes) = (store.pending_segments(), store.pending_bytes());
+    let shared = Arc::new(Shared {
         name: name.to_owned(),
         store: Mutex::new(store),
         dict: dict.entries(),
@@ -87,8 +84,19 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
         ack_to: AtomicU64::new(acked),
         stats,
         opts: opts.clone(),
-        pending_at_open: report.pending,
-    }))
+        pending_at_open: AtomicU64::new(0),
+    });
+    if pending_bytes > 0 {
+        // Counting the points of a large backlog reads all of it: a background job, so polling
+        // starts at once after a restart. Until it finishes the pending gauge reads low.
+        let s = shared.clone();
+        std::thread::Builder::new().name(format!("north-{name}-count")).spawn(move || {
+            let points = store::pending_weight(&pending_segments, codec::count);
+            s.pending_at_open.store(points, Ordering::Release);
+            info!(sink = %s.name, points, bytes = pending_bytes, "Buffered points from before the restart will be sent.");
+        })?;
+    }
+    Ok(shared)
 }
 
 /// Starts the buffer thread. It runs until the hub closes its queue, then syncs and applies the
@@ -313,7 +321,8 @@ impl Writer {
             + stats.dropped_corrupt.get()
             + self.store_dropped_seen
             + stats.dropped_disk.get();
-        let pending = (self.shared.pending_at_open + stats.accepted.get()).saturating_sub(settled);
+        let pending =
+            (self.shared.pending_at_open.load(Ordering::Acquire) + stats.accepted.get()).saturating_sub(settled);
         stats.pending_points.set(pending as i64);
     }
 }

@@ -38,8 +38,6 @@ pub fn one(_: &[u8]) -> u64 {
 pub struct OpenReport {
     /// Bytes cut from the end of the last segment because they did not form a valid record.
     pub truncated_bytes: u64,
-    /// Unacknowledged records found, weighed by `StoreOptions::weigh`.
-    pub pending: u64,
 }
 
 #[derive(Debug)]
@@ -76,7 +74,8 @@ fn scan(path: &Path, from: u64, mut visit: impl FnMut(u64, Vec<u8>) -> bool) -> 
         f.read_exact(&mut header)?;
         let n = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if n as usize > MAX_RECORD || pos + HEADER + n > len {
+        // An empty record is never written: a zero header is a zero-filled page from a power cut.
+        if n == 0 || n as usize > MAX_RECORD || pos + HEADER + n > len {
             break;
         }
         let mut payload = vec![0u8; n as usize];
@@ -131,18 +130,16 @@ impl Store {
         }
         let tail = segments.back().expect("one segment exists");
         let writer = OpenOptions::new().create(true).append(true).open(&tail.path)?;
+        // Only the last segment was read: opening a full buffer must not delay start-up. What is
+        // pending is weighed separately (`pending_weight`), off the start-up path.
         let store = Store { dir: dir.to_owned(), opts, segments, writer, acked, dropped: 0 };
-        store.for_each_from(store.acked, |_, r| {
-            report.pending += (opts.weigh)(r);
-            true
-        })?;
         Ok((store, report))
     }
 
     /// Appends one record and returns its offset. Not durable until `sync`.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
-        if payload.len() > MAX_RECORD {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "record larger than 16 MiB"));
+        if payload.len() > MAX_RECORD || payload.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a record holds 1 byte to 16 MiB"));
         }
         if self.tail().len >= self.opts.segment_bytes {
             self.roll()?;
@@ -202,6 +199,16 @@ impl Store {
             })?;
         }
         Ok(())
+    }
+
+    /// A snapshot of the unacknowledged part: each segment's path, the position to start at in it,
+    /// and its length. Weigh it with `pending_weight` without holding the store.
+    pub fn pending_segments(&self) -> Vec<(PathBuf, u64, u64)> {
+        self.segments
+            .iter()
+            .filter(|s| s.base + s.len > self.acked && s.len > 0)
+            .map(|s| (s.path.clone(), self.acked.saturating_sub(s.base), s.len))
+            .collect()
     }
 
     /// The offset just past the last record.
@@ -267,6 +274,22 @@ impl Store {
     }
 }
 
+/// Weighs the records of a `pending_segments` snapshot. A segment deleted meanwhile (delivered or
+/// dropped at the cap) simply counts for nothing.
+pub fn pending_weight(segments: &[(PathBuf, u64, u64)], weigh: fn(&[u8]) -> u64) -> u64 {
+    let mut total = 0;
+    for (path, from, len) in segments {
+        let _ = scan(path, *from, |at, r| {
+            if at >= *len {
+                return false;
+            }
+            total += weigh(&r);
+            true
+        });
+    }
+    total
+}
+
 fn read_ack(dir: &Path) -> io::Result<u64> {
     match fs::read(dir.join("ack")) {
         Ok(b) if b.len() == 12 => {
@@ -312,7 +335,8 @@ mod tests {
         assert!(s.segments.len() > 2, "small segments roll over");
         drop(s);
         let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report, OpenReport { truncated_bytes: 0, pending: 20 });
+        assert_eq!(report, OpenReport { truncated_bytes: 0 });
+        assert_eq!(pending_weight(&s.pending_segments(), one), 20);
         let got = s.read_from(0, usize::MAX).unwrap();
         assert_eq!(got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), offsets);
         assert_eq!(got[7].1, b"record-7");
@@ -328,8 +352,8 @@ mod tests {
         s.ack(offsets[15]).unwrap();
         assert!(fs::read_dir(&d).unwrap().count() < files_before, "fully acked segments are deleted");
         drop(s);
-        let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report.pending, 5);
+        let (s, _) = Store::open(&d, OPTS).unwrap();
+        assert_eq!(pending_weight(&s.pending_segments(), one), 5);
         let got = s.read_from(s.acked(), usize::MAX).unwrap();
         assert_eq!(got.first().map(|(_, p)| p.clone()), Some(b"r15".to_vec()));
         let _ = fs::remove_dir_all(&d);
@@ -352,11 +376,48 @@ mod tests {
         drop(f);
         let (mut s, report) = Store::open(&d, OPTS).unwrap();
         assert_eq!(report.truncated_bytes, 15);
-        assert_eq!(report.pending, 5);
+        assert_eq!(pending_weight(&s.pending_segments(), one), 5);
         s.append(b"after").unwrap();
         let got = s.read_from(0, usize::MAX).unwrap();
         assert_eq!(got.len(), 6);
         assert_eq!(got[5].1, b"after");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_power_cut_anywhere_keeps_every_whole_record_before_it() {
+        // Unsynced pages lost in a power cut leave the file cut at any byte, or with zeroed pages.
+        let d = dir("powercut");
+        let big = StoreOptions { segment_bytes: 1 << 20, max_bytes: 1 << 30, weigh: one };
+        let (mut s, _) = Store::open(&d, big).unwrap();
+        let ends: Vec<u64> =
+            (0..50).map(|i| s.append(format!("record-{i:02}-{}", "x".repeat(i)).as_bytes()).unwrap()).collect();
+        s.sync().unwrap();
+        let seg = s.tail().path.clone();
+        let full = fs::read(&seg).unwrap();
+        drop(s);
+        // Every record boundary, then random places.
+        let cuts: Vec<usize> =
+            ends.iter().map(|e| *e as usize).chain((0..200).map(|_| fastrand::usize(0..=full.len()))).collect();
+        for cut in cuts {
+            let mut damaged = full[..cut].to_vec();
+            if fastrand::bool() {
+                // A zero-filled page after the cut, as a file system may leave.
+                damaged.extend(std::iter::repeat_n(0u8, fastrand::usize(1..4096)));
+            }
+            fs::write(&seg, &damaged).unwrap();
+            let (s, report) = Store::open(&d, big).unwrap();
+            let whole = ends.iter().filter(|&&at| at < cut as u64).filter(|&&at| {
+                let i = ends.iter().position(|e| *e == at).unwrap();
+                let next = ends.get(i + 1).copied().unwrap_or(full.len() as u64);
+                next <= cut as u64
+            });
+            let expect = whole.count();
+            let got = s.read_from(0, usize::MAX).unwrap();
+            assert_eq!(got.len(), expect, "cut at {cut}");
+            assert!(got.iter().enumerate().all(|(i, (_, r))| r.starts_with(format!("record-{i:02}").as_bytes())));
+            assert_eq!(report.truncated_bytes, damaged.len() as u64 - s.end(), "cut at {cut}");
+        }
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -383,8 +444,8 @@ mod tests {
         s.ack(a + 11).unwrap();
         drop(s);
         fs::write(d.join("ack"), [1u8; 12]).unwrap();
-        let (s, report) = Store::open(&d, OPTS).unwrap();
-        assert_eq!(report.pending, 2);
+        let (s, _) = Store::open(&d, OPTS).unwrap();
+        assert_eq!(pending_weight(&s.pending_segments(), one), 2);
         assert_eq!(s.acked(), 0);
         let _ = fs::remove_dir_all(&d);
     }
