@@ -374,7 +374,8 @@ async fn http_sink_retries_until_2xx_and_sends_the_bearer_token() {
     use axum::extract::{Path as UrlPath, State};
     use axum::http::{HeaderMap, StatusCode};
 
-    type Log = Arc<Mutex<(u32, Vec<(String, String, Vec<u8>)>)>>;
+    /// (requests, accepted requests, seq values of the refused one, its point count)
+    type Log = Arc<Mutex<(u32, Vec<(String, String, Vec<u8>)>, Vec<u64>, u64)>>;
     let log: Log = Arc::default();
     async fn ingest(
         State(log): State<Log>,
@@ -384,9 +385,15 @@ async fn http_sink_retries_until_2xx_and_sends_the_bearer_token() {
     ) -> StatusCode {
         let mut l = log.lock().unwrap();
         l.0 += 1;
-        // The first three requests meet a cloud in trouble.
+        // The first three requests meet a cloud in trouble; the fifth is refused for good.
         if l.0 <= 3 {
             return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        if l.0 == 5 {
+            l.2 = tag_values(&body, "seq").iter().filter_map(|v| v.as_u64()).collect();
+            l.3 =
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap()["points"].as_array().unwrap().len() as u64;
+            return StatusCode::UNPROCESSABLE_ENTITY;
         }
         let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         l.1.push((device, auth, body.to_vec()));
@@ -424,7 +431,13 @@ async fn http_sink_retries_until_2xx_and_sends_the_bearer_token() {
     let seen = seqs(&log);
     let set: BTreeSet<u64> = seen.iter().copied().collect();
     let missing: Vec<u64> = (1..=15).filter(|v| !set.contains(v)).collect();
-    assert!(missing.is_empty(), "lost {missing:?}");
+    let (refused, refused_points) = {
+        let l = log.lock().unwrap();
+        (l.2.clone(), l.3)
+    };
+    assert!(!refused.is_empty(), "one message was refused");
+    assert_eq!(missing, refused, "only the refused message's points are missing");
+    assert_eq!(stats.dropped_rejected.get(), refused_points, "and they are counted as rejected");
     assert_in_order(&seen);
     let l = log.lock().unwrap();
     assert!(l.1.iter().all(|(d, auth, _)| d == "press" && auth == "Bearer s3cret"));
