@@ -7,3 +7,5 @@ cd "$(dirname "$0")/../.."
 cargo build --release --locked -p updraft-gateway -p updraft-tests --bin updraft --bin poll-bench
 ./target/release/poll-bench --devices 100 --tags 100 --poll 1s "$@"
 ./target/release/poll-bench --devices 100 --tags 100 --poll 10ms "$@"
+# The same load with every point also forwarded through a cloud sink (disk buffer) to mosquitto.
+./target/release/poll-bench --devices 100 --tags 100 --poll 1s --cloud "$@"

@@ -22,10 +22,12 @@ struct Args {
     seconds: u64,
     warmup: u64,
     subscribe: bool,
+    cloud: bool,
 }
 
 fn parse_args() -> Args {
-    let mut a = Args { devices: 100, tags: 100, poll: "1s".into(), seconds: 30, warmup: 5, subscribe: true };
+    let mut a =
+        Args { devices: 100, tags: 100, poll: "1s".into(), seconds: 30, warmup: 5, subscribe: true, cloud: false };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -36,6 +38,7 @@ fn parse_args() -> Args {
             "--seconds" => a.seconds = v().parse().unwrap(),
             "--warmup" => a.warmup = v().parse().unwrap(),
             "--no-subscriber" => a.subscribe = false,
+            "--cloud" => a.cloud = true,
             other => panic!("unknown argument {other}; see tests/bench/poll.sh"),
         }
     }
@@ -126,6 +129,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("updraft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    // With --cloud, every point also goes through a northbound sink (disk buffer on) to mosquitto.
+    let cloud = a.cloud.then(|| rt.block_on(updraft_tests::cloud::Mosquitto::start()));
     let ports = free_ports(a.devices + 2);
     let (broker_port, api_port) = (ports[a.devices], ports[a.devices + 1]);
     let mut sim = String::from("[gateway]\nid = \"bench-sim\"\n\n");
@@ -145,6 +151,12 @@ fn main() {
         }
         sim += "]\n\n";
         gw += "]\n\n";
+    }
+    if let Some(c) = &cloud {
+        gw += &format!(
+            "[north.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://{}\"\ntopic = \"bench/{{gateway}}/{{device}}\"\n\n",
+            c.addr
+        );
     }
     std::fs::write(dir.join("sim.toml"), sim).unwrap();
     std::fs::write(dir.join("gw.toml"), gw).unwrap();
@@ -171,7 +183,6 @@ fn main() {
     wait_port(api);
 
     let delivered = Arc::new(AtomicU64::new(0));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     if a.subscribe {
         let delivered = delivered.clone();
         rt.spawn(async move {
@@ -217,6 +228,13 @@ fn main() {
     );
     if a.subscribe {
         println!("  points delivered (MQTT){:>12.0} /s  to one subscriber of updraft/#", (d1 - d0) as f64 / secs);
+    }
+    if a.cloud {
+        println!(
+            "  points to the cloud    {:>12.0} /s  acknowledged by mosquitto; {:.0} pending at the end",
+            diff("updraft_north_delivered_points_total") / secs,
+            m1.get("updraft_north_pending_points").copied().unwrap_or(0.0)
+        );
     }
     println!(
         "  gateway CPU            {:>12.3} s per million points  ({:.1} % of one core)",
