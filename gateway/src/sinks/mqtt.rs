@@ -220,15 +220,18 @@ impl MqttSink {
         let mut inflight: HashMap<u16, Token> = HashMap::new();
         let mut window = 0usize;
         let max_window = usize::from(self.cfg.max_inflight);
-        client.publish(&self.status_topic, QoS::AtLeastOnce, true, "online").await.map_err(lost)?;
+        client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "online").map_err(lost)?;
         order.push_back(None);
-        client.subscribe(&self.command_filter, QoS::AtLeastOnce).await.map_err(lost)?;
+        client.try_subscribe(&self.command_filter, QoS::AtLeastOnce).map_err(lost)?;
         outbox.rewind();
         let (reply_tx, mut reply_rx) = mpsc::channel::<(String, String)>(64);
         loop {
             while window < max_window {
                 let Some(msg) = outbox.next_message() else { break };
-                client.publish(msg.target, self.qos, false, msg.payload).await.map_err(lost)?;
+                // Never an await here: if this task waited on a full request channel while the event
+                // pump waited on this task, neither would move. The window keeps the channel from
+                // filling; if it ever does, the session restarts and the outbox rewinds.
+                client.try_publish(msg.target, self.qos, false, msg.payload).map_err(lost)?;
                 order.push_back(Some(msg.token));
                 window += 1;
                 self.stats.messages_sent.inc();
@@ -257,15 +260,18 @@ impl MqttSink {
                     None => return Err(fail(true, "event loop stopped".into())),
                 },
                 Some((topic, body)) = reply_rx.recv() => {
-                    client.publish(topic, QoS::AtLeastOnce, false, body).await.map_err(lost)?;
-                    order.push_back(None);
+                    match client.try_publish(topic, QoS::AtLeastOnce, false, body) {
+                        Ok(()) => order.push_back(None),
+                        // A flood of commands: the write was done, only its reply is lost.
+                        Err(e) => warn!(sink = %self.name, error = %e, "Command reply dropped: the connection is saturated."),
+                    }
                 }
                 _ = outbox.wait(), if window < max_window => {}
                 _ = cancel.cancelled() => {
                     // A clean goodbye: retained `offline` (the broker does not fire the will on a
                     // DISCONNECT), then wait briefly for it to leave.
-                    let _ = client.publish(&self.status_topic, QoS::AtLeastOnce, true, "offline").await;
-                    let _ = client.disconnect().await;
+                    let _ = client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "offline");
+                    let _ = client.try_disconnect();
                     let _ = tokio::time::timeout(Duration::from_secs(1), async {
                         while let Some(Ok(ev)) = ev_rx.recv().await {
                             if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
