@@ -222,6 +222,12 @@ max_inflight = 64
         sent as f64 / secs,
         sent as f64 / secs / a.live as f64
     );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?");
+    println!(
+        "peak RSS of the whole benchmark process (generator, hub, sink): {}",
+        hwm.trim_start_matches("VmHWM:").trim()
+    );
     drop(tx);
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub_task).await;

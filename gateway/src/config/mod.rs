@@ -416,7 +416,7 @@ impl NorthConfig {
 pub struct MqttNorth {
     /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS, default port 8883).
     pub url: String,
-    /// Defaults to `updraft-{gateway id}`. Must be unique on the cloud broker.
+    /// Defaults to `updraft-{gateway id}-{sink name}`. Must be unique on the cloud broker.
     pub client_id: Option<String>,
     pub username: Option<String>,
     /// File holding the password (surrounding whitespace is trimmed). Never inline, never logged.

@@ -108,6 +108,19 @@ pub fn validate(config: &Config) -> Found {
             found.push((with(base, [key("tick")]), "must be at least 10ms".into()));
         }
     }
+    // Two connections with one client id to one broker take each other's session over and over.
+    let mut client_ids: BTreeMap<(String, String), &str> = BTreeMap::new();
+    for (name, sink) in &config.north {
+        if let NorthConfig::Mqtt(m) = sink {
+            let id = m.client_id.clone().unwrap_or_else(|| format!("updraft-{}-{name}", config.gateway.id));
+            if let Some(other) = client_ids.insert((m.url.clone(), id.clone()), name) {
+                found.push((
+                    path(&["north", name, if m.client_id.is_some() { "client_id" } else { "url" }]),
+                    format!("sink `{other}` already connects to {} as `{id}`; give each a different client_id", m.url),
+                ));
+            }
+        }
+    }
     for (name, sink) in &config.north {
         let base = path(&["north", name]);
         if let Some(p) = name_problem(name) {

@@ -118,7 +118,7 @@ impl MqttSink {
         Ok(MqttSink {
             name: name.to_owned(),
             gateway: gateway.to_owned(),
-            client_id: cfg.client_id.clone().unwrap_or_else(|| format!("updraft-{gateway}")),
+            client_id: cfg.client_id.clone().unwrap_or_else(|| format!("updraft-{gateway}-{name}")),
             qos: if cfg.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
             cfg: cfg.clone(),
             endpoint,

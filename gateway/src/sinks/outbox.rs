@@ -263,7 +263,8 @@ impl Outbox {
                 }
                 let g = self.groups.entry(target.clone()).or_insert_with(|| Group {
                     device: entry.device.clone(),
-                    json: Vec::with_capacity(64 * self.max_points.min(1000)),
+                    // Small at first: with `{tag}` in the template there is a group per tag.
+                    json: Vec::with_capacity(256),
                     points: 0,
                     runs: Vec::new(),
                     since: Instant::now(),
