@@ -247,11 +247,13 @@ pub const MAX_EXTERNAL_TOPICS: usize = 10_000;
 
 impl EmbeddedBroker {
     /// Subscribes to `filters` on the local broker and feeds what local MQTT clients publish there
-    /// to the cloud sinks, as verbatim messages. The gateway's own `updraft/…` topics are skipped:
-    /// their points reach the sinks directly.
+    /// to the cloud sinks, as verbatim messages. The gateway's own `updraft/…` topics are skipped
+    /// (their points reach the sinks directly), and so are topics starting with `skip_prefixes`
+    /// (the sinks' own output, when a sink publishes to this broker).
     pub fn spawn_tap(
         &mut self,
         filters: &[String],
+        skip_prefixes: &[String],
         registry: Arc<crate::point::Registry>,
         tx: crate::hub::BusSender,
         dropped: Arc<crate::metrics::Counter>,
@@ -264,6 +266,7 @@ impl EmbeddedBroker {
             }
         }
         let mut external = 0usize;
+        let skip: Vec<String> = skip_prefixes.to_vec();
         tokio::spawn(async move {
             let _keep = link_tx;
             loop {
@@ -276,7 +279,8 @@ impl EmbeddedBroker {
                     _ = cancel.cancelled() => break,
                 };
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                if topic.starts_with(&format!("{TOPIC_PREFIX}/")) {
+                if topic.starts_with(&format!("{TOPIC_PREFIX}/")) || skip.iter().any(|p| topic.starts_with(p.as_str()))
+                {
                     continue;
                 }
                 let key = match registry.get_topic(&topic) {

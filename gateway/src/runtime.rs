@@ -116,7 +116,20 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         if !filters.is_empty() {
             let filters: Vec<String> = filters.into_iter().collect();
             let dropped = metrics.dropped("local-topics").1;
-            b.spawn_tap(&filters, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
+            // A sink whose "cloud" is this very broker (as in the demo) must not take in its own
+            // output: skip the fixed start of every MQTT sink's topic.
+            let own: Vec<String> = config
+                .north
+                .values()
+                .filter_map(|n| match n {
+                    crate::config::NorthConfig::Mqtt(m) => {
+                        let t = m.topic.replace("{gateway}", &config.gateway.id);
+                        Some(t[..t.find('{').unwrap_or(t.len())].to_owned()).filter(|p| !p.is_empty())
+                    }
+                    crate::config::NorthConfig::Http(_) => None,
+                })
+                .collect();
+            b.spawn_tap(&filters, &own, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
         }
         let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))

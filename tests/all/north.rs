@@ -515,3 +515,28 @@ async fn messages_from_local_mqtt_devices_reach_the_cloud_verbatim() {
     assert_eq!(local_copies.len(), 1, "the gateway does not publish the message again locally");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_whose_cloud_is_the_local_broker_does_not_feed_on_its_own_output() {
+    let (_dev, maddr) = counting_device().await;
+    let port = updraft_tests::cloud::free_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let config = format!(
+        "{}{}{}",
+        header("gw").replace("listen = \"127.0.0.1:0\"\n\n[api]", &format!("listen = \"{local}\"\n\n[api]")),
+        device(maddr, "200ms"),
+        mqtt_sink(local).replace("keep_alive", "sources = [\"#\"]\nkeep_alive")
+    );
+    let (gw, _dir) = start_gateway(&config).await;
+    assert_eq!(gw.broker_addr, Some(local));
+    let mut watch = updraft_tests::Subscriber::connect(local, "parks/#", QoS::AtMostOnce).await;
+    let meter = updraft_tests::Subscriber::connect(local, "unused/#", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    meter.client.publish("factory/meter-3", QoS::AtLeastOnce, false, "42").await.unwrap();
+    let seen = watch.drain(Duration::from_millis(1500), Duration::from_secs(4)).await;
+    let forwarded: Vec<&String> = seen.iter().map(|(t, _)| t).filter(|t| t.contains("meter-3")).collect();
+    assert_eq!(forwarded, vec!["parks/gw/factory/meter-3"], "forwarded once, never again");
+    assert!(seen.iter().all(|(t, _)| !t.starts_with("parks/gw/parks/")), "no sink output taken in again");
+    assert!(seen.iter().any(|(t, _)| t == TOPIC), "device data flows");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
