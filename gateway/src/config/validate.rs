@@ -122,6 +122,19 @@ pub fn validate(config: &Config) -> Found {
         }
     }
     for (name, sink) in &config.north {
+        if let NorthConfig::Mqtt(m) = sink {
+            let status = crate::sinks::mqtt::status_topic(m, &config.gateway.id);
+            for device in config.devices.keys() {
+                if crate::sinks::render(&m.topic, &config.gateway.id, device, "", "") == status {
+                    found.push((
+                        path(&["north", name, "topic"]),
+                        format!("device `{device}` would publish on the status topic `{status}`; set `status_topic`"),
+                    ));
+                }
+            }
+        }
+    }
+    for (name, sink) in &config.north {
         let base = path(&["north", name]);
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("sink name `{name}` {p}")));

@@ -97,16 +97,7 @@ impl MqttSink {
         } else {
             None
         };
-        let status_topic = match &cfg.status_topic {
-            Some(t) => t.replace("{gateway}", gateway),
-            None => {
-                let prefix = match cfg.topic.split_once("/{gateway}") {
-                    Some((p, _)) if !p.is_empty() && !p.contains('{') => p.to_owned(),
-                    _ => cfg.topic.split('/').next().filter(|s| !s.contains('{')).unwrap_or("updraft").to_owned(),
-                };
-                format!("{prefix}/{gateway}/status")
-            }
-        };
+        let status_topic = status_topic(cfg, gateway);
         let command_filter = match &cfg.command_topic {
             Some(t) => t.replace("{gateway}", gateway).replace("{device}", "+").replace("{tag}", "+"),
             None => format!("{}/set", cfg.topic)
@@ -325,6 +316,21 @@ impl MqttSink {
                 debug!(sink = %sink, "Connection ended before a command reply could be sent.");
             }
         });
+    }
+}
+
+/// The gateway's status topic: `status_topic`, or `{prefix}/{gateway}/status` where `prefix` is
+/// the part of `topic` before `/{gateway}`.
+pub fn status_topic(cfg: &MqttNorth, gateway: &str) -> String {
+    match &cfg.status_topic {
+        Some(t) => t.replace("{gateway}", gateway),
+        None => {
+            let prefix = match cfg.topic.split_once("/{gateway}") {
+                Some((p, _)) if !p.is_empty() && !p.contains('{') => p.to_owned(),
+                _ => cfg.topic.split('/').next().filter(|s| !s.contains('{')).unwrap_or("updraft").to_owned(),
+            };
+            format!("{prefix}/{gateway}/status")
+        }
     }
 }
 
