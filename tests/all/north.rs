@@ -540,3 +540,60 @@ async fn a_sink_whose_cloud_is_the_local_broker_does_not_feed_on_its_own_output(
     assert!(seen.iter().any(|(t, _)| t == TOPIC), "device data flows");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_overlap_across_devices_but_never_within_one() {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Seen {
+        now: HashMap<String, u32>,
+        max_per_device: u32,
+        max_total: u32,
+        seqs: HashMap<String, Vec<u64>>,
+    }
+    type Log = Arc<Mutex<Seen>>;
+    async fn ingest(State(log): State<Log>, UrlPath(device): UrlPath<String>, body: axum::body::Bytes) -> StatusCode {
+        {
+            let mut l = log.lock().unwrap();
+            *l.now.entry(device.clone()).or_default() += 1;
+            let per = l.now[&device];
+            let total = l.now.values().sum();
+            l.max_per_device = l.max_per_device.max(per);
+            l.max_total = l.max_total.max(total);
+            l.seqs
+                .entry(device.clone())
+                .or_default()
+                .extend(tag_values(&body, "seq").iter().filter_map(|v| v.as_u64()));
+        }
+        // A slow cloud: requests would queue up if they did not overlap.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        *log.lock().unwrap().now.get_mut(&device).unwrap() -= 1;
+        StatusCode::OK
+    }
+    let log: Log = Arc::default();
+    let app = axum::Router::new().route("/in/:device", axum::routing::post(ingest)).with_state(log.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (_dev, maddr) = counting_device().await;
+    let devices: String = ["a", "b", "c"]
+        .iter()
+        .map(|d| device(maddr, "50ms").replace("[devices.press]", &format!("[devices.{d}]")))
+        .collect();
+    let sink = format!("[north.web]\ntype = \"http\"\nurl = \"http://{http}/in/{{device}}\"\nbatch = {{ max_points = 6, max_wait = \"50ms\" }}\n");
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), devices, sink)).await;
+    let stats = gw.metrics.sink("web");
+    let enough = eventually(Duration::from_secs(20), || (stats.delivered.get() >= 150).then_some(())).await;
+    gw.shutdown(Duration::from_secs(5)).await;
+    assert!(enough.is_some(), "delivered {}", stats.delivered.get());
+    let l = log.lock().unwrap();
+    assert_eq!(l.max_per_device, 1, "one request at a time per device");
+    assert!(l.max_total >= 2, "requests for different devices overlap (max {})", l.max_total);
+    for (device, seqs) in &l.seqs {
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{device}: order kept: {seqs:?}");
+    }
+}

@@ -471,6 +471,10 @@ pub struct HttpNorth {
     /// Longest one request may take.
     #[serde(default = "default_http_timeout")]
     pub timeout: Dur,
+    /// Requests in flight at once, each for a different destination (one device's messages go one
+    /// at a time, so they arrive in order even across retries).
+    #[serde(default = "default_http_inflight")]
+    pub max_inflight: u16,
     #[serde(default = "default_north_sources")]
     pub sources: Vec<String>,
     #[serde(default)]
@@ -493,6 +497,9 @@ const fn default_max_inflight() -> u16 {
 }
 fn default_north_sources() -> Vec<String> {
     vec!["*/*".to_owned()]
+}
+const fn default_http_inflight() -> u16 {
+    4
 }
 const fn default_http_timeout() -> Dur {
     Dur::from_millis(10_000)

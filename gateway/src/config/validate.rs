@@ -325,6 +325,9 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             if h.token_file.is_some() && h.username.is_some() {
                 found.push((at("token_file"), "use either a bearer token or a username, not both".into()));
             }
+            if h.max_inflight == 0 {
+                found.push((at("max_inflight"), "must be at least 1".into()));
+            }
             if h.timeout.0.is_zero() {
                 found.push((at("timeout"), "must be longer than 0s".into()));
             }

@@ -1,13 +1,17 @@
 //! The HTTP transport of a sink: each message is POSTed to the rendered URL; a 2xx answer
 //! acknowledges it.
 //!
-//! One request at a time, so each device's points arrive in order even across retries. Transient
+//! Up to `max_inflight` requests at once, each for a different destination: one device's messages
+//! go one at a time, so they arrive in order even across retries. Transient
 //! failures (connection errors, timeouts, 5xx, 401/403 while a secret is being rotated, 408, 429)
 //! are retried with backoff and the data stays buffered; any other 4xx means the cloud will never
 //! take that message, so its points are counted as rejected and logged rather than blocking the
 //! queue forever.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+
+use tokio::task::JoinSet;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -29,6 +33,12 @@ enum Failure {
     Reject(String),
 }
 
+enum Outcome {
+    Delivered,
+    Rejected,
+    Cancelled,
+}
+
 impl HttpSink {
     pub fn new(name: &str, _gateway: &str, cfg: &HttpNorth, stats: Arc<SinkStats>) -> Result<Self, String> {
         tls::install_default_provider();
@@ -47,46 +57,80 @@ impl HttpSink {
 
     pub async fn run(self, mut outbox: Outbox, cancel: CancellationToken) {
         outbox.set_template(&self.cfg.url);
+        let this = Arc::new(self);
+        let max = usize::from(this.cfg.max_inflight.max(1));
+        let mut inflight: JoinSet<(Message, Outcome)> = JoinSet::new();
+        // Destinations with a request in flight, and messages waiting for theirs to finish (in
+        // order, so a device's messages never overtake each other).
+        let mut busy: HashSet<String> = HashSet::new();
+        let mut waiting: VecDeque<Message> = VecDeque::new();
+        loop {
+            while inflight.len() < max {
+                // The oldest waiting message whose destination is free is the oldest of its
+                // destination, since waiting messages keep their order.
+                let msg = match waiting.iter().position(|m| !busy.contains(&m.target)) {
+                    Some(i) => waiting.remove(i),
+                    // Bounded read-ahead: while every destination is stuck, stop pulling.
+                    None if waiting.len() < 4 * max => match outbox.next_message() {
+                        Some(m) if busy.contains(&m.target) => {
+                            waiting.push_back(m);
+                            continue;
+                        }
+                        m => m,
+                    },
+                    None => None,
+                };
+                let Some(msg) = msg else { break };
+                busy.insert(msg.target.clone());
+                inflight.spawn(this.clone().deliver(msg, cancel.clone()));
+            }
+            tokio::select! {
+                done = inflight.join_next(), if !inflight.is_empty() => {
+                    let Some(Ok((msg, outcome))) = done else { continue };
+                    busy.remove(&msg.target);
+                    match outcome {
+                        Outcome::Delivered => outbox.done(msg.token),
+                        Outcome::Rejected => outbox.rejected(msg.token),
+                        Outcome::Cancelled => {}
+                    }
+                }
+                _ = outbox.wait(), if inflight.len() < max => {}
+                _ = cancel.cancelled() => {
+                    inflight.abort_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends one message until the cloud takes it or refuses it for good.
+    async fn deliver(self: Arc<Self>, msg: Message, cancel: CancellationToken) -> (Message, Outcome) {
         let mut failures = 0u32;
         loop {
-            let msg = loop {
-                if let Some(m) = outbox.next_message() {
-                    break m;
-                }
-                tokio::select! {
-                    _ = outbox.wait() => {}
-                    _ = cancel.cancelled() => return,
-                }
-            };
-            loop {
-                self.stats.messages_sent.inc();
-                match self.post(&msg).await {
-                    Ok(()) => {
-                        if self.stats.connected.get() == 0 {
-                            info!(sink = %self.name, url = %self.cfg.url, "Cloud endpoint reachable.");
-                            self.stats.connects.inc();
-                        }
-                        self.stats.connected.set(1);
-                        failures = 0;
-                        outbox.done(msg.token);
-                        break;
+            self.stats.messages_sent.inc();
+            match self.post(&msg).await {
+                Ok(()) => {
+                    if self.stats.connected.get() == 0 {
+                        info!(sink = %self.name, url = %self.cfg.url, "Cloud endpoint reachable.");
+                        self.stats.connects.inc();
                     }
-                    Err(Failure::Reject(e)) => {
-                        error!(sink = %self.name, url = %msg.target, points = msg.points, error = %e,
-                            "The cloud refused a message for good; its points are dropped (counted as rejected).");
-                        outbox.rejected(msg.token);
-                        break;
-                    }
-                    Err(Failure::Retry(e)) => {
-                        self.stats.connected.set(0);
-                        self.stats.connect_failures.inc();
-                        failures += 1;
-                        let delay = backoff(failures);
-                        warn!(sink = %self.name, url = %msg.target, error = %e, retry_in = ?delay, "Cloud request failed; points stay buffered.");
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = cancel.cancelled() => return,
-                        }
+                    self.stats.connected.set(1);
+                    return (msg, Outcome::Delivered);
+                }
+                Err(Failure::Reject(e)) => {
+                    error!(sink = %self.name, url = %msg.target, points = msg.points, error = %e,
+                        "The cloud refused a message for good; its points are dropped (counted as rejected).");
+                    return (msg, Outcome::Rejected);
+                }
+                Err(Failure::Retry(e)) => {
+                    self.stats.connected.set(0);
+                    self.stats.connect_failures.inc();
+                    failures += 1;
+                    let delay = backoff(failures);
+                    warn!(sink = %self.name, url = %msg.target, error = %e, retry_in = ?delay, "Cloud request failed; points stay buffered.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return (msg, Outcome::Cancelled),
                     }
                 }
             }
