@@ -597,3 +597,36 @@ async fn http_requests_overlap_across_devices_but_never_within_one() {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{device}: order kept: {seqs:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_starts_and_polls_on_a_full_disk() {
+    let dir = TempDir::new("fullstart");
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("data"), "1m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let filler = dir.path().join("data/filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    let cloud = Mosquitto::start().await;
+    let (dev, maddr) = counting_device().await;
+    let plugin = format!(
+        "[plugins.scale]\nwasm = \"{}\"\nsubscribe = [\"press/seq\"]\nconfig = {{ factor = 2.0 }}\n",
+        updraft_tests::plugin_wasm("scale").display()
+    );
+    let cfg = dir.path().join("updraft.toml");
+    let text = format!("{}{}{}{}", header("gw"), device(maddr, "100ms"), mqtt_sink(cloud.addr), plugin);
+    std::fs::write(&cfg, text).unwrap();
+    // Neither the plugin cache nor the sink's buffer can be written: both degrade, start-up goes on
+    // (a refusal here would be a restart loop under systemd).
+    let gw = updraft::runtime::start(updraft::config::load(&cfg).unwrap()).await.expect("starts on a full disk");
+    let stats = gw.metrics.sink("cloud");
+    let polled = eventually(Duration::from_secs(10), || (dev.holding(0).unwrap_or(0) >= 5).then_some(())).await;
+    assert!(polled.is_some(), "polling runs");
+    let held =
+        eventually(Duration::from_secs(10), || (stats.disk_ok.get() == 0 && stats.accepted.get() > 0).then_some(()))
+            .await;
+    assert!(held.is_some(), "the sink holds points in memory and says so");
+    gw.shutdown(Duration::from_secs(5)).await;
+}

@@ -44,8 +44,6 @@ pub enum PluginLoadError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid Updraft plugin component: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("cannot write the compiled plugin cache in {dir}: {source}")]
-    Cache { dir: PathBuf, source: std::io::Error },
 }
 
 /// The process-wide engine and its epoch ticker.
@@ -82,17 +80,25 @@ impl PluginEngine {
             None => {
                 let compiled = self.engine.precompile_component(&bytes).map_err(invalid)?;
                 let dir = &self.cache_dir;
-                std::fs::create_dir_all(dir).map_err(|source| PluginLoadError::Cache { dir: dir.clone(), source })?;
                 // Write then rename, so a crash never leaves a half-written file to be loaded.
                 let tmp = cached.with_extension("tmp");
-                std::fs::write(&tmp, &compiled)
-                    .and_then(|()| std::fs::rename(&tmp, &cached))
-                    .map_err(|source| PluginLoadError::Cache { dir: dir.clone(), source })?;
-                (
-                    load_cached(&self.engine, &cached)
-                        .ok_or_else(|| invalid(wasmtime::Error::msg("cache reload failed")))?,
-                    false,
-                )
+                let written = std::fs::create_dir_all(dir)
+                    .and_then(|()| std::fs::write(&tmp, &compiled))
+                    .and_then(|()| std::fs::rename(&tmp, &cached));
+                match written {
+                    Ok(()) => (
+                        load_cached(&self.engine, &cached)
+                            .ok_or_else(|| invalid(wasmtime::Error::msg("cache reload failed")))?,
+                        false,
+                    ),
+                    // A full or read-only disk must not stop the gateway (under systemd that would
+                    // be a restart loop): compile in memory and go on without the cache.
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        warn!(dir = %dir.display(), error = %e, "Cannot write the compiled plugin cache; compiling in memory.");
+                        (Component::new(&self.engine, &bytes).map_err(invalid)?, false)
+                    }
+                }
             }
         };
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
