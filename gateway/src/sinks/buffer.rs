@@ -7,8 +7,10 @@
 //! acknowledgements to the store.
 //!
 //! When the disk refuses a write (full, read-only, failing), records are held in memory up to
-//! `memory_bytes`, oldest dropped and counted beyond that, and written out in order once the disk
-//! accepts writes again: a full disk degrades the sink, it never stops the gateway.
+//! `memory_bytes` and written out in order once the disk accepts writes again: a full disk
+//! degrades the sink, it never stops the gateway. Past `memory_bytes`, under drop-oldest the
+//! oldest segment on disk makes room (the disk filled before the cap); failing that, the oldest
+//! held records go. Every drop is counted.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -222,6 +224,10 @@ impl Writer {
                 stats.accepted.add(n);
                 self.dirty = true;
                 self.shared.appended.notify_one();
+                if stats.disk_ok.get() == 0 {
+                    info!(sink = %self.shared.name, "The buffer's disk accepts writes again.");
+                    stats.disk_ok.set(1);
+                }
             }
             Err(e) => {
                 drop(store);
@@ -242,11 +248,17 @@ impl Writer {
     }
 
     fn hold(&mut self, record: Vec<u8>, n: u64) {
-        let stats = &self.shared.stats;
-        stats.accepted.add(n);
+        self.shared.stats.accepted.add(n);
         self.held_bytes += record.len() as u64;
         self.held.push_back((record, n));
         while self.held_bytes > self.shared.opts.memory_bytes.0 {
+            // The disk filled before the cap did (a cap larger than the free space, or other
+            // files), and memory is full too: under drop-oldest the oldest data overall is on
+            // disk, so that goes, and the held records take its place.
+            if self.shared.opts.on_full == OnFull::DropOldest && self.make_room() {
+                continue;
+            }
+            let stats = &self.shared.stats;
             let Some((r, n)) = self.held.pop_front() else { break };
             self.held_bytes -= r.len() as u64;
             stats.dropped_disk.add(n);
@@ -255,6 +267,27 @@ impl Writer {
                 warn!(sink = %self.shared.name, dropped_points = total, "Memory hold full while the disk refuses writes; oldest points dropped.");
             }
         }
+    }
+
+    /// Drops the oldest segment on disk and writes held records into the space; true if any were.
+    fn make_room(&mut self) -> bool {
+        let mut store = self.shared.store();
+        match store.drop_oldest() {
+            Ok(true) => {}
+            _ => return false,
+        }
+        warn!(sink = %self.shared.name, "Disk and memory hold full: dropped the oldest buffered points to keep the newest (on_full = \"drop-oldest\").");
+        let mut wrote = false;
+        while let Some((r, _)) = self.held.front() {
+            if store.append(r).is_err() {
+                break;
+            }
+            let (r, _) = self.held.pop_front().expect("checked");
+            self.held_bytes -= r.len() as u64;
+            self.dirty = true;
+            wrote = true;
+        }
+        wrote
     }
 
     /// Writes held records, syncs, applies acknowledgements and refreshes the gauges.
@@ -276,9 +309,11 @@ impl Writer {
                 }
                 drop(store);
                 if self.held.is_empty() {
-                    info!(sink = %self.shared.name, "The buffer's disk accepts writes again.");
-                    self.shared.stats.disk_ok.set(1);
                     self.shared.appended.notify_one();
+                    if self.shared.stats.disk_ok.get() == 0 {
+                        info!(sink = %self.shared.name, "The buffer's disk accepts writes again.");
+                        self.shared.stats.disk_ok.set(1);
+                    }
                 }
             }
         }

@@ -257,20 +257,39 @@ impl Store {
     /// Drop-oldest: while over the cap, delete the oldest sealed segment and count its records.
     fn enforce_cap(&mut self) -> io::Result<()> {
         while self.pending_bytes() > self.opts.max_bytes && self.segments.len() > 1 {
-            let s = self.segments.pop_front().expect("checked");
-            let from = self.acked.saturating_sub(s.base);
-            let mut n = 0u64;
-            let weigh = self.opts.weigh;
-            scan(&s.path, from, |_, r| {
-                n += weigh(&r);
-                true
-            })?;
-            self.dropped += n;
-            fs::remove_file(&s.path)?;
-            self.acked = self.acked.max(s.base + s.len);
-            write_ack(&self.dir, self.acked)?;
+            self.drop_front()?;
         }
         Ok(())
+    }
+
+    /// Drop-oldest when the disk, not the cap, is full: drops the oldest segment (sealing the one
+    /// being written first if it is the only one) and counts its records. False if nothing is left
+    /// to drop.
+    pub fn drop_oldest(&mut self) -> io::Result<bool> {
+        if self.segments.len() <= 1 {
+            if self.tail().len == 0 {
+                return Ok(false);
+            }
+            self.roll()?;
+        }
+        self.drop_front()?;
+        Ok(true)
+    }
+
+    fn drop_front(&mut self) -> io::Result<()> {
+        let s = self.segments.pop_front().expect("callers keep one segment");
+        let from = self.acked.saturating_sub(s.base);
+        let mut n = 0u64;
+        let weigh = self.opts.weigh;
+        scan(&s.path, from, |_, r| {
+            n += weigh(&r);
+            true
+        })?;
+        self.dropped += n;
+        // Delete first: on a full disk the acknowledgement file needs the space this frees.
+        fs::remove_file(&s.path)?;
+        self.acked = self.acked.max(s.base + s.len);
+        write_ack(&self.dir, self.acked)
     }
 }
 
