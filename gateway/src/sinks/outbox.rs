@@ -24,6 +24,8 @@ use crate::point::{now_ms, Quality};
 
 /// Records read from the buffer per refill.
 const READ_RECORDS: usize = 256;
+/// How often partial messages are checked for their `max_wait` while others keep flowing.
+const DUE_CHECK: Duration = Duration::from_millis(50);
 
 /// Which records a message holds points of: (record index, points) runs.
 #[derive(Debug, Clone)]
@@ -80,6 +82,7 @@ pub struct Outbox {
     groups: HashMap<String, Group>,
     ready: VecDeque<Message>,
     generation: u64,
+    last_due_check: Instant,
 }
 
 impl Outbox {
@@ -98,6 +101,7 @@ impl Outbox {
             groups: HashMap::new(),
             ready: VecDeque::new(),
             generation: 0,
+            last_due_check: Instant::now(),
         }
     }
 
@@ -124,7 +128,11 @@ impl Outbox {
         if self.ready.is_empty() {
             self.refill();
         }
-        if self.ready.is_empty() {
+        // Also on a clock: while a backlog drains, busy devices keep `ready` full, and a quiet
+        // device's partial message must still leave on time (its records cannot be acknowledged,
+        // nor the buffer shrink, until it does).
+        if self.ready.is_empty() || self.last_due_check.elapsed() >= DUE_CHECK {
+            self.last_due_check = Instant::now();
             self.flush_due(false);
         }
         self.ready.pop_front()
@@ -318,4 +326,63 @@ fn write_point(out: &mut Vec<u8>, tag: &str, p: &Decoded) {
         let _ = serde_json::to_writer(&mut *out, e);
     }
     out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Bytes, Dur, NorthBuffer};
+    use crate::point::{Point, Registry, Value};
+    use crate::sinks::{buffer, SinkStats, Source};
+
+    /// A buffer holding a backlog: a busy device (100 points per batch) and, every 50th batch, a
+    /// quiet one (1 point).
+    fn backlog() -> Arc<Shared> {
+        let dir = std::env::temp_dir().join(format!("updraft-outbox-{}-{}", std::process::id(), fastrand::u64(..)));
+        let opts = NorthBuffer { max_bytes: Bytes(64 << 20), ..NorthBuffer::default() };
+        let shared = buffer::open("t", &dir, &opts, Arc::new(SinkStats::default())).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let t = buffer::spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), Duration::from_millis(10));
+        let r = Registry::default();
+        let busy: Vec<_> = (0..100).map(|i| r.intern("busy", &format!("t{i}"))).collect();
+        let quiet = r.intern("quiet", "t");
+        for b in 0..2000i64 {
+            let points = busy.iter().map(|k| Point::good(k.clone(), Value::Int(b), b)).collect();
+            tx.blocking_send(crate::hub::batch(points)).unwrap();
+            if b % 50 == 0 {
+                tx.blocking_send(crate::hub::batch(vec![Point::good(quiet.clone(), Value::Int(b), b)])).unwrap();
+            }
+        }
+        drop(tx);
+        t.unwrap().join().unwrap();
+        shared
+    }
+
+    #[test]
+    fn a_quiet_device_leaves_on_time_while_a_backlog_drains() {
+        let shared = backlog();
+        let batch = NorthBatch { max_points: 500, max_wait: Dur::from_millis(100) };
+        let mut outbox = Outbox::new(shared.clone(), "gw", &batch, Duration::from_secs(100 * 365 * 24 * 3600));
+        outbox.set_template("x/{device}");
+        let start = Instant::now();
+        let (mut busy_sent, mut quiet_first) = (0, None);
+        while busy_sent < 400 && start.elapsed() < Duration::from_secs(10) {
+            let Some(m) = outbox.next_message() else {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            };
+            if m.target == "x/quiet" {
+                quiet_first.get_or_insert(busy_sent);
+            } else {
+                busy_sent += 1;
+                // A link that takes a moment per message, so the drain outlasts max_wait.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            outbox.done(m.token);
+        }
+        assert_eq!(busy_sent, 400, "the busy device's 200,000 points went in 400 full messages");
+        let first = quiet_first.expect("the quiet device's message left");
+        assert!(first < 200, "it left after its max_wait, not after the whole backlog (after {first} busy messages)");
+        assert!(shared.ack_to.load(Ordering::Acquire) > 0, "records were acknowledged along the way");
+    }
 }
