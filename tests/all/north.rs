@@ -705,3 +705,31 @@ async fn a_disk_smaller_than_the_cap_and_a_full_memory_hold_drop_the_oldest_not_
     assert_eq!(stats.dropped_disk.get(), 0, "nothing newer was dropped from memory");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_and_a_tag_in_the_topic_send_one_message_per_tag() {
+    let cloud = Mosquitto::start().await;
+    let (_dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    let sink = mqtt_sink(cloud.addr)
+        .replace("parks/{gateway}/{device}", "parks/{gateway}/{device}/{tag}")
+        .replace("keep_alive", "qos = 0\nkeep_alive");
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "100ms"), sink)).await;
+    let stats = gw.metrics.sink("cloud");
+    let json = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap_or_default();
+    let seq = sub.wait_for("parks/gw/press/seq", Duration::from_secs(20), |_| true).await.expect("a message per tag");
+    let seq = json(&seq);
+    assert_eq!(seq["device"], "press");
+    assert!(seq["points"].as_array().unwrap().iter().all(|p| p["tag"] == "seq"), "{seq}");
+    let temp = sub
+        .wait_for("parks/gw/press/temperature", Duration::from_secs(10), |_| true)
+        .await
+        .expect("and for the others");
+    assert_eq!(json(&temp)["points"][0]["value"], 21.5, "scaled 215 × 0.1");
+    let settled = eventually(Duration::from_secs(10), || {
+        (stats.delivered.get() > 10 && stats.pending_points.get() < 20).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "at QoS 0 a point counts as delivered once written to the connection");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
