@@ -137,40 +137,10 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(upstream).await else { continue };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let mut cut_a = c.subscribe();
-                let mut cut_b = c.subscribe();
-                let m2 = m.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        tokio::select! {
-                            n = cr.read(&mut buf) => match n {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => if sw.write_all(&buf[..n]).await.is_err() { break },
-                            },
-                            _ = cut_a.changed() => break,
-                        }
-                    }
-                });
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        tokio::select! {
-                            n = sr.read(&mut buf) => match n {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    if m2.load(Ordering::SeqCst) == Link::DropReplies as u8 {
-                                        continue;
-                                    }
-                                    if cw.write_all(&buf[..n]).await.is_err() { break }
-                                }
-                            },
-                            _ = cut_b.changed() => break,
-                        }
-                    }
-                });
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, c.subscribe(), None));
+                tokio::spawn(pump(sr, cw, c.subscribe(), Some(m.clone())));
             }
         });
         Proxy { addr, mode, cut }
@@ -180,6 +150,33 @@ impl Proxy {
         self.mode.store(link as u8, Ordering::SeqCst);
         if link == Link::Down {
             self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Copies one direction of a proxied connection until either side closes or the link is cut;
+/// with `replies`, drops what it reads while the mode is `DropReplies`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<u64>,
+    replies: Option<Arc<AtomicU8>>,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if replies.as_ref().is_some_and(|m| m.load(Ordering::SeqCst) == Link::DropReplies as u8) {
+                        continue;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            },
+            _ = cut.changed() => break,
         }
     }
 }

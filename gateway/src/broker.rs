@@ -266,7 +266,8 @@ impl EmbeddedBroker {
             }
         }
         let mut external = 0usize;
-        let skip: Vec<String> = skip_prefixes.to_vec();
+        let mut skip: Vec<String> = skip_prefixes.to_vec();
+        skip.push(format!("{TOPIC_PREFIX}/"));
         tokio::spawn(async move {
             let _keep = link_tx;
             loop {
@@ -279,8 +280,7 @@ impl EmbeddedBroker {
                     _ = cancel.cancelled() => break,
                 };
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                if topic.starts_with(&format!("{TOPIC_PREFIX}/")) || skip.iter().any(|p| topic.starts_with(p.as_str()))
-                {
+                if skip.iter().any(|p| topic.starts_with(p.as_str())) {
                     continue;
                 }
                 let key = match registry.get_topic(&topic) {

@@ -110,15 +110,6 @@ impl Registry {
         self.intern_with(topic, "", topic, true, true)
     }
 
-    /// How many keys exist.
-    pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn intern_with(&self, device: &str, tag: &str, topic: &str, derived: bool, external: bool) -> Arc<TagKey> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = inner.by_topic.get(topic) {

@@ -104,32 +104,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
         b.spawn_command_listener(write_txs.clone());
-        // Local topics the sinks forward (`sources` with topic filters), outside the gateway's own.
-        let filters: std::collections::BTreeSet<String> = config
-            .north
-            .values()
-            .flat_map(|n| n.sources().iter())
-            .filter(|s| matches!(crate::sinks::Source::parse(s), Ok(crate::sinks::Source::Topic(_))))
-            .filter(|s| !s.starts_with(&format!("{}/", broker::TOPIC_PREFIX)))
-            .cloned()
-            .collect();
+        let (filters, own_output) = crate::sinks::local_topics(&config);
         if !filters.is_empty() {
-            let filters: Vec<String> = filters.into_iter().collect();
             let dropped = metrics.dropped("local-topics").1;
-            // A sink whose "cloud" is this very broker (as in the demo) must not take in its own
-            // output: skip the fixed start of every MQTT sink's topic.
-            let own: Vec<String> = config
-                .north
-                .values()
-                .filter_map(|n| match n {
-                    crate::config::NorthConfig::Mqtt(m) => {
-                        let t = m.topic.replace("{gateway}", &config.gateway.id);
-                        Some(t[..t.find('{').unwrap_or(t.len())].to_owned()).filter(|p| !p.is_empty())
-                    }
-                    crate::config::NorthConfig::Http(_) => None,
-                })
-                .collect();
-            b.spawn_tap(&filters, &own, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
+            b.spawn_tap(&filters, &own_output, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
         }
         let rx = hub.subscribe("broker", Stage::Terminal);
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))

@@ -117,17 +117,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         }
     }
     for sink in config.north.values_mut() {
-        let files = match sink {
-            super::NorthConfig::Mqtt(m) => [&mut m.password_file, &mut m.ca_file, &mut m.cert_file, &mut m.key_file],
-            super::NorthConfig::Http(h) => [&mut h.password_file, &mut h.ca_file, &mut h.cert_file, &mut h.key_file],
-        };
-        for f in files.into_iter().flatten() {
+        for f in sink.files_mut().into_iter().flatten() {
             if f.is_relative() {
-                *f = base.join(&*f);
-            }
-        }
-        if let super::NorthConfig::Http(h) = sink {
-            if let Some(f) = h.token_file.as_mut().filter(|f| f.is_relative()) {
                 *f = base.join(&*f);
             }
         }

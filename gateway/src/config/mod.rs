@@ -390,6 +390,54 @@ pub enum NorthConfig {
 impl NorthConfig {
     pub const TYPES: &'static [&'static str] = &["mqtt", "http"];
 
+    /// The files the sink reads (secrets and TLS material), by key.
+    pub fn files(&self) -> Vec<(&'static str, &Option<PathBuf>)> {
+        match self {
+            NorthConfig::Mqtt(m) => vec![
+                ("password_file", &m.password_file),
+                ("ca_file", &m.ca_file),
+                ("cert_file", &m.cert_file),
+                ("key_file", &m.key_file),
+            ],
+            NorthConfig::Http(h) => vec![
+                ("token_file", &h.token_file),
+                ("password_file", &h.password_file),
+                ("ca_file", &h.ca_file),
+                ("cert_file", &h.cert_file),
+                ("key_file", &h.key_file),
+            ],
+        }
+    }
+
+    /// The same files, to resolve relative paths.
+    pub fn files_mut(&mut self) -> Vec<&mut Option<PathBuf>> {
+        match self {
+            NorthConfig::Mqtt(m) => vec![&mut m.password_file, &mut m.ca_file, &mut m.cert_file, &mut m.key_file],
+            NorthConfig::Http(h) => {
+                vec![&mut h.token_file, &mut h.password_file, &mut h.ca_file, &mut h.cert_file, &mut h.key_file]
+            }
+        }
+    }
+
+    /// Whether the URL asks for TLS, and the CA, certificate and key files.
+    pub fn tls(&self) -> (bool, [&Option<PathBuf>; 3]) {
+        match self {
+            NorthConfig::Mqtt(m) => (
+                crate::sinks::mqtt::Endpoint::parse(&m.url).is_ok_and(|e| e.tls),
+                [&m.ca_file, &m.cert_file, &m.key_file],
+            ),
+            NorthConfig::Http(h) => (h.url.starts_with("https://"), [&h.ca_file, &h.cert_file, &h.key_file]),
+        }
+    }
+
+    /// Where messages go: the MQTT topic or the HTTP URL template.
+    pub fn template(&self) -> &str {
+        match self {
+            NorthConfig::Mqtt(m) => &m.topic,
+            NorthConfig::Http(h) => &h.url,
+        }
+    }
+
     pub fn sources(&self) -> &[String] {
         match self {
             NorthConfig::Mqtt(m) => &m.sources,

@@ -284,21 +284,6 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             if m.keep_alive.0 < std::time::Duration::from_secs(1) {
                 found.push((at("keep_alive"), "must be at least 1s".into()));
             }
-            files(
-                &[
-                    ("password_file", &m.password_file),
-                    ("ca_file", &m.ca_file),
-                    ("cert_file", &m.cert_file),
-                    ("key_file", &m.key_file),
-                ],
-                &at,
-                found,
-            );
-            if m.cert_file.is_some() != m.key_file.is_some() {
-                found.push((at("cert_file"), "cert_file and key_file go together".into()));
-            }
-            let tls = crate::sinks::mqtt::Endpoint::parse(&m.url).is_ok_and(|e| e.tls);
-            tls_material(tls, [&m.ca_file, &m.cert_file, &m.key_file], &at, found);
             if m.password_file.is_some() && m.username.is_none() {
                 found.push((at("password_file"), "a password needs a `username`".into()));
             }
@@ -307,21 +292,6 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
                 found.push((at("url"), format!("url `{}` must start with http:// or https://", h.url)));
             }
-            files(
-                &[
-                    ("token_file", &h.token_file),
-                    ("password_file", &h.password_file),
-                    ("ca_file", &h.ca_file),
-                    ("cert_file", &h.cert_file),
-                    ("key_file", &h.key_file),
-                ],
-                &at,
-                found,
-            );
-            if h.cert_file.is_some() != h.key_file.is_some() {
-                found.push((at("cert_file"), "cert_file and key_file go together".into()));
-            }
-            tls_material(h.url.starts_with("https://"), [&h.ca_file, &h.cert_file, &h.key_file], &at, found);
             if h.token_file.is_some() && h.username.is_some() {
                 found.push((at("token_file"), "use either a bearer token or a username, not both".into()));
             }
@@ -333,6 +303,12 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
             }
         }
     }
+    files(&sink.files(), &at, found);
+    let (tls, pem) = sink.tls();
+    if pem[1].is_some() != pem[2].is_some() {
+        found.push((at("cert_file"), "cert_file and key_file go together".into()));
+    }
+    tls_material(tls, pem, &at, found);
     if sink.sources().is_empty() {
         found.push((at("sources"), "forward at least one source, e.g. \"*/*\"".into()));
     }
@@ -362,7 +338,8 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
 }
 
 /// Certificates and keys are parsed at check time too, so a wrong file is found by `updraft check`
-/// rather than at the first connection.
+/// rather than at the first connection. Only named files: the system's roots are loaded once, when
+/// the sink starts (every `run` validates its config first).
 fn tls_material(
     tls: bool,
     [ca, cert, key]: [&Option<std::path::PathBuf>; 3],
@@ -370,7 +347,8 @@ fn tls_material(
     found: &mut Found,
 ) {
     let all_exist = [ca, cert, key].iter().all(|f| f.as_ref().is_none_or(|f| f.exists()));
-    if !tls || !all_exist || cert.is_some() != key.is_some() {
+    let none_named = [ca, cert, key].iter().all(|f| f.is_none());
+    if !tls || none_named || !all_exist || cert.is_some() != key.is_some() {
         return;
     }
     if let Err(e) = crate::sinks::tls::client_config(ca.as_deref(), cert.as_deref(), key.as_deref()) {

@@ -16,7 +16,6 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
@@ -40,7 +39,6 @@ pub struct Shared {
     pub name: String,
     pub store: Mutex<Store>,
     pub dict: Arc<RwLock<Vec<Arc<DictEntry>>>>,
-    dict_owned: Mutex<Option<Dict>>,
     /// Woken after each append.
     pub appended: Notify,
     /// Everything before this offset was acknowledged by the cloud; the buffer thread applies it.
@@ -57,8 +55,8 @@ impl Shared {
     }
 }
 
-/// Opens (and repairs) a sink's buffer.
-pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -> std::io::Result<Arc<Shared>> {
+/// Opens (and repairs) a sink's buffer. The dictionary goes to the buffer thread, its only writer.
+pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -> std::io::Result<(Arc<Shared>, Dict)> {
     let err = |what: &str, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("sink `{name}`: {what} {}: {e}", dir.display()))
     };
@@ -81,7 +79,6 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
         name: name.to_owned(),
         store: Mutex::new(store),
         dict: dict.entries(),
-        dict_owned: Mutex::new(Some(dict)),
         appended: Notify::new(),
         ack_to: AtomicU64::new(acked),
         stats,
@@ -98,7 +95,7 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
             info!(sink = %s.name, points, bytes = pending_bytes, "Buffered points from before the restart will be sent.");
         })?;
     }
-    Ok(shared)
+    Ok((shared, dict))
 }
 
 /// Starts the buffer thread. It runs until the hub closes its queue, then syncs and applies the
@@ -108,10 +105,9 @@ pub fn spawn(
     mut rx: mpsc::Receiver<Batch>,
     sources: Vec<Source>,
     shared: Arc<Shared>,
-    flush_interval: Duration,
+    dict: Dict,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let dict = shared.dict_owned.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let Some(dict) = dict else { return Err(std::io::Error::other("buffer thread already started")) };
+    let flush_interval = shared.opts.flush_interval.0;
     std::thread::Builder::new().name(format!("north-{name}")).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
             Ok(rt) => rt,
@@ -138,12 +134,30 @@ pub fn spawn(
     })
 }
 
+/// Which points a sink takes, decided once per tag.
+struct Selection {
+    sources: Vec<Source>,
+    /// Registry id → 1 selected, 2 not, 0 not yet known.
+    by_id: Vec<u8>,
+}
+
+impl Selection {
+    fn wants(&mut self, key: &crate::point::TagKey) -> bool {
+        let i = key.id as usize;
+        if self.by_id.len() <= i {
+            self.by_id.resize(i + 1, 0);
+        }
+        if self.by_id[i] == 0 {
+            self.by_id[i] = if self.sources.iter().any(|s| s.matches(key)) { 1 } else { 2 };
+        }
+        self.by_id[i] == 1
+    }
+}
+
 struct Writer {
     shared: Arc<Shared>,
     dict: Dict,
-    sources: Vec<Source>,
-    /// Registry id → 1 selected, 2 not, 0 not yet known.
-    selected: Vec<u8>,
+    selection: Selection,
     buf: Vec<u8>,
     /// Records (with their point counts) the disk refused, oldest first.
     held: VecDeque<(Vec<u8>, u64)>,
@@ -159,8 +173,7 @@ impl Writer {
         Writer {
             shared,
             dict,
-            sources,
-            selected: Vec::new(),
+            selection: Selection { sources, by_id: Vec::new() },
             buf: Vec::with_capacity(4096),
             held: VecDeque::new(),
             held_bytes: 0,
@@ -171,22 +184,10 @@ impl Writer {
         }
     }
 
-    fn is_selected(&mut self, key: &crate::point::TagKey) -> bool {
-        let i = key.id as usize;
-        if self.selected.len() <= i {
-            self.selected.resize(i + 1, 0);
-        }
-        if self.selected[i] == 0 {
-            self.selected[i] = if self.sources.iter().any(|s| s.matches(key)) { 1 } else { 2 };
-        }
-        self.selected[i] == 1
-    }
-
     fn ingest(&mut self, batch: &Batch) {
-        let wanted: Vec<bool> = batch.iter().map(|p| self.is_selected(&p.key)).collect();
         let mut buf = std::mem::take(&mut self.buf);
-        let n = codec::encode(&mut self.dict, batch.iter().zip(&wanted).filter(|(_, w)| **w).map(|(p, _)| p), &mut buf)
-            as u64;
+        let selection = &mut self.selection;
+        let n = codec::encode(&mut self.dict, batch.iter().filter(|p| selection.wants(&p.key)), &mut buf) as u64;
         if n > 0 {
             self.write(&buf, n);
         }
@@ -369,13 +370,14 @@ mod tests {
     use crate::point::{Point, Registry, Value};
 
     fn run(on_full: OnFull) -> (Arc<Shared>, Arc<SinkStats>, u64) {
-        let dir = std::env::temp_dir().join(format!("updraft-buffer-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = crate::sinks::scratch_dir("buffer");
         let stats = Arc::new(SinkStats::default());
         let opts = NorthBuffer { max_bytes: Bytes(256 << 10), on_full, ..NorthBuffer::default() };
-        let shared = open("t", &dir, &opts, stats.clone()).unwrap();
+        let opts = NorthBuffer { flush_interval: crate::config::Dur::from_millis(10), ..opts };
+        let (shared, dict) = open("t", &dir, &opts, stats.clone()).unwrap();
         let (tx, rx) = mpsc::channel(4);
         let sources = vec![Source::parse("*/*").unwrap()];
-        let thread = spawn("t", rx, sources, shared.clone(), Duration::from_millis(10)).unwrap();
+        let thread = spawn("t", rx, sources, shared.clone(), dict).unwrap();
         let r = Registry::default();
         let keys: Vec<_> = (0..100).map(|i| r.intern("press", &format!("t{i}"))).collect();
         let batches = 2000u64;

@@ -328,9 +328,7 @@ mod tests {
     use crate::point::Registry;
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("updraft-codec-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::sinks::scratch_dir(&format!("codec-{name}"))
     }
 
     #[test]

@@ -40,7 +40,7 @@ enum Outcome {
 }
 
 impl HttpSink {
-    pub fn new(name: &str, _gateway: &str, cfg: &HttpNorth, stats: Arc<SinkStats>) -> Result<Self, String> {
+    pub fn new(name: &str, cfg: &HttpNorth, stats: Arc<SinkStats>) -> Result<Self, String> {
         tls::install_default_provider();
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout.0)
@@ -56,7 +56,6 @@ impl HttpSink {
     }
 
     pub async fn run(self, mut outbox: Outbox, cancel: CancellationToken) {
-        outbox.set_template(&self.cfg.url);
         let this = Arc::new(self);
         let max = usize::from(this.cfg.max_inflight.max(1));
         let mut inflight: JoinSet<(Message, Outcome)> = JoinSet::new();

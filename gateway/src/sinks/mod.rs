@@ -118,6 +118,41 @@ pub struct SinkStats {
     pub disk_ok: Gauge,
 }
 
+/// What the sinks want from the embedded broker itself: the topic filters in their `sources`
+/// outside the gateway's own `updraft/…` topics (what local MQTT devices publish), and the fixed
+/// start of every MQTT sink's own topics, which must never be taken in again (a sink whose "cloud"
+/// is this very broker, as in the demo, would feed on its own output).
+pub fn local_topics(config: &crate::config::Config) -> (Vec<String>, Vec<String>) {
+    let ours = format!("{}/", crate::broker::TOPIC_PREFIX);
+    let filters: std::collections::BTreeSet<String> = config
+        .north
+        .values()
+        .flat_map(|n| n.sources().iter())
+        .filter(|s| matches!(Source::parse(s), Ok(Source::Topic(_))) && !s.starts_with(&ours))
+        .cloned()
+        .collect();
+    let own_output = config
+        .north
+        .values()
+        .filter_map(|n| match n {
+            NorthConfig::Mqtt(m) => {
+                let t = m.topic.replace("{gateway}", &config.gateway.id);
+                Some(t[..t.find('{').unwrap_or(t.len())].to_owned()).filter(|p| !p.is_empty())
+            }
+            NorthConfig::Http(_) => None,
+        })
+        .collect();
+    (filters.into_iter().collect(), own_output)
+}
+
+/// A fresh, empty folder for a unit test of the sink modules.
+#[cfg(test)]
+pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("updraft-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// Renders a topic (or URL) template.
 pub fn render(template: &str, gateway: &str, device: &str, tag: &str, topic: &str) -> String {
     template.replace("{gateway}", gateway).replace("{device}", device).replace("{tag}", tag).replace("{topic}", topic)
@@ -136,10 +171,11 @@ pub fn start_all(
         let stats = metrics.sink(name);
         let dir = config.gateway.data_dir.join("north").join(name);
         let sources = sink.sources().iter().filter_map(|s| Source::parse(s).ok()).collect();
-        let shared = buffer::open(name, &dir, sink.buffer(), stats.clone())?;
+        let (shared, dict) = buffer::open(name, &dir, sink.buffer(), stats.clone())?;
         let rx = hub.subscribe(&format!("north:{name}"), Stage::Terminal);
-        threads.push(buffer::spawn(name, rx, sources, shared.clone(), sink.buffer().flush_interval.0)?);
-        let outbox = outbox::Outbox::new(shared, &config.gateway.id, sink.batch(), sink.buffer().max_age.0);
+        threads.push(buffer::spawn(name, rx, sources, shared.clone(), dict)?);
+        let gateway = &config.gateway.id;
+        let outbox = outbox::Outbox::new(shared, gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
         let cancel = cancel.child_token();
         match sink {
             NorthConfig::Mqtt(m) => {
@@ -148,7 +184,7 @@ pub fn start_all(
                 tokio::spawn(client.run(outbox, cancel));
             }
             NorthConfig::Http(h) => {
-                let client = http::HttpSink::new(name, &config.gateway.id, h, stats).map_err(std::io::Error::other)?;
+                let client = http::HttpSink::new(name, h, stats).map_err(std::io::Error::other)?;
                 tokio::spawn(client.run(outbox, cancel));
             }
         }

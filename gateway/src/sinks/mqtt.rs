@@ -145,7 +145,6 @@ impl MqttSink {
 
     /// Runs until cancelled: connect, send, reconnect with backoff.
     pub async fn run(self, mut outbox: Outbox, cancel: CancellationToken) {
-        outbox.set_template(&self.cfg.topic);
         let mut failures = 0u32;
         loop {
             let ended = match self.session(&mut outbox, &cancel).await {

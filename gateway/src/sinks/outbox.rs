@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::buffer::Shared;
-use super::codec::{self, Decoded};
+use super::codec::{self, Decoded, DictEntry};
 use super::render;
 use super::store::FRAME_OVERHEAD;
 use crate::config::NorthBatch;
@@ -71,6 +71,8 @@ pub struct Outbox {
     shared: Arc<Shared>,
     gateway: String,
     template: String,
+    /// The rendered destination per dictionary id, so the template is filled once per tag.
+    targets: Vec<Option<String>>,
     max_points: usize,
     max_wait: Duration,
     max_age_ms: i64,
@@ -86,12 +88,14 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(shared: Arc<Shared>, gateway: &str, batch: &NorthBatch, max_age: Duration) -> Self {
+    /// `template` is the destination (topic or URL) with `{gateway}`, `{device}`, `{tag}`, `{topic}`.
+    pub fn new(shared: Arc<Shared>, gateway: &str, template: &str, batch: &NorthBatch, max_age: Duration) -> Self {
         let cursor = shared.ack_to.load(Ordering::Acquire);
         Outbox {
             shared,
             gateway: gateway.to_owned(),
-            template: String::new(),
+            template: template.to_owned(),
+            targets: Vec::new(),
             max_points: batch.max_points.max(1),
             max_wait: batch.max_wait.0,
             max_age_ms: max_age.as_millis().min(i64::MAX as u128) as i64,
@@ -103,11 +107,6 @@ impl Outbox {
             generation: 0,
             last_due_check: Instant::now(),
         }
-    }
-
-    /// Sets the destination template (`{gateway}`, `{device}`, `{tag}`, `{topic}`).
-    pub fn set_template(&mut self, template: &str) {
-        self.template = template.to_owned();
     }
 
     /// Forgets everything in flight and starts again from the first unacknowledged record: after a
@@ -259,7 +258,7 @@ impl Outbox {
                     continue;
                 }
                 rec.remaining += 1;
-                let target = render(&self.template, &self.gateway, &entry.device, &entry.tag, &entry.topic);
+                let target = self.target(p.id, entry);
                 if let Some(payload) = &p.payload {
                     // A plugin's own message: sent as is, after what its group already holds.
                     if let Some(g) = self.groups.remove(&target) {
@@ -296,6 +295,16 @@ impl Outbox {
         drop(entries);
         // Records with nothing to send (all expired, say) settle at once.
         self.advance();
+    }
+
+    fn target(&mut self, id: u32, e: &DictEntry) -> String {
+        let i = id as usize;
+        if self.targets.len() <= i {
+            self.targets.resize(i + 1, None);
+        }
+        self.targets[i]
+            .get_or_insert_with(|| render(&self.template, &self.gateway, &e.device, &e.tag, &e.topic))
+            .clone()
     }
 
     fn seal(&mut self, target: String, g: Group) {
@@ -338,11 +347,12 @@ mod tests {
     /// A buffer holding a backlog: a busy device (100 points per batch) and, every 50th batch, a
     /// quiet one (1 point).
     fn backlog() -> Arc<Shared> {
-        let dir = std::env::temp_dir().join(format!("updraft-outbox-{}-{}", std::process::id(), fastrand::u64(..)));
-        let opts = NorthBuffer { max_bytes: Bytes(64 << 20), ..NorthBuffer::default() };
-        let shared = buffer::open("t", &dir, &opts, Arc::new(SinkStats::default())).unwrap();
+        let dir = crate::sinks::scratch_dir("outbox");
+        let opts =
+            NorthBuffer { max_bytes: Bytes(64 << 20), flush_interval: Dur::from_millis(10), ..NorthBuffer::default() };
+        let (shared, dict) = buffer::open("t", &dir, &opts, Arc::new(SinkStats::default())).unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let t = buffer::spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), Duration::from_millis(10));
+        let t = buffer::spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), dict);
         let r = Registry::default();
         let busy: Vec<_> = (0..100).map(|i| r.intern("busy", &format!("t{i}"))).collect();
         let quiet = r.intern("quiet", "t");
@@ -362,8 +372,8 @@ mod tests {
     fn a_quiet_device_leaves_on_time_while_a_backlog_drains() {
         let shared = backlog();
         let batch = NorthBatch { max_points: 500, max_wait: Dur::from_millis(100) };
-        let mut outbox = Outbox::new(shared.clone(), "gw", &batch, Duration::from_secs(100 * 365 * 24 * 3600));
-        outbox.set_template("x/{device}");
+        let mut outbox =
+            Outbox::new(shared.clone(), "gw", "x/{device}", &batch, Duration::from_secs(100 * 365 * 24 * 3600));
         let start = Instant::now();
         let (mut busy_sent, mut quiet_first) = (0, None);
         while busy_sent < 400 && start.elapsed() < Duration::from_secs(10) {

@@ -169,36 +169,23 @@ impl Store {
     /// Up to `max` records from `offset` on, with their offsets.
     pub fn read_from(&self, offset: u64, max: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        if max > 0 {
-            self.for_each_from(offset, |at, payload| {
-                out.push((at, payload.to_vec()));
-                out.len() < max
-            })?;
-        }
-        Ok(out)
-    }
-
-    /// Visits records from `offset` on, in order, until `visit` returns false.
-    pub fn for_each_from(&self, offset: u64, mut visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<()> {
-        let mut more = true;
         for s in &self.segments {
-            if !more {
+            if out.len() >= max {
                 break;
             }
             if s.base + s.len <= offset || s.len == 0 {
                 continue;
             }
-            let from = offset.saturating_sub(s.base);
-            // Only the part written when the scan starts: the writer may be appending meanwhile.
-            scan(&s.path, from, |at, payload| {
+            // Only the part of the segment the store knows of: nothing past its recorded length.
+            scan(&s.path, offset.saturating_sub(s.base), |at, payload| {
                 if at >= s.len {
                     return false;
                 }
-                more = visit(s.base + at, &payload);
-                more
+                out.push((s.base + at, payload));
+                out.len() < max
             })?;
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A snapshot of the unacknowledged part: each segment's path, the position to start at in it,
@@ -338,9 +325,7 @@ mod tests {
     use super::*;
 
     fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("updraft-store-{name}-{}-{}", std::process::id(), fastrand::u64(..)));
-        let _ = fs::remove_dir_all(&d);
-        d
+        crate::sinks::scratch_dir(&format!("store-{name}"))
     }
 
     const OPTS: StoreOptions = StoreOptions { segment_bytes: 64, max_bytes: 1 << 20, weigh: one };
