@@ -219,10 +219,11 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub async fn connect(addr: SocketAddr, filter: &str, qos: QoS) -> Self {
-        let id = format!("test-{}", fastrand_suffix());
-        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(1 << 20, 1 << 20);
+        Self::connect_with(mqtt_options(addr), filter, qos).await
+    }
+
+    /// Connects with prepared options (credentials, TLS), subscribed to `filter`.
+    pub async fn connect_with(opts: MqttOptions, filter: &str, qos: QoS) -> Self {
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         client.subscribe(filter, qos).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -306,6 +307,33 @@ impl Subscriber {
         }
         out
     }
+}
+
+/// MQTT options for a test client of `addr`, with a fresh client id.
+pub fn mqtt_options(addr: SocketAddr) -> MqttOptions {
+    let mut opts = MqttOptions::new(format!("test-{}", fastrand_suffix()), addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts
+}
+
+/// Tries one MQTT connection and reports how it ended: `Ok` on an accepted CONNACK, `Err` with
+/// the reason otherwise (a refused login, a closed socket, a TLS failure).
+pub async fn try_connect(opts: MqttOptions) -> Result<(), String> {
+    let (_client, mut el) = AsyncClient::new(opts, 10);
+    let attempt = async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == rumqttc::ConnectReturnCode::Success => {
+                    return Ok(())
+                }
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Err(format!("refused: {:?}", a.code)),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("no answer in 10s".into()))
 }
 
 /// A plain HTTP/1.1 GET over loopback; returns (status, body). Enough for the local API, and it

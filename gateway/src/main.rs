@@ -49,6 +49,9 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Print an Argon2 hash of a password read from standard input, for `[broker.users.NAME]
+    /// password_hash` (`echo -n 'secret' | updraft hash-password`).
+    HashPassword,
     /// Print the version.
     Version,
 }
@@ -71,6 +74,28 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
+        Command::HashPassword => {
+            let mut line = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut line) {
+                eprintln!("error: cannot read the password from standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                eprintln!("error: empty password; pipe it in, e.g. `echo -n 'secret' | updraft hash-password`");
+                return ExitCode::FAILURE;
+            }
+            match updraft::broker::auth::hash_password(password) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Version => {
             println!("updraft {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

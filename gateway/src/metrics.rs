@@ -64,6 +64,11 @@ pub struct Metrics {
     plugins: RwLock<BTreeMap<String, Arc<PluginStats>>>,
     /// Points handed to the embedded broker.
     pub broker_published: Counter,
+    /// MQTT logins the embedded broker refused (a CONNECT without any login is refused by rumqttd
+    /// before the gateway sees it, and not counted).
+    pub broker_auth_failures: Arc<Counter>,
+    /// Local write commands refused because `[broker] writes = "off"`.
+    pub broker_writes_refused: Arc<Counter>,
     /// Batches (and their points) a consumer could not take because its queue was full.
     dropped: RwLock<BTreeMap<String, DropCounters>>,
     sinks: RwLock<BTreeMap<String, Arc<SinkStats>>>,
@@ -149,6 +154,20 @@ impl Metrics {
             "# HELP updraft_broker_published_total Points published to the embedded broker.\n# TYPE updraft_broker_published_total counter\nupdraft_broker_published_total {}",
             self.broker_published.get()
         );
+        for (name, help, v) in [
+            (
+                "updraft_broker_auth_failures_total",
+                "MQTT logins the embedded broker refused.",
+                self.broker_auth_failures.get(),
+            ),
+            (
+                "updraft_broker_writes_refused_total",
+                "Local write commands refused because [broker] writes = \"off\".",
+                self.broker_writes_refused.get(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
         let _ = writeln!(out, "# HELP updraft_dropped_batches_total Batches dropped because a consumer's queue was full.\n# TYPE updraft_dropped_batches_total counter");
         let dropped = self.dropped.read().unwrap_or_else(|e| e.into_inner());
         for (consumer, (c, _)) in dropped.iter() {

@@ -38,8 +38,11 @@ pub enum StartError {
 
 /// A running gateway. Dropping it without `shutdown` leaves its tasks running.
 pub struct Gateway {
-    /// Where the embedded broker listens, if enabled.
+    /// Where the embedded broker's plain MQTT listener is, if enabled (with `[broker] tls` and no
+    /// `tls.listen`, a private loopback port).
     pub broker_addr: Option<SocketAddr>,
+    /// Where the embedded broker's TLS listener is, if configured.
+    pub broker_tls_addr: Option<SocketAddr>,
     /// Where the HTTP API listens, if enabled.
     pub api_addr: Option<SocketAddr>,
     /// Bound address of each simulator.
@@ -97,13 +100,16 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         write_txs.insert(name.clone(), tx);
         write_rxs.insert(name.clone(), rx);
     }
+    let mut broker_tls_addr = None;
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
-        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count))
+        let accounts = broker::auth::Accounts::new(&cfg.users, metrics.broker_auth_failures.clone());
+        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count, accounts))
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
-        b.spawn_command_listener(write_txs.clone());
+        broker_tls_addr = b.spawn_tls(config.broker.max_connections, cancel.child_token())?;
+        b.spawn_command_listener(write_txs.clone(), config.broker.writes_on(), metrics.broker_writes_refused.clone());
         let (filters, own_output) = crate::sinks::local_topics(&config);
         if !filters.is_empty() {
             let dropped = metrics.dropped("local-topics").1;
@@ -154,7 +160,20 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
     let hub = tokio::spawn(hub.run());
     info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
-    Ok(Gateway { broker_addr, api_addr, simulators, values, metrics, cancel, drivers, hub, publisher, plugins, sinks })
+    Ok(Gateway {
+        broker_addr,
+        broker_tls_addr,
+        api_addr,
+        simulators,
+        values,
+        metrics,
+        cancel,
+        drivers,
+        hub,
+        publisher,
+        plugins,
+        sinks,
+    })
 }
 
 /// Compiles and links every plugin of a config, for `updraft check`. Uses a throw-away cache.

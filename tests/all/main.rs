@@ -5,3 +5,4 @@ mod modbus;
 mod north;
 mod plugins;
 mod pymodbus;
+mod security;

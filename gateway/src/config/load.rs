@@ -116,6 +116,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             plugin.wasm = base.join(&plugin.wasm);
         }
     }
+    let broker_files =
+        config.broker.tls.iter_mut().flat_map(|t| [Some(&mut t.cert_file), Some(&mut t.key_file), t.ca_file.as_mut()]);
+    let user_files = config.broker.users.values_mut().map(|u| u.password_file.as_mut());
+    for f in broker_files.chain(user_files).flatten() {
+        if f.is_relative() {
+            *f = base.join(&*f);
+        }
+    }
     for sink in config.north.values_mut() {
         for f in sink.files_mut().into_iter().flatten() {
             if f.is_relative() {

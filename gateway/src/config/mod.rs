@@ -77,6 +77,88 @@ pub struct BrokerSection {
     /// its oldest unread messages. 1 MiB holds about 12,000 readings.
     #[serde(default = "default_buffer_per_subscription")]
     pub buffer_per_subscription: Bytes,
+    /// Accept clients without a user name and password on a listener reachable from other
+    /// machines. Only needed (and only allowed) when no `[broker.users.*]` are configured; the
+    /// gateway warns at every start while it is on.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// Whether clients of this broker may write to equipment through `updraft/{device}/{tag}/set`.
+    /// Default: `"on"` while every listener is on loopback, `"off"` once one is reachable from
+    /// other machines. Cloud commands are not affected (they arrive through the sinks).
+    pub writes: Option<Switch>,
+    /// Serve MQTT over TLS. Without `tls.listen`, `listen` itself becomes the TLS listener; with it,
+    /// both are served (plain on `listen`, TLS on `tls.listen`).
+    pub tls: Option<BrokerTls>,
+    /// Accounts, by user name. Once one exists, every client must log in, on every listener.
+    #[serde(default)]
+    pub users: BTreeMap<String, BrokerUser>,
+}
+
+/// `"on"` or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// `[broker] tls = { cert_file, key_file, ca_file, listen }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// PEM certificate chain the broker presents.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
+    /// PEM certificate authorities of client certificates. When set, every TLS client must present
+    /// a certificate signed by one of them.
+    pub ca_file: Option<PathBuf>,
+    /// A separate TLS listener (e.g. "0.0.0.0:8883"), served beside the plain `listen`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[broker.users.NAME]`: one account; exactly one of the two keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUser {
+    /// File holding the password (surrounding whitespace trimmed), readable only by the gateway's
+    /// user; re-read at every login, so a changed password needs no restart.
+    pub password_file: Option<PathBuf>,
+    /// An Argon2 hash in PHC form (`$argon2id$v=19$…`), made with `updraft hash-password`.
+    pub password_hash: Option<String>,
+}
+
+impl BrokerSection {
+    /// Where rumqttd's own (plain) listener binds: `listen`, unless `listen` serves TLS, in which case
+    /// the plain listener is a private loopback port that only the TLS front connects to.
+    pub fn plain_listen(&self) -> SocketAddr {
+        match &self.tls {
+            Some(t) if t.listen.is_none() => SocketAddr::new(
+                if self.listen.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() },
+                0,
+            ),
+            _ => self.listen,
+        }
+    }
+
+    /// The TLS listener's address, if TLS is on.
+    pub fn tls_listen(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|t| t.listen.unwrap_or(self.listen))
+    }
+
+    /// Whether a listener is reachable from other machines.
+    pub fn exposed(&self) -> bool {
+        self.enabled
+            && (!self.plain_listen().ip().is_loopback() || self.tls_listen().is_some_and(|a| !a.ip().is_loopback()))
+    }
+
+    /// Whether local clients may write to equipment (see `writes`).
+    pub fn writes_on(&self) -> bool {
+        match self.writes {
+            Some(w) => w == Switch::On,
+            None => !self.exposed(),
+        }
+    }
 }
 
 impl Default for BrokerSection {
@@ -87,6 +169,10 @@ impl Default for BrokerSection {
             max_connections: default_max_connections(),
             max_payload_size: default_max_payload_size(),
             buffer_per_subscription: default_buffer_per_subscription(),
+            allow_anonymous: false,
+            writes: None,
+            tls: None,
+            users: BTreeMap::new(),
         }
     }
 }

@@ -57,6 +57,9 @@ pub fn validate(config: &Config) -> Found {
     if config.broker.buffer_per_subscription.0 < 64 * 1024 {
         found.push((path(&["broker", "buffer_per_subscription"]), "must be at least 64KiB".into()));
     }
+    if config.broker.enabled {
+        broker(&config.broker, &mut found);
+    }
     for (name, device) in &config.devices {
         let base = path(&["devices", name]);
         if let Some(p) = name_problem(name) {
@@ -383,5 +386,87 @@ fn area_name(a: crate::drivers::modbus::codec::Area) -> &'static str {
         Area::Discrete => "discrete",
         Area::Input => "input",
         Area::Holding => "holding",
+    }
+}
+
+/// Who may connect to the local broker, and with what. A listener other machines can reach must
+/// not take anonymous clients unless the operator says so in as many words.
+fn broker(b: &super::BrokerSection, found: &mut Found) {
+    let users = !b.users.is_empty();
+    if users && b.allow_anonymous {
+        found.push((
+            path(&["broker", "allow_anonymous"]),
+            "allow_anonymous = true cannot be combined with [broker.users.*]: once users exist every client must log in; remove one of them".into(),
+        ));
+    }
+    let plain = b.plain_listen();
+    if !plain.ip().is_loopback() && !users && !b.allow_anonymous {
+        found.push((
+            path(&["broker", "listen"]),
+            format!(
+                "the broker would accept anyone on the network at {plain} without a password: add a [broker.users.NAME] \
+                 with a password_file (or password_hash), keep listen on 127.0.0.1, or set allow_anonymous = true"
+            ),
+        ));
+    }
+    if let Some(t) = &b.tls {
+        let at = |k: &str| path(&["broker", "tls", k]);
+        let addr = b.tls_listen().expect("tls is set");
+        if !addr.ip().is_loopback() && !users && t.ca_file.is_none() && !b.allow_anonymous {
+            found.push((
+                path(&["broker", "tls"]),
+                format!(
+                    "the TLS listener at {addr} would accept anyone on the network: add [broker.users.NAME], \
+                     require client certificates with ca_file, or set allow_anonymous = true"
+                ),
+            ));
+        }
+        if t.listen.is_some_and(|l| l == b.listen) {
+            found.push((at("listen"), "must differ from [broker] listen (leave it out to serve TLS on listen)".into()));
+        }
+        let files =
+            [("cert_file", Some(&t.cert_file)), ("key_file", Some(&t.key_file)), ("ca_file", t.ca_file.as_ref())];
+        let mut readable = true;
+        for (k, f) in files {
+            if let Some(f) = f {
+                if let Err(e) = std::fs::metadata(f) {
+                    found.push((at(k), format!("cannot read {}: {e}", f.display())));
+                    readable = false;
+                }
+            }
+        }
+        if readable {
+            if let Err((k, e)) = crate::broker::tls::server_config(t) {
+                found.push((at(k), e));
+            }
+        }
+    }
+    for (name, u) in &b.users {
+        let at = |k: &str| path(&["broker", "users", name, k]);
+        if name.is_empty() || name.chars().any(char::is_control) || name.len() > 128 {
+            found.push((
+                path(&["broker", "users", name]),
+                "a user name is 1 to 128 characters, no control characters".into(),
+            ));
+        }
+        match (&u.password_file, &u.password_hash) {
+            (Some(f), None) => {
+                if let Err(e) = std::fs::metadata(f) {
+                    found.push((at("password_file"), format!("cannot read {}: {e}", f.display())));
+                }
+            }
+            (None, Some(h)) => {
+                if let Err(e) = crate::broker::auth::check_hash(h) {
+                    found.push((at("password_hash"), e));
+                }
+            }
+            (Some(_), Some(_)) => {
+                found.push((at("password_hash"), "give either password_file or password_hash, not both".into()))
+            }
+            (None, None) => found.push((
+                path(&["broker", "users", name]),
+                "a user needs a password_file or a password_hash (make one with `updraft hash-password`)".into(),
+            )),
+        }
     }
 }

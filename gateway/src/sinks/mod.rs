@@ -19,7 +19,7 @@ pub mod http;
 pub mod mqtt;
 pub mod outbox;
 pub mod store;
-pub(crate) mod tls;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,0 +1,84 @@
+//! The publisher thread: every point of every batch goes to the embedded broker, retained.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::protocol::{Packet, Publish};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{complete_now, EmbeddedBroker, MAX_BURST};
+use crate::metrics::Metrics;
+use crate::point::Batch;
+
+impl EmbeddedBroker {
+    /// Spawns the publisher thread: every point of every batch goes to `updraft/{device}/{tag}`,
+    /// retained, so a late subscriber sees the last value at once. `LinkTx` sends block, so this
+    /// runs on its own OS thread and never on the async runtime.
+    pub fn spawn_publisher(
+        mut self,
+        mut rx: mpsc::Receiver<Batch>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("mqtt-publisher".into()).spawn(move || {
+            let mut json = Vec::with_capacity(256);
+            while let Some(first) = rx.blocking_recv() {
+                let mut batches = vec![first];
+                // Drain what is already queued so the router is woken once per burst, not per
+                // point, but keep bursts small: the link's and the router's queues keep the
+                // capacity of the largest burst they ever held.
+                let mut points = batches[0].len();
+                while points < MAX_BURST {
+                    match rx.try_recv() {
+                        Ok(b) => {
+                            points += b.len();
+                            batches.push(b);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let mut publishes = Vec::with_capacity(points);
+                for batch in &batches {
+                    for p in batch.iter() {
+                        // A local client's message is already on the broker.
+                        if p.key.external {
+                            continue;
+                        }
+                        // A plugin's message goes out verbatim and is an event, not state: not retained.
+                        if let Some(raw) = &p.payload {
+                            publishes
+                                .push(Packet::Publish(Publish::new(p.key.topic.clone(), raw.clone(), false), None));
+                            continue;
+                        }
+                        json.clear();
+                        p.write_json(&mut json);
+                        // An exact-size copy: the broker keeps payloads alive in its retained map
+                        // and logs, where a spare-capacity `Vec` would cost twice the memory.
+                        let payload = Bytes::copy_from_slice(&json);
+                        publishes.push(Packet::Publish(Publish::new(p.key.topic.clone(), payload, true), None));
+                    }
+                }
+                let Some(last) = publishes.pop() else {
+                    continue;
+                };
+                let count = publishes.len() as u64 + 1;
+                // Backpressure: the router takes the link's whole buffer at each wake-up, so a buffer
+                // that still holds a burst means the router is behind. Wait for it rather than queue
+                // without bound; meanwhile the hub drops (and counts) what the broker cannot take.
+                while self.pub_tx.buffer().len() >= MAX_BURST {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                // Queue the burst straight into the link's buffer, then send the last packet the
+                // normal way, which wakes the router once for the whole burst.
+                self.pub_tx.buffer().extend(publishes);
+                if let Err(e) = complete_now(self.pub_tx.send(last)) {
+                    warn!(error = %e, "Embedded broker link closed; stopping the publisher.");
+                    break;
+                }
+                metrics.broker_published.add(count);
+            }
+            debug!("Broker publisher stopped.");
+        })
+    }
+}
