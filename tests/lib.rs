@@ -39,6 +39,8 @@ struct State {
     reads: Vec<(&'static str, u16, u16)>,
     /// A holding register that counts the reads that include it (1, 2, 3, …).
     counter_at: Option<u16>,
+    /// Write requests served.
+    writes: usize,
 }
 
 /// A Modbus TCP server built on tokio-modbus, independent of the gateway's own simulator.
@@ -77,6 +79,10 @@ impl ModbusFixture {
 
     pub fn set_faults(&self, f: Faults) {
         self.state.lock().unwrap().faults = f;
+    }
+    /// How many write requests the server has answered.
+    pub fn writes(&self) -> usize {
+        self.state.lock().unwrap().writes
     }
     pub fn reads(&self) -> Vec<(&'static str, u16, u16)> {
         self.state.lock().unwrap().reads.clone()
@@ -146,16 +152,19 @@ impl Service for ModbusFixture {
                 Ok(Response::ReadDiscreteInputs(bits(&s.discrete, a, n)))
             }
             Request::WriteSingleRegister(a, w) => {
+                s.writes += 1;
                 s.holding.insert(a, w);
                 Ok(Response::WriteSingleRegister(a, w))
             }
             Request::WriteMultipleRegisters(a, ws) => {
+                s.writes += 1;
                 for (i, w) in ws.iter().enumerate() {
                     s.holding.insert(a + i as u16, *w);
                 }
                 Ok(Response::WriteMultipleRegisters(a, ws.len() as u16))
             }
             Request::WriteSingleCoil(a, b) => {
+                s.writes += 1;
                 s.coils.insert(a, b);
                 Ok(Response::WriteSingleCoil(a, b))
             }

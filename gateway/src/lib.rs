@@ -8,6 +8,7 @@
 //! - [`drivers`]: southbound protocols; [`drivers::modbus`] has the codec, planner and driver.
 //! - [`hub`]: the bounded internal bus, current values and fan-out to consumers.
 //! - [`broker`]: the embedded rumqttd broker and the thread that publishes into it.
+//! - [`commands`]: write commands to equipment, local and from the cloud, with their guards.
 //! - [`api`]: the local HTTP API (current values, health, metrics).
 //! - [`simulator`]: the built-in Modbus simulator.
 //! - [`runtime`]: start-up order and graceful shutdown.
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod backoff;
 pub mod broker;
+pub mod commands;
 pub mod config;
 pub mod drivers;
 pub mod hub;

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub broker_auth_failures: Arc<Counter>,
     /// Local write commands refused because `[broker] writes = "off"`.
     pub broker_writes_refused: Arc<Counter>,
+    /// Write commands by outcome.
+    pub commands: Arc<crate::commands::CommandStats>,
     /// Batches (and their points) a consumer could not take because its queue was full.
     dropped: RwLock<BTreeMap<String, DropCounters>>,
     sinks: RwLock<BTreeMap<String, Arc<SinkStats>>>,
@@ -168,6 +170,13 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        let c = &self.commands;
+        let _ = writeln!(out, "# HELP updraft_commands_total Write commands (local and cloud) by result: ok, failed, retained (ignored), duplicate (answered, not executed).\n# TYPE updraft_commands_total counter");
+        for (result, v) in
+            [("ok", &c.ok), ("failed", &c.failed), ("retained", &c.retained), ("duplicate", &c.duplicate)]
+        {
+            let _ = writeln!(out, "updraft_commands_total{{result=\"{result}\"}} {}", v.get());
+        }
         let _ = writeln!(out, "# HELP updraft_dropped_batches_total Batches dropped because a consumer's queue was full.\n# TYPE updraft_dropped_batches_total counter");
         let dropped = self.dropped.read().unwrap_or_else(|e| e.into_inner());
         for (consumer, (c, _)) in dropped.iter() {
@@ -226,6 +235,7 @@ impl Metrics {
                 ("disk", &s.dropped_disk),
                 ("rejected", &s.dropped_rejected),
                 ("corrupt", &s.dropped_corrupt),
+                ("reserved", &s.dropped_reserved),
             ] {
                 let _ = writeln!(out, "{name}{{sink=\"{}\",reason=\"{reason}\"}} {}", escape(sink), c.get());
             }

@@ -100,6 +100,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         write_txs.insert(name.clone(), tx);
         write_rxs.insert(name.clone(), rx);
     }
+    let commands = crate::commands::Commands::new(write_txs, metrics.commands.clone());
     let mut broker_tls_addr = None;
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
@@ -109,7 +110,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;
         broker_tls_addr = b.spawn_tls(config.broker.max_connections, cancel.child_token())?;
-        b.spawn_command_listener(write_txs.clone(), config.broker.writes_on(), metrics.broker_writes_refused.clone());
+        b.spawn_command_listener(commands.clone(), config.broker.writes_on(), metrics.broker_writes_refused.clone());
         let (filters, own_output) = crate::sinks::local_topics(&config);
         if !filters.is_empty() {
             let dropped = metrics.dropped("local-topics").1;
@@ -123,7 +124,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     // Sinks register before the hub runs; their buffers open (and are repaired) here, so a
     // problem with the data directory stops start-up with a clear message.
-    let sinks = crate::sinks::start_all(&config, &mut hub, &metrics, &write_txs, &cancel)?;
+    let sinks = crate::sinks::start_all(&config, &mut hub, &metrics, &commands, &cancel)?;
 
     let api_addr = if config.api.enabled {
         Some(

@@ -250,8 +250,19 @@ async fn cloud_writes_reach_the_device_and_read_only_tags_are_refused() {
     assert!(reply["error"].as_str().unwrap_or("").contains("read-only"), "{reply}");
     assert_eq!(dev.holding(20), Some(215), "a read-only register is left alone");
 
-    command(r#"{"device": "boiler-9", "tag": "setpoint", "value": 1, "id": "c3"}"#).await;
-    let reply = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "c3").await.expect("a reply");
+    client
+        .publish(
+            "parks/gw/boiler-9/set",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"device": "boiler-9", "tag": "setpoint", "value": 1, "id": "c3"}"#,
+        )
+        .await
+        .unwrap();
+    let reply = sub
+        .wait_for("parks/gw/boiler-9/set/reply", Duration::from_secs(10), |p| json(p)["id"] == "c3")
+        .await
+        .expect("a reply");
     assert!(json(&reply)["error"].as_str().unwrap_or("").contains("unknown device"));
 
     command("not json").await;
@@ -263,6 +274,61 @@ async fn cloud_writes_reach_the_device_and_read_only_tags_are_refused() {
     gw.shutdown(Duration::from_secs(5)).await;
     let offline = sub.wait_for("parks/gw/status", Duration::from_secs(10), |p| p == b"offline").await;
     assert!(offline.is_some(), "a clean stop leaves `offline` on the status topic");
+}
+
+/// The guards on cloud writes: the device named in the JSON must be the topic's, a retained
+/// command is never executed, a repeated id is answered without a second write, and a local
+/// client cannot reach the command topic through a forwarded topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_commands_are_guarded() {
+    let cloud = Mosquitto::start().await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "parks/#").await;
+    // `press/#` forwards what local clients publish there; `parks/gw/{device}` would make a local
+    // `press/set` come out on the command topic `parks/gw/press/set`.
+    let sink = mqtt_sink(cloud.addr).replace("keep_alive", "sources = [\"*/*\", \"press/#\"]\nkeep_alive");
+    let json = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap_or_default();
+    let reply_topic = "parks/gw/press/set/reply";
+    let client = sub.client.clone();
+    let publish = |topic: &'static str, body: &str, retain: bool| {
+        let (client, body) = (client.clone(), body.to_owned());
+        async move { client.publish(topic, QoS::AtLeastOnce, retain, body).await.unwrap() }
+    };
+    // A retained command waits on the cloud broker: the gateway gets it as soon as it subscribes,
+    // and again after every reconnect. It must never run.
+    publish("parks/gw/press/set", r#"{"device": "press", "tag": "setpoint", "value": 5}"#, true).await;
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "200ms"), sink)).await;
+    let reply = sub.wait_for(reply_topic, Duration::from_secs(20), |p| json(p)["ok"] == false).await.expect("a reply");
+    assert!(String::from_utf8_lossy(&reply).contains("retained"), "{}", String::from_utf8_lossy(&reply));
+    assert_eq!(gw.metrics.commands.retained.get(), 1);
+    assert_eq!((dev.holding(10), dev.writes()), (None, 0), "the retained command was not executed");
+    // Clear the retained command so it does not haunt later subscribers.
+    publish("parks/gw/press/set", "", true).await;
+
+    publish("parks/gw/press/set", r#"{"device": "boiler", "tag": "setpoint", "value": 1, "id": "m1"}"#, false).await;
+    let reply = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "m1").await.expect("a reply");
+    let e = json(&reply)["error"].as_str().unwrap_or_default().to_owned();
+    assert!(e.contains("not the one its topic names"), "{e}");
+
+    publish("parks/gw/press/set", r#"{"device": "press", "tag": "setpoint", "value": 6, "id": "d1"}"#, false).await;
+    let first = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "d1").await.expect("a reply");
+    assert_eq!(json(&first)["ok"], true);
+    assert_eq!((dev.holding(10), dev.writes()), (Some(6), 1));
+    publish("parks/gw/press/set", r#"{"device": "press", "tag": "setpoint", "value": 7, "id": "d1"}"#, false).await;
+    let again = sub.wait_for(reply_topic, Duration::from_secs(10), |p| json(p)["id"] == "d1").await.expect("a reply");
+    assert_eq!((json(&again)["ok"].clone(), json(&again)["duplicate"].clone()), (true.into(), true.into()));
+    assert_eq!((dev.holding(10), dev.writes()), (Some(6), 1), "a repeated id is not written again");
+
+    let local = updraft_tests::Subscriber::connect(gw.broker_addr.unwrap(), "unused", QoS::AtMostOnce).await;
+    let forged = r#"{"device": "press", "tag": "setpoint", "value": 99}"#;
+    local.client.publish("press/set", QoS::AtLeastOnce, false, forged).await.unwrap();
+    local.client.publish("press/ok", QoS::AtLeastOnce, false, "1").await.unwrap();
+    assert!(sub.wait_for("parks/gw/press/ok", Duration::from_secs(10), |_| true).await.is_some(), "forwarding works");
+    let stats = gw.metrics.sink("cloud");
+    let counted = eventually(Duration::from_secs(5), || (stats.dropped_reserved.get() == 1).then_some(())).await;
+    assert!(counted.is_some(), "the forged command was dropped and counted");
+    assert_eq!((dev.holding(10), dev.writes()), (Some(6), 1), "a local client cannot write through the cloud path");
+    gw.shutdown(Duration::from_secs(5)).await;
 }
 
 fn newest_segment(dir: &Path) -> std::path::PathBuf {

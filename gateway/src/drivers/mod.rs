@@ -28,20 +28,8 @@ pub fn submit(
     let tx = devices.get(device).ok_or_else(|| format!("unknown device `{device}`"))?;
     let (reply, wait) = oneshot::channel();
     tx.try_send(WriteCommand { tag: tag.to_owned(), value, reply }).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => format!("device `{device}` has too many writes queued; try again"),
+        mpsc::error::TrySendError::Full(_) => "busy".to_owned(),
         mpsc::error::TrySendError::Closed(_) => format!("the driver of `{device}` has stopped"),
     })?;
     Ok(wait)
-}
-
-/// A write command from the cloud: `{"device": "...", "tag": "...", "value": ..., "id": ...}`;
-/// `id` is optional and echoed in the reply for correlation.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloudCommand {
-    pub device: String,
-    pub tag: String,
-    pub value: serde_json::Value,
-    #[serde(default)]
-    pub id: Option<serde_json::Value>,
 }

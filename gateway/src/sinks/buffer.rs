@@ -355,6 +355,7 @@ impl Writer {
             + stats.dropped_expired.get()
             + stats.dropped_rejected.get()
             + stats.dropped_corrupt.get()
+            + stats.dropped_reserved.get()
             + self.store_dropped_seen
             + stats.dropped_disk.get();
         let pending =

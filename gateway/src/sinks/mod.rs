@@ -21,13 +21,11 @@ pub mod outbox;
 pub mod store;
 pub mod tls;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NorthConfig;
-use crate::drivers::WriteTx;
 use crate::hub::{Hub, Stage};
 use crate::metrics::{Counter, Gauge, Metrics};
 use crate::point::TagKey;
@@ -69,22 +67,25 @@ impl Source {
             Source::Tag { device, tag } => {
                 !key.derived && (device == "*" || **device == *key.device) && (tag == "*" || **tag == *key.tag)
             }
-            Source::Topic(filter) => {
-                let topic = String::from_utf8_lossy(&key.topic);
-                let mut levels = topic.split('/');
-                for f in filter {
-                    if f == "#" {
-                        return true;
-                    }
-                    match levels.next() {
-                        Some(l) if f == "+" || f == l => {}
-                        _ => return false,
-                    }
-                }
-                levels.next().is_none()
-            }
+            Source::Topic(filter) => filter_matches(filter, &String::from_utf8_lossy(&key.topic)),
         }
     }
+}
+
+/// Whether an MQTT topic filter (its levels: `+` one level, `#` the rest) matches `topic`.
+pub fn filter_matches(filter: &[impl AsRef<str>], topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for f in filter {
+        let f = f.as_ref();
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(l) if f == "+" || f == l => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
 }
 
 /// A sink's counters, on `/metrics` with a `sink` label.
@@ -104,6 +105,8 @@ pub struct SinkStats {
     pub dropped_rejected: Counter,
     /// Records that passed their checksum but could not be decoded.
     pub dropped_corrupt: Counter,
+    /// Points whose destination would be one of the sink's own control topics (commands, status).
+    pub dropped_reserved: Counter,
     /// Bytes cut from a torn tail at start-up.
     pub truncated_bytes: Counter,
     pub messages_sent: Counter,
@@ -163,7 +166,7 @@ pub fn start_all(
     config: &crate::config::Config,
     hub: &mut Hub,
     metrics: &Arc<Metrics>,
-    commands: &HashMap<String, WriteTx>,
+    commands: &Arc<crate::commands::Commands>,
     cancel: &CancellationToken,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut threads = Vec::new();
@@ -175,7 +178,13 @@ pub fn start_all(
         let rx = hub.subscribe(&format!("north:{name}"), Stage::Terminal);
         threads.push(buffer::spawn(name, rx, sources, shared.clone(), dict)?);
         let gateway = &config.gateway.id;
-        let outbox = outbox::Outbox::new(shared, gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
+        let mut outbox = outbox::Outbox::new(shared, gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
+        if let NorthConfig::Mqtt(m) = sink {
+            // A forwarded local topic must never come out as one of the sink's own control topics:
+            // a local client could then issue cloud commands, or fake the gateway's status.
+            let commands = crate::commands::Route::new(&mqtt::command_template(m, gateway)).filter;
+            outbox.reserve(&[commands, mqtt::status_topic(m, gateway)]);
+        }
         let cancel = cancel.child_token();
         match sink {
             NorthConfig::Mqtt(m) => {

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use super::outbox::{Outbox, Token};
 use super::{tls, SinkStats};
 use crate::backoff::backoff;
+use crate::commands::{reply, Commands, Route};
 use crate::config::MqttNorth;
-use crate::drivers::{CloudCommand, WriteTx};
 
 /// Where the cloud broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,15 +63,14 @@ impl Endpoint {
 
 pub struct MqttSink {
     name: String,
-    gateway: String,
     cfg: MqttNorth,
     endpoint: Endpoint,
     tls: Option<Arc<rustls::ClientConfig>>,
     client_id: String,
     qos: QoS,
     status_topic: String,
-    command_filter: String,
-    devices: Arc<HashMap<String, WriteTx>>,
+    commands_route: Route,
+    commands: Arc<Commands>,
     stats: Arc<SinkStats>,
 }
 
@@ -86,7 +85,7 @@ impl MqttSink {
         name: &str,
         gateway: &str,
         cfg: &MqttNorth,
-        devices: HashMap<String, WriteTx>,
+        commands: Arc<Commands>,
         stats: Arc<SinkStats>,
     ) -> Result<Self, String> {
         let endpoint = Endpoint::parse(&cfg.url)?;
@@ -98,25 +97,17 @@ impl MqttSink {
             None
         };
         let status_topic = status_topic(cfg, gateway);
-        let command_filter = match &cfg.command_topic {
-            Some(t) => t.replace("{gateway}", gateway).replace("{device}", "+").replace("{tag}", "+"),
-            None => format!("{}/set", cfg.topic)
-                .replace("{gateway}", gateway)
-                .replace("{device}", "+")
-                .replace("{tag}", "+")
-                .replace("{topic}", "+"),
-        };
+        let commands_route = Route::new(&command_template(cfg, gateway));
         Ok(MqttSink {
             name: name.to_owned(),
-            gateway: gateway.to_owned(),
             client_id: cfg.client_id.clone().unwrap_or_else(|| format!("updraft-{gateway}-{name}")),
             qos: if cfg.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
             cfg: cfg.clone(),
             endpoint,
             tls,
             status_topic,
-            command_filter,
-            devices: Arc::new(devices),
+            commands_route,
+            commands,
             stats,
         })
     }
@@ -212,7 +203,7 @@ impl MqttSink {
         let max_window = usize::from(self.cfg.max_inflight);
         client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "online").map_err(lost)?;
         order.push_back(None);
-        client.try_subscribe(&self.command_filter, QoS::AtLeastOnce).map_err(lost)?;
+        client.try_subscribe(&self.commands_route.filter, QoS::AtLeastOnce).map_err(lost)?;
         outbox.rewind();
         let (reply_tx, mut reply_rx) = mpsc::channel::<(String, String)>(64);
         loop {
@@ -244,7 +235,7 @@ impl MqttSink {
                             window -= 1;
                         }
                     }
-                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(&p.topic, &p.payload, reply_tx.clone()),
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(&p.topic, &p.payload, p.retain, reply_tx.clone()),
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(fail(true, e.to_string())),
                     None => return Err(fail(true, "event loop stopped".into())),
@@ -278,43 +269,38 @@ impl MqttSink {
     }
 
     /// Runs a write command from the cloud; its reply is published by the session loop.
-    fn command(&self, topic: &str, payload: &[u8], replies: mpsc::Sender<(String, String)>) {
+    fn command(&self, topic: &str, payload: &[u8], retained: bool, replies: mpsc::Sender<(String, String)>) {
         let reply_topic = format!("{topic}/reply");
-        let cmd: Result<CloudCommand, String> = serde_json::from_slice(payload).map_err(|e| {
-            format!("command must be JSON {{\"device\": \"...\", \"tag\": \"...\", \"value\": ...}}: {e}")
-        });
-        let devices = self.devices.clone();
-        let sink = self.name.clone();
-        let gateway = self.gateway.clone();
+        let parsed = self.commands_route.parse(topic, payload);
+        let commands = self.commands.clone();
+        let origin = format!("north:{}", self.name);
+        let topic = topic.to_owned();
         tokio::spawn(async move {
-            let (id, device, tag, result) = match cmd {
+            let (outcome, device, tag, id) = match parsed {
+                _ if retained => (commands.refuse_retained(&origin, &topic), None, None, None),
                 Ok(c) => {
-                    let result = match crate::drivers::submit(&devices, &c.device, &c.tag, c.value.clone()) {
-                        Ok(wait) => wait.await.unwrap_or_else(|_| Err("the device's driver has stopped".into())),
-                        Err(e) => Err(e),
-                    };
-                    (c.id, Some(c.device), Some(c.tag), result)
+                    let (device, tag, id) = (c.device.clone(), c.tag.clone(), c.id.clone());
+                    (commands.execute(&origin, c).await, Some(device.into()), Some(tag.into()), id)
                 }
-                Err(e) => (None, None, None, Err(e)),
+                Err((e, id)) => {
+                    warn!(%origin, %topic, error = %e, "Cloud write refused.");
+                    (crate::commands::Outcome { result: Err(e), duplicate: false }, None, None, id)
+                }
             };
-            match &result {
-                Ok(()) => info!(sink = %sink, gateway = %gateway, device = ?device, tag = ?tag, "Cloud write done."),
-                Err(e) => warn!(sink = %sink, device = ?device, tag = ?tag, error = %e, "Cloud write refused."),
-            }
-            let mut body = serde_json::Map::new();
-            body.insert("ok".into(), result.is_ok().into());
-            if let Err(e) = result {
-                body.insert("error".into(), e.into());
-            }
-            for (k, v) in [("device", device.map(Into::into)), ("tag", tag.map(Into::into)), ("id", id)] {
-                if let Some(v) = v {
-                    body.insert(k.into(), v);
-                }
-            }
-            if replies.send((reply_topic, serde_json::Value::Object(body).to_string())).await.is_err() {
-                debug!(sink = %sink, "Connection ended before a command reply could be sent.");
+            let body = reply(&outcome, &[("device", device), ("tag", tag), ("id", id)]);
+            if replies.send((reply_topic, body)).await.is_err() {
+                debug!(%origin, "Connection ended before a command reply could be sent.");
             }
         });
+    }
+}
+
+/// The command topic template with `{gateway}` filled in: `command_topic`, or the data topic
+/// followed by `/set`.
+pub fn command_template(cfg: &MqttNorth, gateway: &str) -> String {
+    match &cfg.command_topic {
+        Some(t) => t.replace("{gateway}", gateway),
+        None => format!("{}/set", cfg.topic).replace("{gateway}", gateway),
     }
 }
 

@@ -56,6 +56,7 @@ struct Rec {
     remaining: u64,
     rejected: u64,
     expired: u64,
+    reserved: u64,
 }
 
 #[derive(Debug)]
@@ -71,8 +72,11 @@ pub struct Outbox {
     shared: Arc<Shared>,
     gateway: String,
     template: String,
-    /// The rendered destination per dictionary id, so the template is filled once per tag.
-    targets: Vec<Option<String>>,
+    /// The rendered destination per dictionary id, so the template is filled once per tag; `None`
+    /// inside when it is a reserved topic.
+    targets: Vec<Option<Option<String>>>,
+    /// Topic filters no message may be sent to (the sink's command and status topics).
+    reserved: Vec<Vec<String>>,
     max_points: usize,
     max_wait: Duration,
     max_age_ms: i64,
@@ -96,6 +100,7 @@ impl Outbox {
             gateway: gateway.to_owned(),
             template: template.to_owned(),
             targets: Vec::new(),
+            reserved: Vec::new(),
             max_points: batch.max_points.max(1),
             max_wait: batch.max_wait.0,
             max_age_ms: max_age.as_millis().min(i64::MAX as u128) as i64,
@@ -107,6 +112,13 @@ impl Outbox {
             generation: 0,
             last_due_check: Instant::now(),
         }
+    }
+
+    /// Topic filters whose topics no message may go to; a point rendered there is dropped and
+    /// counted (`reserved`).
+    pub fn reserve(&mut self, filters: &[String]) {
+        self.reserved = filters.iter().map(|f| f.split('/').map(str::to_owned).collect()).collect();
+        self.targets.clear();
     }
 
     /// Forgets everything in flight and starts again from the first unacknowledged record: after a
@@ -204,9 +216,10 @@ impl Outbox {
         while self.records.front().is_some_and(|r| r.remaining == 0) {
             let r = self.records.pop_front().expect("checked");
             self.first += 1;
-            stats.delivered.add(r.points - r.expired - r.rejected);
+            stats.delivered.add(r.points - r.expired - r.rejected - r.reserved);
             stats.dropped_expired.add(r.expired);
             stats.dropped_rejected.add(r.rejected);
+            stats.dropped_reserved.add(r.reserved);
             acked = Some(r.end);
         }
         if let Some(end) = acked {
@@ -238,7 +251,7 @@ impl Outbox {
             let idx = self.first + self.records.len() as u64;
             let end = offset + FRAME_OVERHEAD + payload.len() as u64;
             self.cursor = end;
-            let mut rec = Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0 };
+            let mut rec = Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0, reserved: 0 };
             let Some(points) = codec::decode(&payload) else {
                 let n = codec::count(&payload);
                 warn!(sink = %self.shared.name, offset, points = n, "Skipping a buffer record that cannot be decoded.");
@@ -257,8 +270,11 @@ impl Outbox {
                     rec.expired += 1;
                     continue;
                 }
+                let Some(target) = self.target(p.id, entry) else {
+                    rec.reserved += 1;
+                    continue;
+                };
                 rec.remaining += 1;
-                let target = self.target(p.id, entry);
                 if let Some(payload) = &p.payload {
                     // A plugin's own message: sent as is, after what its group already holds.
                     if let Some(g) = self.groups.remove(&target) {
@@ -297,13 +313,21 @@ impl Outbox {
         self.advance();
     }
 
-    fn target(&mut self, id: u32, e: &DictEntry) -> String {
+    fn target(&mut self, id: u32, e: &DictEntry) -> Option<String> {
         let i = id as usize;
         if self.targets.len() <= i {
             self.targets.resize(i + 1, None);
         }
+        let (template, gateway, reserved, name) = (&self.template, &self.gateway, &self.reserved, &self.shared.name);
         self.targets[i]
-            .get_or_insert_with(|| render(&self.template, &self.gateway, &e.device, &e.tag, &e.topic))
+            .get_or_insert_with(|| {
+                let t = render(template, gateway, &e.device, &e.tag, &e.topic);
+                if reserved.iter().any(|f| super::filter_matches(f, &t)) {
+                    warn!(sink = %name, topic = %t, local = %e.topic, "Not forwarding to one of the sink's own control topics (commands, status); dropped and counted as reserved.");
+                    return None;
+                }
+                Some(t)
+            })
             .clone()
     }
 
