@@ -276,3 +276,88 @@ tags = [
     assert_eq!(fixture.holding(10), Some(805));
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A burst of writes to a device that does not answer costs one timeout, not one per write: the
+/// rest are refused at once (backoff, or `busy` when the queue is full), and polling goes on.
+/// Integer writes keep every bit.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_to_an_unreachable_device_are_bounded_and_integers_exact() {
+    // Accepts connections and never answers: every request times out.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let fixture = ModbusFixture::default();
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.dead]
+driver = "modbus-tcp"
+address = "{hole_addr}"
+poll = "100ms"
+timeout = "300ms"
+tags = [{{ name = "sp", area = "holding", address = 0, access = "rw" }}]
+
+[devices.live]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [
+  {{ name = "big", area = "holding", address = 0, type = "u64", access = "rw" }},
+  {{ name = "neg", area = "holding", address = 4, type = "i64", access = "rw" }},
+  {{ name = "f", area = "holding", address = 8, type = "f32", access = "rw" }},
+]
+"#,
+        header("gw-burst")
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/+/+/set/reply", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const BURST: usize = 100;
+    for i in 0..BURST {
+        sub.client.publish("updraft/dead/sp/set", QoS::AtMostOnce, false, format!("{i}")).await.unwrap();
+    }
+    let mut replies = Vec::new();
+    while replies.len() < BURST {
+        match sub.wait_for("updraft/dead/sp/set/reply", Duration::from_secs(20), |_| true).await {
+            Some(r) => replies.push(r["error"].as_str().unwrap_or_default().to_owned()),
+            None => break,
+        }
+    }
+    let tried = replies.iter().filter(|e| e.contains("timeout") || e.contains("link failed")).count();
+    let busy = replies.iter().filter(|e| *e == "busy").count();
+    println!("{} replies: {tried} went to the wire, {busy} busy, the rest refused during backoff", replies.len());
+    assert_eq!(replies.len(), BURST, "every write was answered");
+    assert!(tried <= 3, "a burst costs at most a few timeouts, not one per write ({tried})");
+
+    let client = sub.client.clone();
+    let set = |tag: &'static str, body: &'static str| {
+        let client = client.clone();
+        async move { client.publish(format!("updraft/live/{tag}/set"), QoS::AtLeastOnce, false, body).await.unwrap() }
+    };
+    set("big", "18446744073709551615").await;
+    let r = sub.wait_for("updraft/live/big/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!((0..4).map(|a| fixture.holding(a)).collect::<Vec<_>>(), vec![Some(0xFFFF); 4], "u64::MAX exactly");
+    set("big", "9007199254740993").await;
+    sub.wait_for("updraft/live/big/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(
+        (0..4).map(|a| fixture.holding(a).unwrap()).collect::<Vec<_>>(),
+        vec![0x0020, 0, 0, 1],
+        "2^53 + 1 is not rounded by a trip through f64"
+    );
+    set("neg", "-9223372036854775808").await;
+    assert_eq!(sub.wait_for("updraft/live/neg/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
+    assert_eq!(fixture.holding(4), Some(0x8000));
+    set("big", "18446744073709551616").await;
+    let r = sub.wait_for("updraft/live/big/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(r["ok"], false, "2^64 does not fit: refused, not saturated: {r}");
+    set("f", "1e39").await;
+    let r = sub.wait_for("updraft/live/f/set/reply", WAIT, |_| true).await.unwrap();
+    assert_eq!(r["ok"], false, "no infinity is sent to a device: {r}");
+    assert_eq!(fixture.holding(8), None);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -126,6 +126,13 @@ default = "updraft/doubled/{{device}}/{{tag}}"
     assert!(reason.contains("misbehave fixture panicked on purpose"), "panic message is logged: {reason}");
     sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the panic");
 
+    // A sleeping plugin is stopped at once: a host-side wait is out of reach of the call deadline.
+    provoke(&gw, &fixture, 6, "wait").await;
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the sleep");
+    // Leaking WASI handles (pollables) hits the per-instance cap long before host memory.
+    provoke(&gw, &fixture, 11, "resources").await;
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("recovers after the leak");
+
     // File and socket access are refused by the sandbox: the plugin reports it could not escape.
     fixture.set_holding(0, &[4]);
     let v = sub.wait_for("updraft/derived/d/escape", WAIT, |_| true).await.expect("file attempt reported");
@@ -220,5 +227,107 @@ default = "v1/gateway/{{subject}}"
     assert_eq!(row["values"]["temperature"], 21.5);
     assert_eq!(row["values"]["running"], true);
     assert!(row["ts"].as_i64().unwrap() > 1_700_000_000_000);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A plugin output outside `updraft/` plus a sink that forwards every local topic: the output is
+/// published by the gateway, seen by the sink's local-topic tap, and must not be taken in again
+/// (it would go back to the publisher and round for ever). Messages are counted over 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_outputs_do_not_loop_through_a_sink_that_forwards_every_local_topic() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[700]);
+    let addr = fixture.serve().await;
+    for sources in [r##"["#"]"##, r##"["alarms/#"]"##] {
+        let toml = format!(
+            r#"{h}[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "200ms"
+tags = [{{ name = "temperature", area = "holding", address = 0 }}]
+
+[plugins.alarm]
+wasm = "{wasm}"
+subscribe = ["boiler-1/*"]
+[plugins.alarm.outputs]
+default = "alarms/{{device}}/{{tag}}"
+
+[north.cloud]
+type = "http"
+url = "http://127.0.0.1:9/{{device}}"
+sources = {sources}
+"#,
+            h = header("gw-loop"),
+            wasm = plugin_wasm("scale").display()
+        );
+        let (gw, _dir) = start_gateway(&toml).await;
+        let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "alarms/#", QoS::AtMostOnce).await;
+        let polls_before = gw.metrics.device("boiler-1").polls.get();
+        let seen = sub.drain(Duration::from_secs(5), Duration::from_secs(5)).await;
+        let polls = gw.metrics.device("boiler-1").polls.get() - polls_before;
+        println!("sources = {sources}: {} messages on alarms/# over 5 s, {polls} polls", seen.len());
+        assert!(!seen.is_empty(), "the plugin's output is published");
+        assert!(seen.len() as u64 <= polls + 2, "one message per poll, not a loop: {} for {polls} polls", seen.len());
+        let accepted = gw.metrics.sink("cloud").accepted.get();
+        assert!(accepted <= 2 * (polls + 10), "the sink took each output once: {accepted} points");
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
+}
+
+/// What a plugin emits is bounded: at most 10,000 distinct output topics per plugin, names of at
+/// most 128 bytes, nothing on a `…/set` topic; and `tags.describe` names only subscribed tags.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_outputs_are_bounded_and_cannot_reach_reserved_topics() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[0]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{h}[devices.d]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [{{ name = "mode", area = "holding", address = 0 }}]
+
+[devices.other]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1s"
+tags = [{{ name = "secret", area = "holding", address = 1 }}]
+
+[plugins.chaos]
+wasm = "{wasm}"
+subscribe = ["d/*"]
+limits = {{ call_timeout = "1s" }}
+"#,
+        h = header("gw-bounds"),
+        wasm = plugin_wasm("misbehave").display(),
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let stats = gw.metrics.plugin("chaos");
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/derived/d/+", QoS::AtMostOnce).await;
+    sub.wait_for("updraft/derived/d/mode", WAIT, |v| v["value"] == 0).await.expect("healthy at first");
+
+    fixture.set_holding(0, &[10]);
+    let v = sub.wait_for("updraft/derived/d/visible", WAIT, |_| true).await.expect("describe probe reported");
+    assert_eq!(v["value"], 1, "only the subscribed tag d/mode is described, not other/secret nor outputs");
+
+    for mode in [8, 9] {
+        let dropped = stats.points_dropped.get();
+        fixture.set_holding(0, &[mode]);
+        eventually(WAIT, || (stats.points_dropped.get() > dropped).then_some(()))
+            .await
+            .unwrap_or_else(|| panic!("mode {mode}: the emit was dropped and counted"));
+    }
+    let (out, dropped) = (stats.points_out.get(), stats.points_dropped.get());
+    fixture.set_holding(0, &[7]);
+    eventually(Duration::from_secs(30), || (stats.points_dropped.get() >= dropped + 5_000).then_some(()))
+        .await
+        .expect("made-up tag names past the cap are dropped");
+    fixture.set_holding(0, &[0]);
+    let made = stats.points_out.get() - out;
+    assert!(made <= 10_000 + 50, "at most 10,000 distinct topics were created ({made} points out)");
+    assert_eq!(stats.traps.get(), 0, "refused emits are not traps");
+    let seen = sub.drain(Duration::from_millis(500), Duration::from_secs(3)).await;
+    assert!(!seen.iter().any(|(t, _)| t.ends_with("/set")), "nothing was published on a /set topic");
     gw.shutdown(Duration::from_secs(2)).await;
 }

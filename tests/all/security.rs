@@ -189,3 +189,27 @@ async fn the_broker_serves_tls_and_requires_client_certificates_when_asked() {
     assert!(got.is_some());
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Plugin outputs may not be templated onto device readings or write commands; `check` says so
+/// at the line.
+#[test]
+fn plugin_outputs_on_reserved_topics_are_refused_by_check() {
+    let base = "[gateway]\nid = \"gw\"\n[devices.boiler]\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\ntags = [{ name = \"t\", area = \"holding\", address = 0 }]\n[plugins.p]\nwasm = \"p.wasm\"\nsubscribe = [\"*/*\"]\n[plugins.p.outputs]\n";
+    for (template, why) in [
+        ("updraft/{device}/{tag}", "device's reading"),
+        ("updraft/boiler/{tag}", "device's reading"),
+        ("{plugin}/{device}/{tag}", "device's reading"),
+        ("alarms/{device}/set", "reserved for write commands"),
+    ] {
+        let toml = format!("{base}default = \"{template}\"\n");
+        let toml = toml
+            .replace("[plugins.p]", if template.starts_with("{plugin}") { "[plugins.updraft]" } else { "[plugins.p]" });
+        let toml = toml.replace(
+            "[plugins.p.outputs]",
+            if template.starts_with("{plugin}") { "[plugins.updraft.outputs]" } else { "[plugins.p.outputs]" },
+        );
+        let p = problems(&toml);
+        assert!(p.iter().any(|p| p.starts_with("u.toml:11:") && p.contains(why)), "{template}: {p:?}");
+    }
+    assert_eq!(problems(&format!("{base}default = \"updraft/alarms/{{tag}}\"\n")), Vec::<String>::new());
+}

@@ -13,9 +13,10 @@ pub const MAX_EXTERNAL_TOPICS: usize = 10_000;
 
 impl EmbeddedBroker {
     /// Subscribes to `filters` on the local broker and feeds what local MQTT clients publish there
-    /// to the cloud sinks, as verbatim messages. The gateway's own `updraft/…` topics are skipped
-    /// (their points reach the sinks directly), and so are topics starting with `skip_prefixes`
-    /// (the sinks' own output, when a sink publishes to this broker).
+    /// to the cloud sinks, as verbatim messages. Only what local clients published is taken in: the
+    /// gateway's own `updraft/…` topics and every topic the gateway publishes (plugin outputs under
+    /// any template) are skipped, because their points reach the sinks directly, and so are topics
+    /// starting with `skip_prefixes` (the sinks' own output, when a sink publishes to this broker).
     pub fn spawn_tap(
         &mut self,
         filters: &[String],
@@ -50,6 +51,10 @@ impl EmbeddedBroker {
                     continue;
                 }
                 let key = match registry.get_topic(&topic) {
+                    // A topic the gateway publishes itself (a plugin output, a device reading):
+                    // its points already reach the sinks through the hub. Taking them in again
+                    // would feed them back to the publisher, and so round for ever.
+                    Some(k) if !k.external => continue,
                     Some(k) => k,
                     None if external >= MAX_EXTERNAL_TOPICS => {
                         dropped.inc();

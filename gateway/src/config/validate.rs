@@ -91,11 +91,14 @@ pub fn validate(config: &Config) -> Found {
             found.push((with(base.clone(), [key("outputs")]), "an output named `default` is required".into()));
         }
         for (out, template) in &plugin.outputs {
+            let at = with(base.clone(), [key("outputs"), key(out)]);
             if template.contains(['+', '#']) || template.is_empty() || template.starts_with('/') {
                 found.push((
-                    with(base.clone(), [key("outputs"), key(out)]),
+                    at,
                     format!("topic template `{template}` must be a plain topic (no wildcards, no leading '/')"),
                 ));
+            } else if let Some(p) = reserved_output(template, name, config) {
+                found.push((at, format!("topic template `{template}` {p}")));
             }
         }
         if plugin.limits.call_timeout.0 < std::time::Duration::from_millis(10) {
@@ -469,4 +472,26 @@ fn broker(b: &super::BrokerSection, found: &mut Found) {
             )),
         }
     }
+}
+
+/// Why a plugin output template would publish where only the gateway may: a device's readings
+/// (`updraft/{device}/{tag}`) or a write command (`…/set`). What only the emitted names decide is
+/// refused at run time instead.
+fn reserved_output(template: &str, plugin: &str, config: &Config) -> Option<String> {
+    let t = template.replace("{plugin}", plugin);
+    let levels: Vec<&str> = t.split('/').collect();
+    if levels.last() == Some(&"set") {
+        return Some("ends in /set, which is reserved for write commands".into());
+    }
+    let placeholder = |l: &str| l.contains('{');
+    if levels.len() == 3 && levels[0] == crate::broker::TOPIC_PREFIX {
+        let device = levels[1];
+        if placeholder(device) || config.devices.contains_key(device) {
+            return Some(format!(
+                "could publish as a device's reading (`{}/{{device}}/{{tag}}`); use e.g. `updraft/derived/{{device}}/{{tag}}`",
+                crate::broker::TOPIC_PREFIX
+            ));
+        }
+    }
+    None
 }

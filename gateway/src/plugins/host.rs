@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, warn};
 use wasmtime::component::ResourceTable;
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use crate::point::Registry;
@@ -104,11 +104,84 @@ impl PluginEngine {
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         wit::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(invalid)?;
+        forbid_waiting(&mut linker).map_err(invalid)?;
         let pre = linker.instantiate_pre(&component).map_err(invalid)?;
         let pre = wit::UpdraftPluginPre::new(pre).map_err(invalid)?;
         debug!(path = %path.display(), warm, elapsed = ?started.elapsed(), "Plugin loaded.");
         Ok(LoadedPlugin { engine: self.engine.clone(), pre, warm, load_time: started.elapsed() })
     }
+}
+
+/// Most WASI resources (streams, pollables, …) one instance may hold at once. The default is
+/// millions; a plugin that leaks handles must trap long before it costs the gateway memory.
+pub const MAX_WASI_RESOURCES: usize = 1024;
+/// Most elements of one table (function references); compilers emit a few hundred at most.
+pub const MAX_TABLE_ELEMENTS: usize = 20_000;
+
+fn wasi_table() -> ResourceTable {
+    let mut t = ResourceTable::new();
+    t.set_max_capacity(MAX_WASI_RESOURCES);
+    t
+}
+
+/// The store's resource limits: one budget for all linear memories together (a component may hold
+/// several, each of which wasmtime's `StoreLimits` would cap separately), bounded tables, and a
+/// few instances. A refused growth traps, so the runner sees and counts it.
+struct Limits {
+    memory_total: usize,
+    memory_used: usize,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let used = self.memory_used.saturating_add(desired.saturating_sub(current));
+        if used > self.memory_total {
+            return Err(wasmtime::Error::msg(format!(
+                "plugin memory limit of {} reached (all memories together)",
+                bytesize::ByteSize(self.memory_total as u64).display().iec()
+            )));
+        }
+        self.memory_used = used;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::msg(format!("plugin table limit of {MAX_TABLE_ELEMENTS} elements reached")));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        8
+    }
+    fn tables(&self) -> usize {
+        16
+    }
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
+/// Replaces WASI's blocking waits with traps. A guest that sleeps (`std::thread::sleep` is a
+/// monotonic-clock pollable and `poll`) would block the host thread in a host call, where epoch
+/// interruption cannot reach it: a one-hour sleep would stall the plugin for an hour. A plugin has
+/// nothing to wait for (no I/O, a frozen clock), so any wait is a bug and is stopped at once; timed
+/// work belongs in `on-tick`.
+fn forbid_waiting(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use wasmtime::component::Resource;
+    use wasmtime_wasi::p2::DynPollable;
+    const WHY: &str = "plugins may not sleep or wait (wasi:io/poll); use on-tick for timed work";
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance("wasi:io/poll@0.2.12")?;
+    poll.func_wrap("poll", |_, (_,): (Vec<Resource<DynPollable>>,)| -> wasmtime::Result<(Vec<u32>,)> {
+        Err(wasmtime::Error::msg(WHY))
+    })?;
+    poll.func_wrap("[method]pollable.block", |_, (_,): (Resource<DynPollable>,)| -> wasmtime::Result<()> {
+        Err(wasmtime::Error::msg(WHY))
+    })?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// Feeds the hash of the engine's compatibility data into SHA-256.
@@ -161,6 +234,23 @@ fn start_ticker(engine: &Engine) {
     });
 }
 
+/// The tags a plugin may look up by id: those its subscription delivers to it, and no others (the
+/// names of every device in the park are not every plugin's business).
+#[derive(Debug, Clone)]
+pub struct TagView {
+    pub registry: Arc<Registry>,
+    /// `device/tag` filters, as in the plugin's `subscribe`.
+    pub subscribe: Arc<[String]>,
+}
+
+impl TagView {
+    fn get(&self, id: u32) -> Option<Arc<crate::point::TagKey>> {
+        let key = self.registry.by_id(id)?;
+        let visible = !key.derived && self.subscribe.iter().any(|f| super::runner::filter_matches(f, &key));
+        visible.then_some(key)
+    }
+}
+
 /// A compiled, linked plugin from which instances are made.
 pub struct LoadedPlugin {
     engine: Engine,
@@ -172,9 +262,9 @@ pub struct LoadedPlugin {
 
 /// What an instance's imports can see.
 pub struct HostState {
-    limits: StoreLimits,
+    limits: Limits,
     plugin: Arc<str>,
-    registry: Arc<Registry>,
+    tags: TagView,
     /// Lines logged during the current call, to enforce the per-call budget.
     log_lines: u32,
     /// Messages logged at error level during the current call (the panic message lands here).
@@ -220,7 +310,7 @@ impl wit_types::Host for HostState {}
 
 impl wit_tags::Host for HostState {
     fn describe(&mut self, id: u32) -> Option<wit_tags::TagInfo> {
-        let key = self.registry.by_id(id)?;
+        let key = self.tags.get(id)?;
         Some(wit_tags::TagInfo { id, device: key.device.to_string(), tag: key.tag.to_string(), unit: None })
     }
 }
@@ -279,15 +369,9 @@ impl LoadedPlugin {
         config_json: &str,
         memory: u64,
         call_timeout: Duration,
-        registry: Arc<Registry>,
+        tags: TagView,
     ) -> Result<PluginInstance, CallFailure> {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(memory as usize)
-            .instances(8)
-            .tables(16)
-            .memories(4)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = Limits { memory_total: memory as usize, memory_used: 0 };
         let clock = Arc::new(AtomicU64::new(now_nanos()));
         // Deny-all: the builder's defaults grant no directories, environment, arguments or
         // network; only the clocks are replaced.
@@ -298,11 +382,11 @@ impl LoadedPlugin {
         let state = HostState {
             limits,
             plugin: Arc::from(plugin),
-            registry,
+            tags,
             log_lines: 0,
             last_error: None,
             wasi,
-            table: ResourceTable::new(),
+            table: wasi_table(),
             clock,
         };
         let mut store = Store::new(&self.engine, state);
@@ -380,6 +464,8 @@ fn classify(e: &wasmtime::Error, logged: Option<String>) -> CallFailure {
         {
             "memory"
         }
+        None if text.contains("table limit") || text.contains("resource table has no free keys") => "resources",
+        None if text.contains("may not sleep or wait") => "wait",
         None if text.contains("unknown import") || text.contains("wasi:") => "forbidden-import",
         None => "error",
     };

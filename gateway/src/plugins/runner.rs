@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::host::{
-    Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, Message, PluginInstance, WitQuality, WitValue,
+    Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, Message, PluginInstance, TagView, WitQuality, WitValue,
 };
 use crate::config::PluginConfig;
 use crate::hub::{batch, BusSender};
@@ -48,6 +48,12 @@ impl PluginStats {
 
 /// Most emits accepted from one call; a runaway plugin cannot flood the bus.
 const MAX_EMITS_PER_CALL: usize = 10_000;
+/// Most distinct output topics one plugin may create: each costs a tag key, a current-value slot
+/// and a retained message for the life of the process, so a plugin that makes up a new tag name
+/// for every point must not grow the gateway without bound.
+pub const MAX_KEYS_PER_PLUGIN: usize = 10_000;
+/// Longest device, tag or subject name a plugin may emit, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
 
 struct Runner {
     name: Arc<str>,
@@ -66,6 +72,8 @@ struct Runner {
     matches: Vec<Option<bool>>,
     pending: Vec<DataPoint>,
     pending_since: Option<Instant>,
+    /// Output topics this plugin created in the registry.
+    created: usize,
 }
 
 /// Starts the plugin's thread. It ends after `input` closes and the last batch is flushed.
@@ -96,6 +104,7 @@ pub fn spawn(
         matches: Vec::new(),
         pending: Vec::new(),
         pending_since: None,
+        created: 0,
     };
     std::thread::Builder::new().name(format!("plugin-{name}")).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
@@ -196,7 +205,7 @@ impl Runner {
             &self.config_json,
             lim.memory.0,
             lim.call_timeout.0,
-            self.registry.clone(),
+            TagView { registry: self.registry.clone(), subscribe: self.cfg.subscribe.clone().into() },
         ) {
             Ok(i) => {
                 if self.failures > 0 {
@@ -287,12 +296,13 @@ impl Runner {
         let total = emitted.len() + messages.len();
         let mut points = Vec::with_capacity(total.min(MAX_EMITS_PER_CALL));
         let mut rejected = 0usize;
-        let converted = emitted
-            .into_iter()
-            .map(|e| self.to_point(e))
-            .chain(messages.into_iter().map(|m| self.message_to_point(m)))
-            .take(MAX_EMITS_PER_CALL)
-            .collect::<Vec<_>>();
+        let mut converted = Vec::with_capacity(total.min(MAX_EMITS_PER_CALL));
+        for e in emitted.into_iter().take(MAX_EMITS_PER_CALL) {
+            converted.push(self.emit_to_point(e));
+        }
+        for m in messages.into_iter().take(MAX_EMITS_PER_CALL - converted.len()) {
+            converted.push(self.message_to_point(m));
+        }
         for r in converted {
             match r {
                 Ok(p) => points.push(p),
@@ -319,36 +329,68 @@ impl Runner {
         }
     }
 
-    fn message_to_point(&self, m: Message) -> Result<Point, String> {
+    fn message_to_point(&mut self, m: Message) -> Result<Point, String> {
         let output = if m.output.is_empty() { "default" } else { m.output.as_str() };
         let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
-        if m.subject.contains(['+', '#', '/']) {
-            return Err(format!("subject `{}` must not contain '/', '+' or '#'", m.subject));
+        if !m.subject.is_empty() {
+            name_ok("subject", &m.subject)?;
         }
         let topic = template
             .replace("{subject}", &m.subject)
             .replace("{device}", &m.subject)
             .replace("{tag}", "")
             .replace("{plugin}", &self.name);
-        let key = self.registry.intern_at(&m.subject, "", &topic, true);
+        let key = self.key(&m.subject, "", &topic)?;
         Ok(Point::message(key, bytes::Bytes::from(m.payload), now_ms()))
     }
 
-    fn to_point(&self, e: Emit) -> Result<Point, String> {
+    fn emit_to_point(&mut self, e: Emit) -> Result<Point, String> {
         let output = if e.output.is_empty() { "default" } else { e.output.as_str() };
         let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
-        for (what, s) in [("device", &e.device), ("tag", &e.tag)] {
-            if s.is_empty() || s.contains(['+', '#', '/']) {
-                return Err(format!("{what} `{s}` must be non-empty without '/', '+' or '#'"));
-            }
-        }
+        name_ok("device", &e.device)?;
+        name_ok("tag", &e.tag)?;
         let topic = template.replace("{device}", &e.device).replace("{tag}", &e.tag).replace("{plugin}", &self.name);
-        let key = self.registry.intern_at(&e.device, &e.tag, &topic, true);
+        let key = self.key(&e.device, &e.tag, &topic)?;
         Ok(match (e.value, e.quality) {
             (Some(v), WitQuality::Good) => Point::good(key, from_wit(v), e.ts),
             _ => Point::bad(key, Arc::from("bad quality from plugin"), e.ts),
         })
     }
+
+    /// The key of an output topic. A plugin may not publish where a device's readings, a local
+    /// client's messages or write commands go, nor create more than `MAX_KEYS_PER_PLUGIN` topics.
+    fn key(&mut self, device: &str, tag: &str, topic: &str) -> Result<Arc<TagKey>, String> {
+        if topic.rsplit('/').next() == Some("set") {
+            return Err(format!("topic `{topic}` ends in /set, which is reserved for write commands"));
+        }
+        match self.registry.get_topic(topic) {
+            Some(k) if k.derived && !k.external => Ok(k),
+            Some(_) => Err(format!("topic `{topic}` belongs to a device or a local MQTT client")),
+            None if self.created >= MAX_KEYS_PER_PLUGIN => {
+                Err(format!("the plugin already created {MAX_KEYS_PER_PLUGIN} distinct output topics"))
+            }
+            None => {
+                self.created += 1;
+                let k = self.registry.intern_at(device, tag, topic, true);
+                // Another producer may have taken the topic in between.
+                if !k.derived || k.external {
+                    return Err(format!("topic `{topic}` belongs to a device or a local MQTT client"));
+                }
+                Ok(k)
+            }
+        }
+    }
+}
+
+/// A device, tag or subject name from a plugin: a single topic level of bounded length.
+fn name_ok(what: &str, s: &str) -> Result<(), String> {
+    if s.is_empty() || s.contains(['+', '#', '/']) || s.chars().any(char::is_control) {
+        return Err(format!("{what} `{s}` must be non-empty without '/', '+', '#' or control characters"));
+    }
+    if s.len() > MAX_NAME_BYTES {
+        return Err(format!("{what} is {} bytes long; at most {MAX_NAME_BYTES}", s.len()));
+    }
+    Ok(())
 }
 
 /// Restart delay after `n` consecutive traps: 100 ms doubling, capped at 5 minutes.

@@ -134,23 +134,56 @@ pub fn encode(ty: DataType, order: ByteOrder, value: Value) -> Result<Vec<u16>, 
         DataType::I32 => {
             (int_in_range(value, ty, f64::from(i32::MIN), f64::from(i32::MAX))? as i32).to_be_bytes().to_vec()
         }
-        DataType::F32 => (value.as_f64() as f32).to_be_bytes().to_vec(),
+        DataType::F32 => {
+            let v = finite(value)?;
+            // Past f32's range the cast would send infinity to the device.
+            if v.abs() > f64::from(f32::MAX) {
+                return Err(EncodeError::OutOfRange { value: v, ty });
+            }
+            (v as f32).to_be_bytes().to_vec()
+        }
+        // 2^64 and 2^63 are exact in f64; the upper bounds are exclusive because `as` would
+        // saturate a value at them to the type's maximum instead of refusing it.
         DataType::U64 => match value {
             Value::UInt(u) => u.to_be_bytes().to_vec(),
             Value::Int(i) if i >= 0 => (i as u64).to_be_bytes().to_vec(),
-            other => (int_in_range(other, ty, 0.0, u64::MAX as f64)? as u64).to_be_bytes().to_vec(),
+            Value::Int(_) => return Err(EncodeError::OutOfRange { value: value.as_f64(), ty }),
+            other => {
+                let v = finite(other)?.round();
+                if !(0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                    return Err(EncodeError::OutOfRange { value: v, ty });
+                }
+                (v as u64).to_be_bytes().to_vec()
+            }
         },
         DataType::I64 => match value {
             Value::Int(i) => i.to_be_bytes().to_vec(),
-            Value::UInt(u) if u <= i64::MAX as u64 => (u as i64).to_be_bytes().to_vec(),
-            other => (int_in_range(other, ty, i64::MIN as f64, i64::MAX as f64)? as i64).to_be_bytes().to_vec(),
+            Value::UInt(u) => {
+                i64::try_from(u).map_err(|_| EncodeError::OutOfRange { value: u as f64, ty })?.to_be_bytes().to_vec()
+            }
+            other => {
+                let v = finite(other)?.round();
+                if !(-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&v) {
+                    return Err(EncodeError::OutOfRange { value: v, ty });
+                }
+                (v as i64).to_be_bytes().to_vec()
+            }
         },
-        DataType::F64 => value.as_f64().to_be_bytes().to_vec(),
+        DataType::F64 => finite(value)?.to_be_bytes().to_vec(),
     };
     if bytes.len() > 2 {
         order.transform(&mut bytes);
     }
     Ok(bytes.chunks_exact(2).map(|w| u16::from_be_bytes([w[0], w[1]])).collect())
+}
+
+fn finite(value: Value) -> Result<f64, EncodeError> {
+    let v = value.as_f64();
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(EncodeError::NotANumber)
+    }
 }
 
 fn int_in_range(value: Value, ty: DataType, min: f64, max: f64) -> Result<f64, EncodeError> {
@@ -320,5 +353,30 @@ mod tests {
                 assert_eq!(decode(ty, order, &regs), Some(v), "{ty:?} {order:?}");
             }
         }
+    }
+
+    #[test]
+    fn writes_keep_every_bit_and_refuse_what_does_not_fit() {
+        use ByteOrder::ABCD as Abcd;
+        let words = |v: u64| vec![(v >> 48) as u16, (v >> 32) as u16, (v >> 16) as u16, v as u16];
+        assert_eq!(encode(DataType::U64, Abcd, Value::UInt(u64::MAX)).unwrap(), words(u64::MAX));
+        assert_eq!(
+            encode(DataType::U64, Abcd, Value::UInt(9_007_199_254_740_993)).unwrap(),
+            words(9_007_199_254_740_993)
+        );
+        assert_eq!(encode(DataType::I64, Abcd, Value::Int(i64::MIN)).unwrap(), words(i64::MIN as u64));
+        assert_eq!(encode(DataType::I64, Abcd, Value::Int(-3)).unwrap(), words(-3i64 as u64));
+        // At the type's maximum a float would have saturated: refused instead.
+        assert!(encode(DataType::U64, Abcd, Value::Float(18_446_744_073_709_551_616.0)).is_err());
+        assert!(encode(DataType::I64, Abcd, Value::Float(9_223_372_036_854_775_808.0)).is_err());
+        assert!(encode(DataType::I64, Abcd, Value::UInt(1 << 63)).is_err());
+        assert!(encode(DataType::U64, Abcd, Value::Int(-1)).is_err());
+        // No infinity or NaN reaches a device.
+        assert!(encode(DataType::F32, Abcd, Value::Float(1e39)).is_err());
+        assert!(encode(DataType::F32, Abcd, Value::Float(f64::INFINITY)).is_err());
+        assert!(encode(DataType::F64, Abcd, Value::Float(f64::NAN)).is_err());
+        assert_eq!(encode(DataType::F32, Abcd, Value::Float(1.5)).unwrap(), vec![0x3FC0, 0]);
+        assert!(encode(DataType::U16, Abcd, Value::Float(65536.0)).is_err());
+        assert!(encode(DataType::I16, Abcd, Value::Int(-32769)).is_err());
     }
 }

@@ -23,7 +23,7 @@ use crate::config::{Access, ModbusTcpDevice};
 use crate::drivers::{WriteCommand, WriteRx};
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;
-use crate::point::{now_ms, Point, Registry, TagKey};
+use crate::point::{now_ms, Point, Registry, TagKey, Value};
 
 /// A tag ready for decoding.
 #[derive(Debug, Clone)]
@@ -134,7 +134,7 @@ impl ModbusTcpDriver {
                 _ = cancel.cancelled() => break,
                 t = ticker.tick() => t,
                 Some(cmd) = recv_command(&mut commands) => {
-                    let result = self.write(&mut ctx, &cmd).await;
+                    let result = self.write(&mut ctx, &cmd, &mut failures, &mut next_connect).await;
                     if let Err(e) = &result {
                         warn!(tag = %cmd.tag, error = %e, "Write refused or failed.");
                     } else {
@@ -194,8 +194,16 @@ impl ModbusTcpDriver {
     }
 
     /// Writes one tag. Refuses tags that are not `access = "rw"` and values that do not fit the
-    /// tag's type; connects first if the link is down.
-    async fn write(&self, ctx: &mut Option<Context>, cmd: &WriteCommand) -> Result<(), String> {
+    /// tag's type. While the link is down and in backoff the write is refused at once, and a write
+    /// whose link fails backs off like a poll: a burst of writes to an unreachable device costs one
+    /// timeout, not one per write, so it cannot starve polling.
+    async fn write(
+        &self,
+        ctx: &mut Option<Context>,
+        cmd: &WriteCommand,
+        failures: &mut u32,
+        next_connect: &mut Instant,
+    ) -> Result<(), String> {
         let tag = self
             .tags
             .iter()
@@ -204,27 +212,35 @@ impl ModbusTcpDriver {
         if tag.access != Access::Rw {
             return Err(format!("tag `{}` is read-only (set access = \"rw\" in its config to allow writes)", cmd.tag));
         }
-        let number = match &cmd.value {
-            serde_json::Value::Bool(b) => f64::from(u8::from(*b)),
-            serde_json::Value::Number(n) => n.as_f64().ok_or("value is not a number")?,
-            other => return Err(format!("value must be a number or a boolean, not {other}")),
-        };
         // Encode before touching the link, so a value that does not fit is refused cleanly.
-        let words = match tag.area {
-            Area::Holding => {
-                let raw = codec::unapply_scale(number, tag.scale, tag.offset);
-                codec::encode(tag.ty, tag.order, crate::point::Value::Float(raw)).map_err(|e| e.to_string())?
-            }
-            Area::Coil => Vec::new(),
+        let (words, coil) = match tag.area {
+            Area::Holding => (encode_write(tag, &cmd.value)?, false),
+            Area::Coil => (Vec::new(), coil_value(&cmd.value)?),
             Area::Input | Area::Discrete => return Err("input registers and discrete inputs cannot be written".into()),
         };
         if ctx.is_none() {
-            *ctx = Some(self.connect().await.map_err(|e| format!("device unreachable: {e}"))?);
+            let now = Instant::now();
+            if now < *next_connect {
+                let wait = next_connect.duration_since(now);
+                return Err(format!("device unreachable; reconnecting in {:.1}s, not written", wait.as_secs_f64()));
+            }
+            match self.connect().await {
+                Ok(c) => {
+                    self.stats.connects.inc();
+                    *ctx = Some(c);
+                }
+                Err(e) => {
+                    self.stats.connect_failures.inc();
+                    *failures += 1;
+                    *next_connect = Instant::now() + backoff(*failures);
+                    return Err(format!("device unreachable: {e}"));
+                }
+            }
         }
         let Some(c) = ctx.as_mut() else { return Err("device unreachable".into()) };
         let fut = async {
             match tag.area {
-                Area::Coil => c.write_single_coil(tag.address, number != 0.0).await,
+                Area::Coil => c.write_single_coil(tag.address, coil).await,
                 Area::Holding => {
                     if words.len() == 1 {
                         c.write_single_register(tag.address, words[0]).await
@@ -235,15 +251,20 @@ impl ModbusTcpDriver {
                 Area::Input | Area::Discrete => Ok(Err(ExceptionCode::IllegalFunction)),
             }
         };
+        let link_failed = |ctx: &mut Option<Context>, failures: &mut u32, next_connect: &mut Instant| {
+            *ctx = None;
+            *failures += 1;
+            *next_connect = Instant::now() + backoff(*failures);
+        };
         match time::timeout(self.timeout, fut).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(exc))) => Err(exception_text(exc)),
             Ok(Err(e)) => {
-                *ctx = None;
+                link_failed(ctx, failures, next_connect);
                 Err(format!("link failed: {e}"))
             }
             Err(_) => {
-                *ctx = None;
+                link_failed(ctx, failures, next_connect);
                 Err(format!("timeout after {:?}", self.timeout))
             }
         }
@@ -383,6 +404,37 @@ impl ModbusTcpDriver {
         for &i in &req.tags {
             out.push(Point::bad(self.tags[i].key.clone(), error.clone(), ts));
         }
+    }
+}
+
+/// The register words of a write: integers of integer tags without scale or offset are written
+/// exactly (a u64 or i64 keeps every bit, no trip through f64); anything else goes through the
+/// inverse scale as a float, range-checked by the codec.
+fn encode_write(tag: &Tag, value: &serde_json::Value) -> Result<Vec<u16>, String> {
+    let n = match value {
+        serde_json::Value::Number(n) => n,
+        serde_json::Value::Bool(b) => &serde_json::Number::from(u8::from(*b)),
+        other => return Err(format!("value must be a number or a boolean, not {other}")),
+    };
+    let exact = tag.scale.is_none() && tag.offset.is_none() && !matches!(tag.ty, DataType::F32 | DataType::F64);
+    let value = match (exact, n.as_i64(), n.as_u64()) {
+        (true, Some(i), _) => Value::Int(i),
+        (true, None, Some(u)) => Value::UInt(u),
+        _ => {
+            let f = n.as_f64().ok_or("value is not a number")?;
+            Value::Float(codec::unapply_scale(f, tag.scale, tag.offset))
+        }
+    };
+    codec::encode(tag.ty, tag.order, value).map_err(|e| e.to_string())
+}
+
+/// A coil takes `true`/`false` or `1`/`0`, nothing else.
+fn coil_value(value: &serde_json::Value) -> Result<bool, String> {
+    match value {
+        serde_json::Value::Bool(b) => Ok(*b),
+        serde_json::Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
+        serde_json::Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
+        other => Err(format!("a coil takes true, false, 1 or 0, not {other}")),
     }
 }
 

@@ -1,7 +1,10 @@
 //! Test fixture, not an example: misbehaves on command so the gateway's sandbox can be tested.
 //! Each point's value selects the behaviour: 1 loops forever, 2 allocates until memory runs out,
 //! 3 panics, 4 tries to read a file and 5 to open a socket (and reports whether it could: 1 yes,
-//! 0 no, on tag `escape`); any other value is passed through unchanged.
+//! 0 no, on tag `escape`), 6 sleeps for an hour, 7 emits 5,000 new tag names (more each call),
+//! 8 emits on a tag named `set`, 9 emits a tag name of 200 bytes, 10 reports on tag `visible` how
+//! many of the tag ids 0..1000 `tags.describe` answers for, 11 leaks WASI resources until the host
+//! refuses; any other value is passed through unchanged.
 
 use serde::Deserialize;
 use updraft_plugin_sdk::{export, Emitter, Error, Plugin, Point, Timestamp, Value};
@@ -15,13 +18,15 @@ struct Config {
 
 struct Misbehave {
     connect_to: String,
+    /// Tag names made up so far (mode 7).
+    made_up: u64,
 }
 
 impl Plugin for Misbehave {
     type Config = Config;
 
     fn init(cfg: Config) -> Result<Self, Error> {
-        Ok(Misbehave { connect_to: cfg.connect_to })
+        Ok(Misbehave { connect_to: cfg.connect_to, made_up: 0 })
     }
 
     fn on_batch(&mut self, points: &[Point], _now: Timestamp, out: &mut Emitter) -> Result<(), Error> {
@@ -49,6 +54,24 @@ impl Plugin for Misbehave {
                     let escaped = std::net::TcpStream::connect(self.connect_to.as_str()).is_ok();
                     out.point(p.device(), "escape", Value::Int(i64::from(escaped)), p.ts);
                 }
+                Some(6) => std::thread::sleep(std::time::Duration::from_secs(3600)),
+                Some(7) => {
+                    for _ in 0..5_000 {
+                        self.made_up += 1;
+                        out.point(p.device(), &format!("t{}", self.made_up), Value::Int(1), p.ts);
+                    }
+                }
+                Some(8) => out.point(p.device(), "set", Value::Int(1), p.ts),
+                Some(9) => out.point(p.device(), &"x".repeat(200), Value::Int(1), p.ts),
+                Some(10) => {
+                    let visible = (0..1000)
+                        .filter(|id| updraft_plugin_sdk::bindings::updraft::plugin::tags::describe(*id).is_some())
+                        .count();
+                    out.point(p.device(), "visible", Value::Int(visible as i64), p.ts);
+                }
+                Some(11) => loop {
+                    std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(1));
+                },
                 _ => out.forward(p),
             }
         }
