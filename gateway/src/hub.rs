@@ -69,15 +69,20 @@ struct Consumer {
 
 impl Consumer {
     fn offer(&self, batch: &Batch) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(batch.clone()) {
-            self.dropped.inc();
-            self.dropped_points.add(batch.len() as u64);
-            // Log the first drop and then every thousandth, so a stuck consumer is visible without
-            // flooding the journal.
-            let n = self.dropped.get();
-            if n == 1 || n % 1000 == 0 {
-                warn!(consumer = %self.name, dropped_batches = n, "Consumer queue full; batch dropped.");
-            }
+        let why = match self.tx.try_send(batch.clone()) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => "Consumer queue full; batch dropped.",
+            // A consumer that stopped (a plugin or sink thread that died) loses every batch from
+            // then on: counted like a full queue, so the loss shows on /metrics.
+            Err(mpsc::error::TrySendError::Closed(_)) => "Consumer has stopped; batch dropped.",
+        };
+        self.dropped.inc();
+        self.dropped_points.add(batch.len() as u64);
+        // Log the first drop and then every thousandth, so a stuck consumer is visible without
+        // flooding the journal.
+        let n = self.dropped.get();
+        if n == 1 || n % 1000 == 0 {
+            warn!(consumer = %self.name, dropped_batches = n, "{why}");
         }
     }
 }
@@ -194,4 +199,28 @@ impl Hub {
 /// Helper for drivers: build a batch from points.
 pub fn batch(points: Vec<Point>) -> Batch {
     Arc::from(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::point::{Point, Value};
+
+    #[tokio::test]
+    async fn batches_for_a_stopped_consumer_are_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let mut hub = Hub::new(metrics.clone());
+        let key = hub.registry().intern("d", "t");
+        let rx = hub.subscribe("gone", Stage::Terminal);
+        drop(rx);
+        let tx = hub.sender();
+        let run = tokio::spawn(hub.run());
+        for i in 0..3 {
+            tx.send(batch(vec![Point::good(key.clone(), Value::Int(i), i)])).await.unwrap();
+        }
+        drop(tx);
+        run.await.unwrap();
+        let (batches, points) = metrics.dropped("gone");
+        assert_eq!((batches.get(), points.get()), (3, 3));
+    }
 }

@@ -47,6 +47,9 @@ pub struct Shared {
     pub opts: NorthBuffer,
     /// Points pending when the store was opened (weighed in the background after start-up).
     pending_at_open: AtomicU64,
+    /// The store's accounting position (`Store::counted`): the reader counts a record as delivered
+    /// only if it moves this past it, so a record dropped at the cap in flight is counted once.
+    pub counted_to: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -75,7 +78,9 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
     stats.buffer_bytes.set(store.pending_bytes() as i64);
     let acked = store.acked();
     let (pending_segments, pending_bytes) = (store.pending_segments(), store.pending_bytes());
+    let counted_to = store.counted();
     let shared = Arc::new(Shared {
+        counted_to,
         name: name.to_owned(),
         store: Mutex::new(store),
         dict: dict.entries(),
@@ -271,13 +276,19 @@ impl Writer {
     }
 
     /// Drops the oldest segment on disk and writes held records into the space; true if any were.
+    /// The tag dictionary goes first: a record whose new tag ids are not on disk could not be
+    /// decoded after a restart.
     fn make_room(&mut self) -> bool {
-        let mut store = self.shared.store();
-        match store.drop_oldest() {
+        match self.shared.store().drop_oldest() {
             Ok(true) => {}
             _ => return false,
         }
         warn!(sink = %self.shared.name, "Disk and memory hold full: dropped the oldest buffered points to keep the newest (on_full = \"drop-oldest\").");
+        if let Err(e) = self.dict.persist() {
+            self.disk_failed(&e);
+            return false;
+        }
+        let mut store = self.shared.store();
         let mut wrote = false;
         while let Some((r, _)) = self.held.front() {
             if store.append(r).is_err() {
@@ -330,7 +341,7 @@ impl Writer {
             }
         }
         let target = self.shared.ack_to.load(Ordering::Acquire);
-        if target > store.acked() {
+        if target > store.acked() || store.ack_pending() {
             match store.ack(target) {
                 Ok(()) => self.ack_failing = false,
                 // Not fatal: the acknowledgement is retried next tick, and a restart meanwhile only
@@ -427,5 +438,87 @@ mod tests {
         assert_eq!(kept.first(), Some(&0), "the oldest survive");
         assert_eq!(kept.len() as u64 * 100, stats.accepted.get());
         assert!(shared.store().pending_bytes() <= 256 << 10);
+    }
+
+    /// A small tmpfs, unmounted on drop; `None` where mounting is not allowed (not root).
+    struct Tmpfs(std::path::PathBuf);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let at = crate::sinks::scratch_dir("tmpfs");
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&at)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(Tmpfs(at))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+
+    /// A full disk while new tags show up: once memory is full too, the oldest segment makes room
+    /// for the held records, and the dictionary entries they use must reach the disk before them.
+    #[test]
+    fn after_making_room_on_a_full_disk_new_tags_still_decode() {
+        // Segments (64 KiB) as large as the memory hold: the space one dropped segment frees is
+        // filled again by the held records, so nothing written later persists the dictionary.
+        let Some(fs) = Tmpfs::mount("448k") else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return;
+        };
+        let dir = fs.0.join("north");
+        let stats = Arc::new(SinkStats::default());
+        let opts = NorthBuffer {
+            max_bytes: Bytes(512 << 10),
+            memory_bytes: Bytes(64 << 10),
+            flush_interval: crate::config::Dur::from_millis(10),
+            ..NorthBuffer::default()
+        };
+        let (shared, dict) = open("t", &dir, &opts, stats.clone()).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let thread = spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), dict).unwrap();
+        let r = Registry::default();
+        let old: Vec<_> = (0..50).map(|i| r.intern("old", &format!("t{i}"))).collect();
+        // Fill the file system with the old tags' records until the disk refuses them.
+        let mut b = 0i64;
+        while stats.disk_ok.get() != 0 || b < 10 {
+            let points = old.iter().map(|k| Point::good(k.clone(), Value::Float(b as f64 + 0.5), b)).collect();
+            tx.blocking_send(crate::hub::batch(points)).unwrap();
+            b += 1;
+            assert!(b < 1_000_000, "the disk never filled");
+        }
+        // New tags now: their dictionary entries cannot be written, their records are held; past
+        // the memory hold, the oldest segment goes and the held records take its place.
+        // Long names, so their dictionary lines need fresh pages rather than the slack of the last one.
+        let new: Vec<_> = (0..50).map(|i| r.intern("new", &format!("n{i}-{}", "x".repeat(200)))).collect();
+        for b in 0..400i64 {
+            let points = new.iter().map(|k| Point::good(k.clone(), Value::Float(b as f64 + 0.25), b)).collect();
+            tx.blocking_send(crate::hub::batch(points)).unwrap();
+        }
+        drop(tx);
+        thread.join().unwrap();
+        assert!(stats.dropped_full.get() > 0, "room was made by dropping the oldest segment");
+        // A restart: every record on disk must decode to names.
+        drop(shared);
+        let (store, _) =
+            Store::open(&dir, StoreOptions { segment_bytes: 64 << 10, max_bytes: 512 << 10, weigh: codec::count })
+                .unwrap();
+        let names = Dict::open(&dir).unwrap().entries();
+        let names = names.read().unwrap();
+        let records = store.read_from(store.acked(), usize::MAX).unwrap();
+        let mut new_points = 0;
+        for (_, rec) in &records {
+            for p in codec::decode(rec).unwrap() {
+                let e = names.get(p.id as usize).unwrap_or_else(|| panic!("tag id {} has no name on disk", p.id));
+                new_points += usize::from(&*e.device == "new");
+            }
+        }
+        assert!(new_points > 0, "records of the new tags were written in the freed space");
     }
 }

@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 const HEADER: u64 = 8;
 /// Bytes a record takes on disk besides its payload (length and checksum).
@@ -54,19 +56,51 @@ pub struct Store {
     segments: VecDeque<Segment>,
     writer: File,
     acked: u64,
+    /// The acknowledged offset last written to the `ack` file; behind `acked` while that write
+    /// fails (a full disk), and retried by every `ack` call.
+    durable_acked: u64,
     /// Records dropped because the cap was reached, since open, weighed by `StoreOptions::weigh`.
     pub dropped: u64,
+    /// Everything before this offset has been accounted for, as delivered (by the reader) or as
+    /// dropped (here): each record is counted by whichever side moves this past it first, so a
+    /// record dropped at the cap while in flight is not also counted as delivered.
+    counted_to: Arc<AtomicU64>,
+    /// Records that failed their checksum inside a sealed segment, weighed, and the offset up to
+    /// which they were counted (a re-read after a rewind must not count them twice).
+    corrupt: AtomicU64,
+    corrupt_seen_to: AtomicU64,
 }
 
 fn seg_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.seg"))
 }
 
+/// Why `scan` stopped before the end of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// The end, or the visitor asked to stop.
+    Done,
+    /// A record whose frame is whole but whose checksum fails: `(its offset, its length)`, so a
+    /// reader can count it and go on after it.
+    BadChecksum(u64, u64, Vec<u8>),
+    /// A header that cannot be a record (zero, oversized, or running past the end).
+    BadHeader,
+}
+
 /// Reads valid records of a segment from `from` (a position inside it); stops at the first
-/// invalid or incomplete record and returns the position where valid data ends.
-fn scan(path: &Path, from: u64, mut visit: impl FnMut(u64, Vec<u8>) -> bool) -> io::Result<u64> {
+/// invalid or incomplete record and returns the position where valid data ends, and why.
+fn scan(path: &Path, from: u64, visit: impl FnMut(u64, Vec<u8>) -> bool) -> io::Result<u64> {
+    scan_until(path, from, u64::MAX, visit).map(|(pos, _)| pos)
+}
+
+fn scan_until(
+    path: &Path,
+    from: u64,
+    limit: u64,
+    mut visit: impl FnMut(u64, Vec<u8>) -> bool,
+) -> io::Result<(u64, Stop)> {
     let mut f = io::BufReader::with_capacity(64 << 10, File::open(path)?);
-    let len = f.get_ref().metadata()?.len();
+    let len = f.get_ref().metadata()?.len().min(limit);
     let mut pos = from;
     f.seek(SeekFrom::Start(pos))?;
     let mut header = [0u8; HEADER as usize];
@@ -76,12 +110,12 @@ fn scan(path: &Path, from: u64, mut visit: impl FnMut(u64, Vec<u8>) -> bool) -> 
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         // An empty record is never written: a zero header is a zero-filled page from a power cut.
         if n == 0 || n as usize > MAX_RECORD || pos + HEADER + n > len {
-            break;
+            return Ok((pos, Stop::BadHeader));
         }
         let mut payload = vec![0u8; n as usize];
         f.read_exact(&mut payload)?;
         if crc32fast::hash(&payload) != crc {
-            break;
+            return Ok((pos, Stop::BadChecksum(pos, HEADER + n, payload)));
         }
         let at = pos;
         pos += HEADER + n;
@@ -89,7 +123,7 @@ fn scan(path: &Path, from: u64, mut visit: impl FnMut(u64, Vec<u8>) -> bool) -> 
             break;
         }
     }
-    Ok(pos)
+    Ok((pos, Stop::Done))
 }
 
 impl Store {
@@ -128,11 +162,25 @@ impl Store {
             let base = acked;
             segments.push_back(Segment { base, len: 0, path: seg_path(dir, base) });
         }
+        // Delivered segments are deleted before the acknowledgement is written (a full disk needs
+        // the space first), so a crash in between leaves an `ack` behind the first segment.
+        let acked = acked.max(segments.front().map_or(0, |s| s.base));
         let tail = segments.back().expect("one segment exists");
         let writer = OpenOptions::new().create(true).append(true).open(&tail.path)?;
         // Only the last segment was read: opening a full buffer must not delay start-up. What is
         // pending is weighed separately (`pending_weight`), off the start-up path.
-        let store = Store { dir: dir.to_owned(), opts, segments, writer, acked, dropped: 0 };
+        let store = Store {
+            dir: dir.to_owned(),
+            opts,
+            segments,
+            writer,
+            acked,
+            durable_acked: acked,
+            dropped: 0,
+            counted_to: Arc::new(AtomicU64::new(acked)),
+            corrupt: AtomicU64::new(0),
+            corrupt_seen_to: AtomicU64::new(acked),
+        };
         Ok((store, report))
     }
 
@@ -166,7 +214,9 @@ impl Store {
         self.writer.sync_data()
     }
 
-    /// Up to `max` records from `offset` on, with their offsets.
+    /// Up to `max` records from `offset` on, with their offsets. A record that fails its checksum
+    /// (the disk corrupted it after it was written) is skipped and counted (`take_corrupt`); if its
+    /// header is unusable too, the rest of its segment is, as one record.
     pub fn read_from(&self, offset: u64, max: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         for s in &self.segments {
@@ -176,16 +226,44 @@ impl Store {
             if s.base + s.len <= offset || s.len == 0 {
                 continue;
             }
+            let mut from = offset.saturating_sub(s.base);
             // Only the part of the segment the store knows of: nothing past its recorded length.
-            scan(&s.path, offset.saturating_sub(s.base), |at, payload| {
-                if at >= s.len {
-                    return false;
+            loop {
+                let (pos, stop) = scan_until(&s.path, from, s.len, |at, payload| {
+                    out.push((s.base + at, payload));
+                    out.len() < max
+                })?;
+                match stop {
+                    Stop::Done => break,
+                    Stop::BadChecksum(at, len, payload) => {
+                        self.count_corrupt(s.base + at, (self.opts.weigh)(&payload).clamp(1, 65_536));
+                        from = at + len;
+                    }
+                    Stop::BadHeader => {
+                        self.count_corrupt(s.base + pos, 1);
+                        break;
+                    }
                 }
-                out.push((s.base + at, payload));
-                out.len() < max
-            })?;
+            }
         }
         Ok(out)
+    }
+
+    fn count_corrupt(&self, at: u64, weight: u64) {
+        if self.corrupt_seen_to.fetch_max(at + 1, Ordering::AcqRel) <= at {
+            self.corrupt.fetch_add(weight, Ordering::AcqRel);
+            tracing::warn!(dir = %self.dir.display(), offset = at, "A buffer record failed its checksum (disk corruption); skipped and counted as corrupt.");
+        }
+    }
+
+    /// Corrupt records found since the last call, weighed.
+    pub fn take_corrupt(&self) -> u64 {
+        self.corrupt.swap(0, Ordering::AcqRel)
+    }
+
+    /// The accounting position shared with the reader (see `counted_to`).
+    pub fn counted(&self) -> Arc<AtomicU64> {
+        self.counted_to.clone()
     }
 
     /// A snapshot of the unacknowledged part: each segment's path, the position to start at in it,
@@ -214,18 +292,27 @@ impl Store {
     }
 
     /// Records everything before `upto` as delivered, durably, and deletes segments that hold
-    /// nothing else.
+    /// nothing else. The segments go first: on a full disk the acknowledgement file needs the
+    /// space they free, and delivered data must never pin the disk. A failed write of the
+    /// acknowledgement is retried by the next call (a restart meanwhile only means resending).
     pub fn ack(&mut self, upto: u64) -> io::Result<()> {
-        if upto <= self.acked {
-            return Ok(());
+        if upto > self.acked {
+            self.acked = upto.min(self.end());
         }
-        self.acked = upto.min(self.end());
-        write_ack(&self.dir, self.acked)?;
         while self.segments.len() > 1 && self.segments[0].base + self.segments[0].len <= self.acked {
-            let s = self.segments.pop_front().expect("checked");
-            fs::remove_file(&s.path)?;
+            fs::remove_file(&self.segments[0].path)?;
+            self.segments.pop_front();
+        }
+        if self.durable_acked < self.acked {
+            write_ack(&self.dir, self.acked)?;
+            self.durable_acked = self.acked;
         }
         Ok(())
+    }
+
+    /// Whether the acknowledged position still has to be written out.
+    pub fn ack_pending(&self) -> bool {
+        self.durable_acked < self.acked
     }
 
     fn tail(&self) -> &Segment {
@@ -265,10 +352,13 @@ impl Store {
 
     fn drop_front(&mut self) -> io::Result<()> {
         let s = self.segments.pop_front().expect("callers keep one segment");
-        let from = self.acked.saturating_sub(s.base);
+        // Claim the segment for the dropped count; records the reader already counted as
+        // delivered (acknowledged meanwhile) are not counted again.
+        let counted = self.counted_to.fetch_max(s.base + s.len, Ordering::AcqRel);
+        let from = self.acked.max(counted).saturating_sub(s.base);
         let mut n = 0u64;
         let weigh = self.opts.weigh;
-        scan(&s.path, from, |_, r| {
+        scan_until(&s.path, from, s.len, |_, r| {
             n += weigh(&r);
             true
         })?;
@@ -276,7 +366,9 @@ impl Store {
         // Delete first: on a full disk the acknowledgement file needs the space this frees.
         fs::remove_file(&s.path)?;
         self.acked = self.acked.max(s.base + s.len);
-        write_ack(&self.dir, self.acked)
+        write_ack(&self.dir, self.acked)?;
+        self.durable_acked = self.acked;
+        Ok(())
     }
 }
 
@@ -436,6 +528,50 @@ mod tests {
         let left = s.read_from(s.acked(), usize::MAX).unwrap();
         assert_eq!(s.dropped + left.len() as u64, 100, "every record is either kept or counted");
         assert_eq!(left.last().unwrap().1, b"point-099", "the newest survive");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn delivered_segments_are_freed_even_when_the_ack_file_cannot_be_written() {
+        let d = dir("ackfail");
+        let (mut s, _) = Store::open(&d, OPTS).unwrap();
+        let offsets: Vec<u64> = (0..20).map(|i| s.append(format!("r{i:02}").as_bytes()).unwrap()).collect();
+        let segments_before = s.segments.len();
+        // The acknowledgement cannot be written (here: its temporary name is taken by a folder,
+        // as a full disk would refuse it).
+        fs::create_dir(d.join("ack.tmp")).unwrap();
+        assert!(s.ack(offsets[15]).is_err());
+        assert!(s.segments.len() < segments_before, "delivered segments were deleted all the same");
+        assert!(s.ack_pending());
+        // Space returns: the next call writes the acknowledgement without new deliveries.
+        fs::remove_dir(d.join("ack.tmp")).unwrap();
+        s.ack(offsets[15]).unwrap();
+        assert!(!s.ack_pending());
+        drop(s);
+        let (s, _) = Store::open(&d, OPTS).unwrap();
+        assert_eq!(s.acked(), offsets[15]);
+        assert_eq!(pending_weight(&s.pending_segments(), one), 5);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_corrupt_record_in_a_sealed_segment_is_counted_and_the_rest_read() {
+        let d = dir("corrupt");
+        let (mut s, _) = Store::open(&d, OPTS).unwrap();
+        let offsets: Vec<u64> = (0..20).map(|i| s.append(format!("record-{i:02}").as_bytes()).unwrap()).collect();
+        s.sync().unwrap();
+        // Flip a byte inside the payload of record 1 (in the first, sealed segment).
+        let seg = s.segments[0].path.clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        let at = (offsets[1] - s.segments[0].base + HEADER + 3) as usize;
+        bytes[at] ^= 0xFF;
+        fs::write(&seg, &bytes).unwrap();
+        let got = s.read_from(0, usize::MAX).unwrap();
+        assert_eq!(got.len(), 19, "only the damaged record is skipped");
+        assert_eq!(got[1].1, b"record-02", "reading goes on after it");
+        assert_eq!(s.take_corrupt(), 1, "and it is counted");
+        s.read_from(0, usize::MAX).unwrap();
+        assert_eq!(s.take_corrupt(), 0, "a second read does not count it again");
         let _ = fs::remove_dir_all(&d);
     }
 
