@@ -183,11 +183,26 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
-            eprintln!("error: {e:#}");
+            let text = chain(&e);
+            error!("{text}");
+            eprintln!("error: {text}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most of our messages already quote their cause
+/// (`cannot read plugin p: No such file`), so a cause already in the text is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {

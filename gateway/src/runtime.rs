@@ -182,7 +182,12 @@ pub fn check_plugins(config: &Config) -> Vec<String> {
     if config.plugins.is_empty() {
         return Vec::new();
     }
-    let dir = std::env::temp_dir().join(format!("updraft-check-{}", std::process::id()));
+    // A private, unpredictable folder (a fixed name under /tmp could be planted by another user).
+    let tmp = match tempfile::Builder::new().prefix("updraft-check-").tempdir() {
+        Ok(t) => t,
+        Err(e) => return vec![format!("cannot create a temporary folder to compile plugins in: {e}")],
+    };
+    let dir = tmp.path().join("cache");
     let engine = match PluginEngine::new(&dir) {
         Ok(e) => e,
         Err(e) => return vec![format!("cannot start the plugin engine: {e:#}")],
@@ -192,7 +197,7 @@ pub fn check_plugins(config: &Config) -> Vec<String> {
         .iter()
         .filter_map(|(name, p)| engine.load(&p.wasm).err().map(|e| format!("plugin `{name}`: {e}")))
         .collect();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
     problems
 }
 

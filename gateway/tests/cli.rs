@@ -169,3 +169,36 @@ fn check_fails_on_a_plugin_that_is_not_a_component() {
         "{stderr}"
     );
 }
+
+/// A missing plugin file is reported once (no repeated cause chain) with how to build it.
+#[test]
+fn a_missing_plugin_is_reported_once_with_how_to_build_it() {
+    let path = temp_file(
+        "noplugin",
+        "[gateway]\nid = \"gw\"\n[broker]\nlisten = \"127.0.0.1:0\"\n[api]\nenabled = false\n[plugins.p]\nwasm = \"missing.wasm\"\nsubscribe = [\"*/*\"]\n",
+    );
+    let out = updraft().arg("run").arg("-c").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(line.matches("No such file").count(), 1, "the cause is said once: {line}");
+    assert!(line.contains("bash configs/demo.sh"), "{line}");
+}
+
+/// `updraft hash-password` prints an Argon2 hash that `check` accepts for a broker user.
+#[test]
+fn hash_password_makes_a_hash_check_accepts() {
+    use std::io::Write as _;
+    let mut child = updraft().arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let path = temp_file(
+        "hashed",
+        &format!("[gateway]\nid = \"gw\"\n[broker]\nlisten = \"0.0.0.0:1883\"\n[broker.users.hmi]\npassword_hash = \"{hash}\"\n"),
+    );
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -331,3 +331,29 @@ limits = {{ call_timeout = "1s" }}
     assert!(!seen.iter().any(|(t, _)| t.ends_with("/set")), "nothing was published on a /set topic");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The compiled-plugin cache holds native code the gateway runs: it is private to the gateway's
+/// user (0700 folder, 0600 files), and an entry that anyone else could have written is refused
+/// and recompiled rather than loaded.
+#[test]
+fn the_plugin_cache_is_private_and_foreign_entries_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = updraft_tests::TempDir::new("cache");
+    let cache = dir.path().join("plugin-cache");
+    let engine = updraft::plugins::host::PluginEngine::new(&cache).unwrap();
+    let wasm = plugin_wasm("noop");
+    assert!(!engine.load(&wasm).unwrap().warm, "first load compiles");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cache), 0o700);
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .unwrap();
+    assert_eq!(mode(&entry), 0o600);
+    assert!(engine.load(&wasm).unwrap().warm, "second load comes from the cache");
+    // An entry others could have written (or replaced) is not trusted.
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(!engine.load(&wasm).unwrap().warm, "a world-writable entry is refused and recompiled");
+    assert_eq!(mode(&entry), 0o600, "and rewritten privately");
+}

@@ -40,8 +40,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginLoadError {
-    #[error("cannot read plugin {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read plugin {path}: {source}{hint}")]
+    Read { path: PathBuf, source: std::io::Error, hint: &'static str },
     #[error("{path} is not a valid Updraft plugin component: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -67,7 +67,14 @@ impl PluginEngine {
     /// else compiles it (tens to hundreds of ms) and writes the cache for the next start.
     pub fn load(&self, path: &Path) -> Result<LoadedPlugin, PluginLoadError> {
         let started = Instant::now();
-        let bytes = std::fs::read(path).map_err(|source| PluginLoadError::Read { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| {
+            let hint = if source.kind() == std::io::ErrorKind::NotFound {
+                "; build it first (the example plugins: `cargo build --release` in plugins/, which `bash configs/demo.sh` runs)"
+            } else {
+                ""
+            };
+            PluginLoadError::Read { path: path.to_owned(), source, hint }
+        })?;
         let mut h = Sha256::new();
         h.update(&bytes);
         // The cache key covers the wasmtime build and settings, so an upgrade recompiles.
@@ -82,8 +89,8 @@ impl PluginEngine {
                 let dir = &self.cache_dir;
                 // Write then rename, so a crash never leaves a half-written file to be loaded.
                 let tmp = cached.with_extension("tmp");
-                let written = std::fs::create_dir_all(dir)
-                    .and_then(|()| std::fs::write(&tmp, &compiled))
+                let written = private_dir(dir)
+                    .and_then(|()| write_private(&tmp, &compiled))
                     .and_then(|()| std::fs::rename(&tmp, &cached));
                 match written {
                     Ok(()) => (
@@ -195,15 +202,66 @@ impl std::hash::Hasher for HashWriter<'_> {
     }
 }
 
+/// Creates the cache folder readable and writable by the gateway's user only (0700), or checks
+/// that an existing one is owned by that user and writable by nobody else: the cache holds native
+/// code that the gateway runs.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    if !m.is_dir() || m.uid() != rustix::process::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} must be a folder owned by the gateway's user and writable by no one else", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes a new file readable and writable by the gateway's user only (0600).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Whether a cache entry is one this gateway wrote: a regular file (not a link) owned by the
+/// gateway's user, in a folder of its own, that nobody else can read or write.
+fn trusted(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let euid = rustix::process::geteuid().as_raw();
+    let m = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !m.is_file() || m.uid() != euid || m.mode() & 0o077 != 0 {
+        return Err(format!("not a private file of this user (mode {:o}, owner {})", m.mode() & 0o7777, m.uid()));
+    }
+    let dir = path.parent().ok_or("no folder")?;
+    let d = std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?;
+    if d.uid() != euid || d.mode() & 0o022 != 0 {
+        return Err(format!("its folder is writable by others (mode {:o}, owner {})", d.mode() & 0o7777, d.uid()));
+    }
+    Ok(())
+}
+
 #[allow(unsafe_code)]
 fn load_cached(engine: &Engine, path: &Path) -> Option<Component> {
     if !path.exists() {
         return None;
     }
+    if let Err(why) = trusted(path) {
+        warn!(path = %path.display(), %why, "Refusing a plugin cache entry this gateway did not write; recompiling.");
+        let _ = std::fs::remove_file(path);
+        return None;
+    }
     // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output. Only files this
-    // gateway wrote into its own data directory are loaded (named by the SHA-256 of the source
-    // and of the engine's compatibility hash, written atomically), and wasmtime still checks the
-    // header and version before using it.
+    // gateway wrote into its own data directory are loaded: named by the SHA-256 of the source and
+    // of the engine's compatibility hash, written atomically, private to the gateway's user (0600
+    // in a 0700 folder, checked just above), and wasmtime still checks the header and version.
     match unsafe { Component::deserialize_file(engine, path) } {
         Ok(c) => Some(c),
         Err(e) => {
