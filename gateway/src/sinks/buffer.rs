@@ -33,6 +33,72 @@ fn segment_bytes(max_bytes: u64) -> u64 {
     (max_bytes / 8).clamp(64 << 10, 8 << 20)
 }
 
+/// The sink's buffer clock: milliseconds that only move forward while the gateway runs, carried
+/// across restarts in the `clock` file. `max_age` is measured on it, from when a record was
+/// buffered: a wall clock that jumps (an industrial PC that boots in 1970 and syncs NTP later, or
+/// one set years ahead) neither expires a backlog at once nor keeps it for ever. It starts at the
+/// wall clock on first use, so records are stamped with times close to their points' (cheap to
+/// encode); the downtime between two runs counts when the wall clock gives a plausible one.
+#[derive(Debug)]
+pub struct Clock {
+    base_ms: i64,
+    started: std::time::Instant,
+}
+
+/// Longest downtime between two runs that is believed; beyond it (or below zero) the wall clock
+/// is taken to have jumped and the downtime counts for nothing, which errs towards keeping data.
+const MAX_DOWNTIME_MS: i64 = 366 * 24 * 3600 * 1000;
+
+impl Clock {
+    fn open(dir: &Path, name: &str) -> Clock {
+        let wall = crate::point::now_ms();
+        let base_ms = match read_clock(dir) {
+            Some((buffer_ms, saved_wall)) => {
+                let down = wall - saved_wall;
+                if (0..=MAX_DOWNTIME_MS).contains(&down) {
+                    buffer_ms + down
+                } else {
+                    warn!(sink = %name, downtime_ms = down, "The wall clock jumped since the last run; the downtime does not count towards max_age.");
+                    buffer_ms
+                }
+            }
+            None => wall,
+        };
+        Clock { base_ms, started: std::time::Instant::now() }
+    }
+
+    /// The buffer clock now.
+    pub fn now_ms(&self) -> i64 {
+        self.base_ms + self.started.elapsed().as_millis() as i64
+    }
+
+    fn save(&self, dir: &Path) -> std::io::Result<()> {
+        write_clock(dir, self.now_ms(), crate::point::now_ms())
+    }
+}
+
+fn read_clock(dir: &Path) -> Option<(i64, i64)> {
+    let b = std::fs::read(dir.join("clock")).ok()?;
+    if b.len() != 20 || crc32fast::hash(&b[..16]) != u32::from_le_bytes(b[16..20].try_into().ok()?) {
+        return None;
+    }
+    Some((i64::from_le_bytes(b[..8].try_into().ok()?), i64::from_le_bytes(b[8..16].try_into().ok()?)))
+}
+
+/// Writes the buffer clock and the wall clock beside it, atomically.
+pub fn write_clock(dir: &Path, buffer_ms: i64, wall_ms: i64) -> std::io::Result<()> {
+    let mut b = buffer_ms.to_le_bytes().to_vec();
+    b.extend_from_slice(&wall_ms.to_le_bytes());
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join("clock.tmp");
+    std::fs::write(&tmp, &b)?;
+    std::fs::rename(&tmp, dir.join("clock"))
+}
+
+/// How often the buffer clock is saved.
+const CLOCK_SAVE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the two halves of a sink share.
 #[derive(Debug)]
 pub struct Shared {
@@ -50,6 +116,9 @@ pub struct Shared {
     /// The store's accounting position (`Store::counted`): the reader counts a record as delivered
     /// only if it moves this past it, so a record dropped at the cap in flight is counted once.
     pub counted_to: Arc<AtomicU64>,
+    /// The buffer clock records are stamped with and aged on.
+    pub clock: Clock,
+    dir: std::path::PathBuf,
 }
 
 impl Shared {
@@ -79,8 +148,11 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
     let acked = store.acked();
     let (pending_segments, pending_bytes) = (store.pending_segments(), store.pending_bytes());
     let counted_to = store.counted();
+    let clock = Clock::open(dir, name);
     let shared = Arc::new(Shared {
         counted_to,
+        clock,
+        dir: dir.to_owned(),
         name: name.to_owned(),
         store: Mutex::new(store),
         dict: dict.entries(),
@@ -135,6 +207,8 @@ pub fn spawn(
                 }
             }
         });
+        // The last save marks when this run stopped, for the next run's downtime.
+        w.clock_saved = None;
         w.flush();
     })
 }
@@ -171,6 +245,7 @@ struct Writer {
     store_dropped_seen: u64,
     rejected_logged: u64,
     ack_failing: bool,
+    clock_saved: Option<std::time::Instant>,
 }
 
 impl Writer {
@@ -186,13 +261,16 @@ impl Writer {
             store_dropped_seen: 0,
             rejected_logged: 0,
             ack_failing: false,
+            // Saved at the first tick, so a short run still leaves its clock behind.
+            clock_saved: None,
         }
     }
 
     fn ingest(&mut self, batch: &Batch) {
         let mut buf = std::mem::take(&mut self.buf);
         let selection = &mut self.selection;
-        let n = codec::encode(&mut self.dict, batch.iter().filter(|p| selection.wants(&p.key)), &mut buf) as u64;
+        let now = self.shared.clock.now_ms();
+        let n = codec::encode(&mut self.dict, batch.iter().filter(|p| selection.wants(&p.key)), now, &mut buf) as u64;
         if n > 0 {
             self.write(&buf, n);
         }
@@ -304,6 +382,11 @@ impl Writer {
 
     /// Writes held records, syncs, applies acknowledgements and refreshes the gauges.
     fn flush(&mut self) {
+        if self.clock_saved.is_none_or(|at| at.elapsed() >= CLOCK_SAVE) {
+            // A failure (full disk) only means the next run counts less downtime.
+            let _ = self.shared.clock.save(&self.shared.dir);
+            self.clock_saved = Some(std::time::Instant::now());
+        }
         if !self.held.is_empty() {
             if let Err(e) = self.dict.persist() {
                 self.disk_failed(&e);

@@ -5,10 +5,15 @@
 //! before any record that uses a new id), so a typical reading costs 6–9 bytes on disk:
 //!
 //! ```text
-//! record = varint count, zigzag base_ts, point*
+//! record = varint count, zigzag base_ts, point*, [zigzag (buffered_at - base_ts)]
 //! point  = varint tag_id, zigzag (ts - previous ts), kind u8, value
 //! kind   = low 4 bits: value type; bits 4-6: decimal exponent; bit 7: bad quality
 //! ```
+//!
+//! `buffered_at` is the sink's buffer clock when the record was appended (see `buffer::Clock`):
+//! what `max_age` measures, so a device clock that is wrong cannot expire a backlog. It is one or
+//! two bytes per record while the clocks agree. Records written before it existed end after the
+//! points and are aged by their points' timestamps.
 //!
 //! A float that is a short decimal (21.7, 0.125) is stored as its integer mantissa and exponent
 //! (`217`, 1) — exactly, checked by converting back — because scaled register values nearly always
@@ -171,8 +176,14 @@ fn as_decimal(f: f64) -> Option<(u8, i64)> {
     })
 }
 
-/// Encodes the points of one batch into `out` (cleared first). Returns how many were encoded.
-pub fn encode<'a>(dict: &mut Dict, points: impl Iterator<Item = &'a Point>, out: &mut Vec<u8>) -> usize {
+/// Encodes the points of one batch into `out` (cleared first), stamped with `buffered_at` (the
+/// buffer clock, Unix-like milliseconds). Returns how many points were encoded.
+pub fn encode<'a>(
+    dict: &mut Dict,
+    points: impl Iterator<Item = &'a Point>,
+    buffered_at: i64,
+    out: &mut Vec<u8>,
+) -> usize {
     out.clear();
     let mut body = Vec::with_capacity(256);
     let mut count = 0u64;
@@ -226,6 +237,7 @@ pub fn encode<'a>(dict: &mut Dict, points: impl Iterator<Item = &'a Point>, out:
     put_varint(out, count);
     put_varint(out, zigzag(base.unwrap_or(0)));
     out.extend_from_slice(&body);
+    put_varint(out, zigzag(buffered_at.wrapping_sub(base.unwrap_or(0))));
     count as usize
 }
 
@@ -280,12 +292,19 @@ pub fn count(record: &[u8]) -> u64 {
     Reader { b: record }.varint().unwrap_or(0)
 }
 
-/// Decodes a record. `None` means the record is malformed (a checksum-valid record written by
-/// another version); the caller counts it and skips it.
+/// Decodes a record's points. `None` means the record is malformed (a checksum-valid record
+/// written by another version); the caller counts it and skips it.
 pub fn decode(record: &[u8]) -> Option<Vec<Decoded>> {
+    decode_record(record).map(|(points, _)| points)
+}
+
+/// Decodes a record: its points, and when it was buffered (`None` for records from before that
+/// was stamped).
+pub fn decode_record(record: &[u8]) -> Option<(Vec<Decoded>, Option<i64>)> {
     let mut r = Reader { b: record };
     let count = r.varint()?;
-    let mut prev = unzigzag(r.varint()?);
+    let base = unzigzag(r.varint()?);
+    let mut prev = base;
     let mut out = Vec::with_capacity(count.min(1 << 16) as usize);
     for _ in 0..count {
         let id = u32::try_from(r.varint()?).ok()?;
@@ -319,7 +338,8 @@ pub fn decode(record: &[u8]) -> Option<Vec<Decoded>> {
         };
         out.push(Decoded { id, ts, quality, value, error, payload });
     }
-    Some(out)
+    let buffered_at = if r.b.is_empty() { None } else { Some(base.wrapping_add(unzigzag(r.varint()?))) };
+    Some((out, buffered_at))
 }
 
 #[cfg(test)]
@@ -350,9 +370,10 @@ mod tests {
             Point::message(m, bytes::Bytes::from_static(b"{\"raw\":1}"), 5),
         ];
         let mut out = Vec::new();
-        assert_eq!(encode(&mut dict, points.iter(), &mut out), points.len());
+        assert_eq!(encode(&mut dict, points.iter(), 1_732_860_000_500, &mut out), points.len());
         assert_eq!(count(&out), points.len() as u64);
-        let back = decode(&out).unwrap();
+        let (back, buffered_at) = decode_record(&out).unwrap();
+        assert_eq!(buffered_at, Some(1_732_860_000_500), "the buffer time rides along");
         for (p, d) in points.iter().zip(&back) {
             assert_eq!(d.ts, p.ts);
             assert_eq!(d.quality, p.quality);
@@ -370,6 +391,20 @@ mod tests {
     }
 
     #[test]
+    fn records_from_before_the_buffer_time_still_decode() {
+        let d = tmp("old");
+        let mut dict = Dict::open(&d).unwrap();
+        let r = Registry::default();
+        let p = [Point::good(r.intern("d", "t"), Value::Int(7), 1_000)];
+        let mut out = Vec::new();
+        encode(&mut dict, p.iter(), 1_010, &mut out);
+        // The previous format ended after the points: without the last byte here.
+        out.pop();
+        let (back, buffered_at) = decode_record(&out).unwrap();
+        assert_eq!((back.len(), back[0].value, buffered_at), (1, Some(Value::Int(7)), None));
+    }
+
+    #[test]
     fn a_typical_reading_costs_few_bytes() {
         let d = tmp("size");
         let mut dict = Dict::open(&d).unwrap();
@@ -381,7 +416,7 @@ mod tests {
             .map(|(i, k)| Point::good(k.clone(), Value::Float(200.0 + i as f64 * 0.1), 1_732_860_000_000))
             .collect();
         let mut out = Vec::new();
-        encode(&mut dict, points.iter(), &mut out);
+        encode(&mut dict, points.iter(), 1_732_860_000_040, &mut out);
         // id 1 + ts delta 1 + kind 1 + mantissa 2-3 bytes.
         assert!(out.len() <= 100 * 7, "{} bytes for 100 points", out.len());
     }

@@ -254,12 +254,13 @@ impl Outbox {
         let entries = self.shared.dict.clone();
         let entries = entries.read().unwrap_or_else(|e| e.into_inner());
         let oldest = now_ms() - self.max_age_ms;
+        let buffer_now = self.shared.clock.now_ms();
         for (offset, payload) in records {
             let idx = self.first + self.records.len() as u64;
             let end = offset + FRAME_OVERHEAD + payload.len() as u64;
             self.cursor = end;
             let mut rec = Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0, reserved: 0 };
-            let Some(points) = codec::decode(&payload) else {
+            let Some((points, buffered_at)) = codec::decode_record(&payload) else {
                 let n = codec::count(&payload);
                 warn!(sink = %self.shared.name, offset, points = n, "Skipping a buffer record that cannot be decoded.");
                 self.shared.stats.dropped_corrupt.add(n);
@@ -273,7 +274,13 @@ impl Outbox {
                     rec.points -= 1;
                     continue;
                 };
-                if p.ts < oldest {
+                // Aged by the buffer clock since the record was buffered; records from before it
+                // was stamped, by the point's own time.
+                let expired = match buffered_at {
+                    Some(at) => buffer_now.saturating_sub(at) > self.max_age_ms,
+                    None => p.ts < oldest,
+                };
+                if expired {
                     rec.expired += 1;
                     continue;
                 }
@@ -472,5 +479,52 @@ mod tests {
             stats.accepted.get(),
             "every point is delivered, dropped or still buffered, and counted once"
         );
+    }
+
+    /// Buffers 10 batches of 10 points stamped `ts` and returns how many were sent and expired by
+    /// an outbox opened after `reopen` ran on the buffer's folder.
+    fn age(ts: i64, max_age: Duration, reopen: impl FnOnce(&std::path::Path)) -> (u64, u64) {
+        let dir = crate::sinks::scratch_dir("age");
+        let opts = NorthBuffer { flush_interval: Dur::from_millis(10), ..NorthBuffer::default() };
+        let stats = Arc::new(SinkStats::default());
+        let (shared, dict) = buffer::open("t", &dir, &opts, stats.clone()).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let t = buffer::spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), dict).unwrap();
+        let r = Registry::default();
+        let keys: Vec<_> = (0..10).map(|i| r.intern("d", &format!("t{i}"))).collect();
+        for b in 0..10 {
+            let points = keys.iter().map(|k| Point::good(k.clone(), Value::Int(b), ts)).collect();
+            tx.blocking_send(crate::hub::batch(points)).unwrap();
+        }
+        drop(tx);
+        t.join().unwrap();
+        drop(shared);
+        reopen(&dir);
+        let stats = Arc::new(SinkStats::default());
+        let (shared, _dict) = buffer::open("t", &dir, &opts, stats.clone()).unwrap();
+        let batch = NorthBatch { max_points: 1000, max_wait: Dur::from_millis(0) };
+        let mut outbox = Outbox::new(shared, "gw", "x/{device}", &batch, max_age);
+        while let Some(m) = outbox.next_message() {
+            outbox.done(m.token);
+        }
+        (stats.delivered.get(), stats.dropped_expired.get())
+    }
+
+    #[test]
+    fn max_age_is_measured_from_buffering_not_from_the_device_clock() {
+        let hour = Duration::from_secs(3600);
+        // A PC that booted in 1970: its points are stamped then, but were buffered just now.
+        assert_eq!(age(1_000, hour, |_| {}), (100, 0), "a backlog stamped in 1970 is not dropped");
+        // Points stamped ten years ahead, buffered two hours (of buffer time) ago, still expire.
+        let future = now_ms() + 10 * 365 * 24 * 3600 * 1000;
+        let two_hours_on = |dir: &std::path::Path| {
+            buffer::write_clock(dir, now_ms() + 2 * 3600 * 1000, now_ms()).unwrap();
+        };
+        assert_eq!(age(future, hour, two_hours_on), (0, 100), "future-stamped points expire by buffer time");
+        // A wall clock that jumped years ahead between runs does not age the backlog.
+        let clock_jumped = |dir: &std::path::Path| {
+            buffer::write_clock(dir, now_ms(), now_ms() - 20 * 365 * 24 * 3600 * 1000).unwrap();
+        };
+        assert_eq!(age(now_ms(), hour, clock_jumped), (100, 0), "an implausible downtime does not count");
     }
 }
