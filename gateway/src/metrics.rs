@@ -236,6 +236,7 @@ impl Metrics {
                 ("rejected", &s.dropped_rejected),
                 ("corrupt", &s.dropped_corrupt),
                 ("reserved", &s.dropped_reserved),
+                ("poison", &s.dropped_poison),
             ] {
                 let _ = writeln!(out, "{name}{{sink=\"{}\",reason=\"{reason}\"}} {}", escape(sink), c.get());
             }

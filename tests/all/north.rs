@@ -764,6 +764,118 @@ async fn every_point_read_is_delivered_buffered_or_counted_once() {
     assert_eq!(stats.accepted.get(), stats.delivered.get() + dropped + buffered, "the sink's books balance");
 }
 
+/// A message the cloud broker disconnects on (over its packet size limit) would be re-sent after
+/// every reconnect and stall the sink for good: after `poison_attempts` it is quarantined and the
+/// rest flows. A sink that knows the limit (`max_message_size`) splits its own messages under it
+/// and quarantines an oversized one without sending it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_quarantined_and_the_rest_flows() {
+    let cloud = Mosquitto::start_with("max_packet_size 4096").await;
+    let (dev, maddr) = counting_device().await;
+    let mut sub = CloudClient::connect(cloud.addr, "#").await;
+    let sinks = format!(
+        r#"
+[north.cloud]
+type = "mqtt"
+url = "mqtt://{0}"
+client_id = "gw-a"
+topic = "parks/{{gateway}}/{{device}}"
+sources = ["*/*", "factory/#"]
+poison_attempts = 3
+batch = {{ max_points = 50, max_wait = "100ms" }}
+
+[north.small]
+type = "mqtt"
+url = "mqtt://{0}"
+client_id = "gw-b"
+topic = "small/{{gateway}}/{{device}}"
+sources = ["*/*", "factory/#"]
+max_message_size = "4KiB"
+batch = {{ max_points = 20, max_wait = "100ms" }}
+"#,
+        cloud.addr
+    );
+    let many: String =
+        (1..60).map(|i| format!("  {{ name = \"r{i}\", area = \"holding\", address = {} }},\n", 100 + i)).collect();
+    let device = device(maddr, "100ms").replace("tags = [\n", &format!("tags = [\n{many}"));
+    let (gw, dir) = start_gateway(&format!("{}{}{}", header("gw"), device, sinks)).await;
+    assert!(sub.wait_for("parks/gw/press", Duration::from_secs(20), |_| true).await.is_some(), "data flows");
+    let local = updraft_tests::Subscriber::connect(gw.broker_addr.unwrap(), "unused", QoS::AtMostOnce).await;
+    local.client.publish("factory/big", QoS::AtLeastOnce, false, vec![b'x'; 10_000]).await.unwrap();
+    let (a, b) = (gw.metrics.sink("cloud"), gw.metrics.sink("small"));
+    let quarantined = eventually(Duration::from_secs(60), || (a.dropped_poison.get() == 1).then_some(())).await;
+    assert!(quarantined.is_some(), "the poison message was quarantined after 3 disconnects");
+    assert_eq!(b.dropped_poison.get(), 1, "the sink that knows the limit quarantined it unsent");
+    assert!(a.connects.get() >= 4, "it took three disconnects: {} connects", a.connects.get());
+    assert!(b.connects.get() <= 2, "the other sink was never disconnected: {} connects", b.connects.get());
+    // What comes after flows, on both sinks.
+    local.client.publish("factory/ok", QoS::AtLeastOnce, false, "fine").await.unwrap();
+    let mut both = BTreeSet::new();
+    while both.len() < 2 {
+        let Some((topic, _, _)) = sub.next(Duration::from_secs(30)).await else { break };
+        if topic.ends_with("/gw/factory/ok") {
+            both.insert(topic);
+        }
+    }
+    assert_eq!(both.len(), 2, "both sinks forward what follows: {both:?}");
+    let seq = dev.holding(0).unwrap() as u64;
+    let fresh = sub
+        .wait_for("parks/gw/press", Duration::from_secs(30), |p| {
+            tag_values(p, "seq").iter().any(|v| v.as_u64() > Some(seq))
+        })
+        .await;
+    assert!(fresh.is_some(), "device data flows again");
+    let index = std::fs::read_to_string(dir.path().join("data/north/cloud/quarantine/index.jsonl")).unwrap();
+    assert!(index.contains("\"target\":\"parks/gw/factory/big\""), "{index}");
+    let moved: Vec<_> = std::fs::read_dir(dir.path().join("data/north/cloud/quarantine")).unwrap().collect();
+    assert_eq!(moved.len(), 2, "the message and the index");
+    let metrics = gw.metrics.render();
+    assert!(metrics.contains("updraft_north_dropped_points_total{sink=\"cloud\",reason=\"poison\"} 1"), "{metrics}");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_message_that_always_fails_with_500_is_quarantined() {
+    use axum::extract::Path as UrlPath;
+    use axum::http::StatusCode;
+    let hits: Arc<Mutex<Vec<String>>> = Arc::default();
+    let h = hits.clone();
+    let app = axum::Router::new().route(
+        "/ingest/:device",
+        axum::routing::post(move |UrlPath(device): UrlPath<String>| {
+            let h = h.clone();
+            async move {
+                h.lock().unwrap().push(device.clone());
+                if device == "sick" {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (_dev, maddr) = counting_device().await;
+    let sick = device(maddr, "1s").replace("[devices.press]", "[devices.sick]").replace(", access = \"rw\"", "");
+    let sink = format!(
+        "[north.web]\ntype = \"http\"\nurl = \"http://{http}/ingest/{{device}}\"\npoison_attempts = 3\nbatch = {{ max_points = 20, max_wait = \"100ms\" }}\n"
+    );
+    let (gw, dir) = start_gateway(&format!("{}{}{}{}", header("gw"), device(maddr, "100ms"), sick, sink)).await;
+    let stats = gw.metrics.sink("web");
+    let quarantined = eventually(Duration::from_secs(30), || (stats.dropped_poison.get() > 0).then_some(())).await;
+    assert!(quarantined.is_some(), "the message failing with 500 was quarantined");
+    let (sick_hits, press_hits) = {
+        let h = hits.lock().unwrap();
+        (h.iter().filter(|d| *d == "sick").count(), h.iter().filter(|d| *d == "press").count())
+    };
+    assert!(sick_hits >= 3, "tried three times first ({sick_hits})");
+    assert!(press_hits > 10, "the other device's messages flowed meanwhile ({press_hits})");
+    assert!(dir.path().join("data/north/web/quarantine/index.jsonl").exists());
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_starts_and_polls_on_a_full_disk() {
     let dir = TempDir::new("fullstart");

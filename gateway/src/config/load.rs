@@ -476,6 +476,20 @@ on_full = "drop-oldest"
     }
 
     #[test]
+    fn a_batch_that_can_outgrow_the_clouds_message_size_is_refused() {
+        let sink = "[north.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\nmax_message_size = \"16KiB\"\nbatch = { max_points = 500 }\n";
+        let p = problems(&format!("{GOOD}{sink}"));
+        assert!(
+            p.iter().any(|p| p.starts_with("t.toml:16:")
+                && p.contains("over max_message_size")
+                && p.contains("lower max_points to")),
+            "{p:?}"
+        );
+        let fits = sink.replace("500", "80");
+        assert!(parse(&format!("{GOOD}{fits}"), Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
     fn syntax_error_is_located() {
         let p = problems("[gateway]\nid = = 1\n");
         assert!(p[0].starts_with("t.toml:2:6:"), "{p:?}");

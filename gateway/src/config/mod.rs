@@ -536,6 +536,18 @@ impl NorthConfig {
             NorthConfig::Http(h) => &h.batch,
         }
     }
+    pub fn max_message_size(&self) -> u64 {
+        match self {
+            NorthConfig::Mqtt(m) => m.max_message_size.0,
+            NorthConfig::Http(h) => h.max_message_size.0,
+        }
+    }
+    pub fn poison_attempts(&self) -> u32 {
+        match self {
+            NorthConfig::Mqtt(m) => m.poison_attempts,
+            NorthConfig::Http(h) => h.poison_attempts,
+        }
+    }
     pub fn buffer(&self) -> &NorthBuffer {
         match self {
             NorthConfig::Mqtt(m) => &m.buffer,
@@ -579,6 +591,15 @@ pub struct MqttNorth {
     /// Most data messages sent and not yet acknowledged.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Largest message the cloud broker takes (its `max_packet_size` or message size limit). Messages
+    /// are split to stay under it; a single point or plugin message larger than it is quarantined.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: Bytes,
+    /// A message that ends the connection this many times in a row (the broker disconnects on it:
+    /// too large, refused by an ACL) is moved to `quarantine/`, counted as `poison`, and the rest
+    /// flows.
+    #[serde(default = "default_poison_attempts")]
+    pub poison_attempts: u32,
     #[serde(default = "default_north_sources")]
     pub sources: Vec<String>,
     #[serde(default)]
@@ -609,6 +630,14 @@ pub struct HttpNorth {
     /// at a time, so they arrive in order even across retries).
     #[serde(default = "default_http_inflight")]
     pub max_inflight: u16,
+    /// Largest request body the endpoint takes; messages are split to stay under it.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: Bytes,
+    /// A message answered with the same server error (500, 501, …; not 502/503/504, which mean
+    /// the service is down) this many times in a row is moved to `quarantine/` and counted as
+    /// `poison`, so one message the cloud cannot digest does not stall the rest.
+    #[serde(default = "default_poison_attempts")]
+    pub poison_attempts: u32,
     #[serde(default = "default_north_sources")]
     pub sources: Vec<String>,
     #[serde(default)]
@@ -631,6 +660,12 @@ const fn default_max_inflight() -> u16 {
 }
 fn default_north_sources() -> Vec<String> {
     vec!["*/*".to_owned()]
+}
+const fn default_max_message_size() -> Bytes {
+    Bytes(128 << 10)
+}
+const fn default_poison_attempts() -> u32 {
+    5
 }
 const fn default_http_inflight() -> u16 {
     4

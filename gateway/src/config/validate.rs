@@ -140,12 +140,21 @@ pub fn validate(config: &Config) -> Found {
             }
         }
     }
+    let longest_device = config.devices.keys().map(String::len).max().unwrap_or(0);
+    let longest_tag = config
+        .devices
+        .values()
+        .flat_map(|d| match d {
+            DeviceConfig::ModbusTcp(m) => m.tags.iter().map(|t| t.name.len()),
+        })
+        .max()
+        .unwrap_or(0);
     for (name, sink) in &config.north {
         let base = path(&["north", name]);
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("sink name `{name}` {p}")));
         }
-        north(sink, base, &mut found);
+        north(sink, base, longest_device, longest_tag, &mut found);
     }
     let mut listens: BTreeMap<_, &str> = BTreeMap::new();
     for (name, sim) in &config.simulators {
@@ -261,7 +270,7 @@ fn modbus_tcp(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
     }
 }
 
-fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
+fn north(sink: &NorthConfig, base: Vec<Seg>, longest_device: usize, longest_tag: usize, found: &mut Found) {
     let at = |k: &str| with(base.clone(), [key(k)]);
     match sink {
         NorthConfig::Mqtt(m) => {
@@ -326,6 +335,31 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, found: &mut Found) {
     let batch = sink.batch();
     if batch.max_points == 0 || batch.max_points > 100_000 {
         found.push((with(base.clone(), [key("batch"), key("max_points")]), "must be between 1 and 100000".into()));
+    }
+    let limit = sink.max_message_size();
+    if !(1024..=256 << 20).contains(&limit) {
+        found.push((at("max_message_size"), "must be between 1KiB and 256MiB".into()));
+    } else {
+        // A point's JSON is at most about this long: names, a 24-digit value, a 13-digit time
+        // and an error text of up to 128 bytes.
+        let longest_name = longest_tag.max(16) as u64;
+        let per_point = 150 + longest_name;
+        let worst = 64 + longest_device as u64 + batch.max_points as u64 * per_point;
+        if worst > limit {
+            found.push((
+                with(base.clone(), [key("batch"), key("max_points")]),
+                format!(
+                    "{} points can make a message of about {} bytes, over max_message_size ({limit} bytes): lower \
+                     max_points to {} or raise max_message_size",
+                    batch.max_points,
+                    worst,
+                    ((limit - 64 - longest_device as u64) / per_point).max(1)
+                ),
+            ));
+        }
+    }
+    if !(1..=1000).contains(&sink.poison_attempts()) {
+        found.push((at("poison_attempts"), "must be between 1 and 1000".into()));
     }
     let buffer = sink.buffer();
     if buffer.max_bytes.0 < (1 << 20) {

@@ -122,6 +122,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The sink's buffer folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -450,6 +455,7 @@ impl Writer {
             + stats.dropped_rejected.get()
             + stats.dropped_corrupt.get()
             + stats.dropped_reserved.get()
+            + stats.dropped_poison.get()
             + self.store_dropped_seen
             + stats.dropped_disk.get();
         let pending =

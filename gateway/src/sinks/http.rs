@@ -3,10 +3,11 @@
 //!
 //! Up to `max_inflight` requests at once, each for a different destination: one device's messages
 //! go one at a time, so they arrive in order even across retries. Transient
-//! failures (connection errors, timeouts, 5xx, 401/403 while a secret is being rotated, 408, 429)
-//! are retried with backoff and the data stays buffered; any other 4xx means the cloud will never
-//! take that message, so its points are counted as rejected and logged rather than blocking the
-//! queue forever.
+//! failures (connection errors, timeouts, 502/503/504, 401/403 while a secret is being rotated,
+//! 408, 429) are retried with backoff for as long as they last and the data stays buffered; any
+//! other 4xx means the cloud will never take that message, so its points are counted as rejected
+//! and logged rather than blocking the queue forever. Another server error (500, …) is retried
+//! too, but the same one `poison_attempts` times in a row quarantines the message.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -30,12 +31,16 @@ pub struct HttpSink {
 
 enum Failure {
     Retry(String),
+    /// A server error that is not "unavailable": the status, and the text.
+    Server(u16, String),
     Reject(String),
 }
 
 enum Outcome {
     Delivered,
     Rejected,
+    /// The same server error `poison_attempts` times in a row: the cloud cannot digest it.
+    Poison(String),
     Cancelled,
 }
 
@@ -90,6 +95,7 @@ impl HttpSink {
                     match outcome {
                         Outcome::Delivered => outbox.done(msg.token),
                         Outcome::Rejected => outbox.rejected(msg.token),
+                        Outcome::Poison(why) => outbox.quarantine(msg, &why),
                         Outcome::Cancelled => {}
                     }
                 }
@@ -105,6 +111,8 @@ impl HttpSink {
     /// Sends one message until the cloud takes it or refuses it for good.
     async fn deliver(self: Arc<Self>, msg: Message, cancel: CancellationToken) -> (Message, Outcome) {
         let mut failures = 0u32;
+        // The same server error, how many times in a row.
+        let mut same: Option<(u16, u32)> = None;
         loop {
             self.stats.messages_sent.inc();
             match self.post(&msg).await {
@@ -121,18 +129,39 @@ impl HttpSink {
                         "The cloud refused a message for good; its points are dropped (counted as rejected).");
                     return (msg, Outcome::Rejected);
                 }
+                Err(Failure::Server(status, e)) => {
+                    let n = match same {
+                        Some((s, n)) if s == status => n + 1,
+                        _ => 1,
+                    };
+                    if n >= self.cfg.poison_attempts {
+                        return (msg, Outcome::Poison(format!("answered {e} {n} times in a row")));
+                    }
+                    same = Some((status, n));
+                    if !self.retry_later(&msg, &e, &mut failures, &cancel).await {
+                        return (msg, Outcome::Cancelled);
+                    }
+                }
                 Err(Failure::Retry(e)) => {
-                    self.stats.connected.set(0);
-                    self.stats.connect_failures.inc();
-                    failures += 1;
-                    let delay = backoff(failures);
-                    warn!(sink = %self.name, url = %msg.target, error = %e, retry_in = ?delay, "Cloud request failed; points stay buffered.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return (msg, Outcome::Cancelled),
+                    same = None;
+                    if !self.retry_later(&msg, &e, &mut failures, &cancel).await {
+                        return (msg, Outcome::Cancelled);
                     }
                 }
             }
+        }
+    }
+
+    /// Counts a failed attempt and waits out the backoff; false if cancelled meanwhile.
+    async fn retry_later(&self, msg: &Message, e: &str, failures: &mut u32, cancel: &CancellationToken) -> bool {
+        self.stats.connected.set(0);
+        self.stats.connect_failures.inc();
+        *failures += 1;
+        let delay = backoff(*failures);
+        warn!(sink = %self.name, url = %msg.target, error = %e, retry_in = ?delay, "Cloud request failed; points stay buffered.");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = cancel.cancelled() => false,
         }
     }
 
@@ -157,8 +186,13 @@ impl HttpSink {
         }
         let body = resp.text().await.unwrap_or_default();
         let text = format!("HTTP {status}: {}", body.chars().take(200).collect::<String>());
-        let transient = status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 408 | 429);
-        Err(if transient { Failure::Retry(text) } else { Failure::Reject(text) })
+        // 502, 503 and 504 mean the service (or what is in front of it) is down: an outage, retried
+        // for as long as it lasts. Other server errors may be this message's fault.
+        Err(match status.as_u16() {
+            502..=504 | 401 | 403 | 408 | 429 => Failure::Retry(text),
+            500..=599 => Failure::Server(status.as_u16(), text),
+            _ => Failure::Reject(text),
+        })
     }
 }
 

@@ -107,6 +107,8 @@ pub struct SinkStats {
     pub dropped_corrupt: Counter,
     /// Points whose destination would be one of the sink's own control topics (commands, status).
     pub dropped_reserved: Counter,
+    /// Points in messages the cloud could never take (quarantined).
+    pub dropped_poison: Counter,
     /// Bytes cut from a torn tail at start-up.
     pub truncated_bytes: Counter,
     pub messages_sent: Counter,
@@ -179,6 +181,7 @@ pub fn start_all(
         threads.push(buffer::spawn(name, rx, sources, shared.clone(), dict)?);
         let gateway = &config.gateway.id;
         let mut outbox = outbox::Outbox::new(shared, gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
+        outbox.limit_size(sink.max_message_size());
         if let NorthConfig::Mqtt(m) = sink {
             // A forwarded local topic must never come out as one of the sink's own control topics:
             // a local client could then issue cloud commands, or fake the gateway's status.

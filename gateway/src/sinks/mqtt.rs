@@ -78,6 +78,26 @@ pub struct MqttSink {
 struct Ended {
     connected: bool,
     error: String,
+    /// The oldest unacknowledged data message (first offset, target), if the connection was lost
+    /// within `POISON_WINDOW` of sending it: the suspect when a broker disconnects on a message.
+    suspect: Option<(u64, String)>,
+}
+
+/// A disconnect this soon after sending the message in flight counts against it. Brokers drop a
+/// connection on a message they refuse at once; a dead link is noticed much later (keep-alive),
+/// so a link failure rarely looks like a poison message.
+const POISON_WINDOW: Duration = Duration::from_secs(5);
+/// After a lost connection the next one starts careful: one message in flight at a time, until
+/// this many were acknowledged. A broker that resets the connection on a message discards the
+/// acknowledgements still in flight, so only with one message at a time is the culprit certain.
+const CAREFUL_ACKS: u32 = 128;
+
+/// Data messages sent and not yet acknowledged, by send order: (first offset, target, sent at).
+type Sent = std::collections::BTreeMap<u64, (u64, String, std::time::Instant)>;
+
+fn suspect(sent: &Sent) -> Option<(u64, String)> {
+    let (_, (offset, target, at)) = sent.first_key_value()?;
+    (at.elapsed() <= POISON_WINDOW).then(|| (*offset, target.clone()))
 }
 
 impl MqttSink {
@@ -137,12 +157,29 @@ impl MqttSink {
     /// Runs until cancelled: connect, send, reconnect with backoff.
     pub async fn run(self, mut outbox: Outbox, cancel: CancellationToken) {
         let mut failures = 0u32;
+        // The message suspected of ending connections, and how many times in a row it did.
+        let mut strikes: Option<((u64, String), u32)> = None;
+        let mut careful = false;
         loop {
-            let ended = match self.session(&mut outbox, &cancel).await {
+            let ended = match self.session(&mut outbox, &cancel, careful).await {
                 Ok(()) => return,
                 Err(e) => e,
             };
             self.stats.connected.set(0);
+            if let Some(id) = ended.suspect.clone().filter(|_| ended.connected) {
+                let n = match &strikes {
+                    Some((s, n)) if *s == id => n + 1,
+                    _ => 1,
+                };
+                if n >= self.cfg.poison_attempts {
+                    warn!(sink = %self.name, target = %id.1, attempts = n, "The cloud ended the connection every time this message was sent; quarantining it.");
+                    outbox.mark_poison(id.0, &id.1);
+                    strikes = None;
+                } else {
+                    strikes = Some((id, n));
+                }
+            }
+            careful = ended.connected;
             if ended.connected {
                 failures = 0;
             }
@@ -157,8 +194,8 @@ impl MqttSink {
         }
     }
 
-    async fn session(&self, outbox: &mut Outbox, cancel: &CancellationToken) -> Result<(), Ended> {
-        let fail = |connected, error: String| Ended { connected, error };
+    async fn session(&self, outbox: &mut Outbox, cancel: &CancellationToken, careful: bool) -> Result<(), Ended> {
+        let fail = |connected, error: String| Ended { connected, error, suspect: None };
         let opts = self.options().map_err(|e| fail(false, e))?;
         let (client, mut el) = AsyncClient::new(opts, usize::from(self.cfg.max_inflight) * 2 + 64);
         let connect = tokio::time::timeout(Duration::from_secs(30), wait_connack(&mut el));
@@ -196,11 +233,21 @@ impl MqttSink {
         let _pump = AbortOnDrop(pump);
         let lost = |e: rumqttc::ClientError| fail(true, e.to_string());
 
-        // Every publish request, in order; `Some` for data messages.
-        let mut order: VecDeque<Option<Token>> = VecDeque::new();
-        let mut inflight: HashMap<u16, Token> = HashMap::new();
+        // Every publish request, in order; `Some` for data messages, with their send number.
+        let mut order: VecDeque<Option<(Token, u64)>> = VecDeque::new();
+        let mut inflight: HashMap<u16, (Token, u64)> = HashMap::new();
+        let mut sent = Sent::new();
+        let mut seq = 0u64;
+        let mut careful_acks = if careful { 0 } else { CAREFUL_ACKS };
+        // Only a careful session (one message in flight) can tell which message the broker refused.
+        let lost_after = |sent: &Sent, careful_acks: u32, error: String| Ended {
+            connected: true,
+            error,
+            suspect: if careful_acks < CAREFUL_ACKS { suspect(sent) } else { None },
+        };
         let mut window = 0usize;
-        let max_window = usize::from(self.cfg.max_inflight);
+        let full_window = usize::from(self.cfg.max_inflight);
+        let mut max_window = if careful { 1 } else { full_window };
         client.try_publish(&self.status_topic, QoS::AtLeastOnce, true, "online").map_err(lost)?;
         order.push_back(None);
         client.try_subscribe(&self.commands_route.filter, QoS::AtLeastOnce).map_err(lost)?;
@@ -212,33 +259,41 @@ impl MqttSink {
                 // Never an await here: if this task waited on a full request channel while the event
                 // pump waited on this task, neither would move. The window keeps the channel from
                 // filling; if it ever does, the session restarts and the outbox rewinds.
+                seq += 1;
+                sent.insert(seq, (msg.first_offset, msg.target.clone(), std::time::Instant::now()));
                 client.try_publish(msg.target, self.qos, false, msg.payload).map_err(lost)?;
-                order.push_back(Some(msg.token));
+                order.push_back(Some((msg.token, seq)));
                 window += 1;
                 self.stats.messages_sent.inc();
             }
             tokio::select! {
                 ev = ev_rx.recv() => match ev {
                     Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => match order.pop_front() {
-                        Some(Some(token)) if self.qos == QoS::AtMostOnce => {
+                        Some(Some((token, n))) if self.qos == QoS::AtMostOnce => {
+                            sent.remove(&n);
                             outbox.done(token);
                             window -= 1;
                         }
-                        Some(Some(token)) => {
-                            inflight.insert(pkid, token);
+                        Some(Some(entry)) => {
+                            inflight.insert(pkid, entry);
                         }
                         _ => {}
                     },
                     Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(token) = inflight.remove(&ack.pkid) {
+                        if let Some((token, n)) = inflight.remove(&ack.pkid) {
+                            sent.remove(&n);
                             outbox.done(token);
                             window -= 1;
+                            careful_acks = careful_acks.saturating_add(1);
+                            if careful_acks >= CAREFUL_ACKS {
+                                max_window = full_window;
+                            }
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => self.command(&p.topic, &p.payload, p.retain, reply_tx.clone()),
                     Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(fail(true, e.to_string())),
-                    None => return Err(fail(true, "event loop stopped".into())),
+                    Some(Err(e)) => return Err(lost_after(&sent, careful_acks, e.to_string())),
+                    None => return Err(lost_after(&sent, careful_acks, "event loop stopped".into())),
                 },
                 Some((topic, body)) = reply_rx.recv() => {
                     match client.try_publish(topic, QoS::AtLeastOnce, false, body) {

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::buffer::Shared;
 use super::codec::{self, Decoded, DictEntry};
@@ -45,6 +45,9 @@ pub struct Message {
     /// A plugin's verbatim message rather than a JSON batch of points.
     pub raw: bool,
     pub token: Token,
+    /// The buffer offset of the first record it holds points of: with `target`, what identifies
+    /// the message across reconnects (a rewind rebuilds the same messages from the same records).
+    pub first_offset: u64,
 }
 
 #[derive(Debug)]
@@ -57,6 +60,7 @@ struct Rec {
     rejected: u64,
     expired: u64,
     reserved: u64,
+    poison: u64,
 }
 
 #[derive(Debug)]
@@ -65,6 +69,7 @@ struct Group {
     json: Vec<u8>,
     points: u32,
     runs: Vec<(u64, u32)>,
+    first_offset: u64,
     since: Instant,
 }
 
@@ -77,6 +82,11 @@ pub struct Outbox {
     targets: Vec<Option<Option<String>>>,
     /// Topic filters no message may be sent to (the sink's command and status topics).
     reserved: Vec<Vec<String>>,
+    /// Largest message body; groups are sealed before they grow past it.
+    max_bytes: usize,
+    /// Messages (first offset, target) the transport found poisonous: quarantined when they are
+    /// built again instead of sent.
+    poison: std::collections::HashSet<(u64, String)>,
     max_points: usize,
     max_wait: Duration,
     max_age_ms: i64,
@@ -101,6 +111,8 @@ impl Outbox {
             template: template.to_owned(),
             targets: Vec::new(),
             reserved: Vec::new(),
+            max_bytes: usize::MAX,
+            poison: Default::default(),
             max_points: batch.max_points.max(1),
             max_wait: batch.max_wait.0,
             max_age_ms: max_age.as_millis().min(i64::MAX as u128) as i64,
@@ -121,6 +133,46 @@ impl Outbox {
         self.targets.clear();
     }
 
+    /// The largest message body the cloud takes: groups are sealed before they reach it, and a
+    /// single message larger than it (a plugin's or a local client's) is quarantined unsent.
+    pub fn limit_size(&mut self, max_bytes: u64) {
+        self.max_bytes = usize::try_from(max_bytes).unwrap_or(usize::MAX);
+    }
+
+    /// Marks the message built from `first_offset` for `target` as poison: when it comes up again
+    /// (after the rewind that follows the lost connection) it is quarantined, not sent.
+    pub fn mark_poison(&mut self, first_offset: u64, target: &str) {
+        self.poison.insert((first_offset, target.to_owned()));
+    }
+
+    /// Moves a message aside into `quarantine/` (its payload, plus a line in `index.jsonl` with
+    /// its destination and why) and settles its points as `poison`: one message the cloud cannot
+    /// take must not stall everything behind it. The file write is rare and small.
+    pub fn quarantine(&mut self, msg: Message, why: &str) {
+        let dir = self.shared.dir().join("quarantine");
+        let name = format!("{}-{}.msg", now_ms(), msg.first_offset);
+        let line = serde_json::json!({
+            "file": name, "target": msg.target, "points": msg.points, "reason": why, "at": now_ms(),
+        });
+        let written =
+            std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(&name), &msg.payload)).and_then(|()| {
+                use std::io::Write as _;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("index.jsonl"))?;
+                writeln!(f, "{line}")
+            });
+        match written {
+            Ok(()) => {
+                error!(sink = %self.shared.name, target = %msg.target, points = msg.points, reason = %why, file = %dir.join(&name).display(),
+                "Message quarantined: the cloud cannot take it; its points are counted as poison and the rest flows.")
+            }
+            Err(e) => {
+                error!(sink = %self.shared.name, target = %msg.target, points = msg.points, reason = %why, error = %e,
+                "Message dropped as poison (it could not be written to quarantine/); the rest flows.")
+            }
+        }
+        self.settle(msg.token, Settle::Poison);
+    }
+
     /// Forgets everything in flight and starts again from the first unacknowledged record: after a
     /// lost connection nothing sent in it can be trusted to have arrived.
     pub fn rewind(&mut self) {
@@ -134,8 +186,25 @@ impl Outbox {
         self.generation += 1;
     }
 
-    /// The next message to send, if one is due.
+    /// The next message to send, if one is due. Messages marked as poison, and messages larger
+    /// than the cloud takes, are quarantined here instead of being returned.
     pub fn next_message(&mut self) -> Option<Message> {
+        loop {
+            let m = self.next_candidate()?;
+            if m.payload.len() > self.max_bytes {
+                let why = format!("{} bytes, over max_message_size ({} bytes)", m.payload.len(), self.max_bytes);
+                self.quarantine(m, &why);
+                continue;
+            }
+            if !self.poison.is_empty() && self.poison.remove(&(m.first_offset, m.target.clone())) {
+                self.quarantine(m, "the cloud ended the connection on it every time it was sent");
+                continue;
+            }
+            return Some(m);
+        }
+    }
+
+    fn next_candidate(&mut self) -> Option<Message> {
         if self.ready.is_empty() {
             self.refill();
         }
@@ -186,23 +255,25 @@ impl Outbox {
 
     /// The cloud confirmed a message.
     pub fn done(&mut self, token: Token) {
-        self.settle(token, false);
+        self.settle(token, Settle::Delivered);
     }
 
     /// The cloud refused a message for good: its points are counted as rejected, not delivered.
     pub fn rejected(&mut self, token: Token) {
-        self.settle(token, true);
+        self.settle(token, Settle::Rejected);
     }
 
-    fn settle(&mut self, token: Token, rejected: bool) {
+    fn settle(&mut self, token: Token, how: Settle) {
         if token.generation != self.generation {
             return;
         }
         for (idx, n) in token.runs {
             if let Some(r) = idx.checked_sub(self.first).and_then(|i| self.records.get_mut(i as usize)) {
                 r.remaining = r.remaining.saturating_sub(u64::from(n));
-                if rejected {
-                    r.rejected += u64::from(n);
+                match how {
+                    Settle::Delivered => {}
+                    Settle::Rejected => r.rejected += u64::from(n),
+                    Settle::Poison => r.poison += u64::from(n),
                 }
             }
         }
@@ -222,7 +293,8 @@ impl Outbox {
             if self.shared.counted_to.fetch_max(r.end, Ordering::AcqRel) >= r.end {
                 continue;
             }
-            stats.delivered.add(r.points - r.expired - r.rejected - r.reserved);
+            stats.delivered.add(r.points - r.expired - r.rejected - r.reserved - r.poison);
+            stats.dropped_poison.add(r.poison);
             stats.dropped_expired.add(r.expired);
             stats.dropped_rejected.add(r.rejected);
             stats.dropped_reserved.add(r.reserved);
@@ -259,7 +331,8 @@ impl Outbox {
             let idx = self.first + self.records.len() as u64;
             let end = offset + FRAME_OVERHEAD + payload.len() as u64;
             self.cursor = end;
-            let mut rec = Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0, reserved: 0 };
+            let mut rec =
+                Rec { start: offset, end, points: 0, remaining: 0, rejected: 0, expired: 0, reserved: 0, poison: 0 };
             let Some((points, buffered_at)) = codec::decode_record(&payload) else {
                 let n = codec::count(&payload);
                 warn!(sink = %self.shared.name, offset, points = n, "Skipping a buffer record that cannot be decoded.");
@@ -295,7 +368,9 @@ impl Outbox {
                         self.seal(target.clone(), g);
                     }
                     let token = Token { generation: self.generation, runs: vec![(idx, 1)] };
-                    self.ready.push_back(Message { target, payload: payload.clone(), points: 1, raw: true, token });
+                    let msg =
+                        Message { target, payload: payload.clone(), points: 1, raw: true, token, first_offset: offset };
+                    self.ready.push_back(msg);
                     continue;
                 }
                 let g = self.groups.entry(target.clone()).or_insert_with(|| Group {
@@ -304,6 +379,7 @@ impl Outbox {
                     json: Vec::with_capacity(256),
                     points: 0,
                     runs: Vec::new(),
+                    first_offset: offset,
                     since: Instant::now(),
                 });
                 if g.points > 0 {
@@ -315,7 +391,8 @@ impl Outbox {
                     Some((i, n)) if *i == idx => *n += 1,
                     _ => g.runs.push((idx, 1)),
                 }
-                if g.points as usize >= self.max_points {
+                // Full by count, or by size: one more point of the longest kind would not fit.
+                if g.points as usize >= self.max_points || g.json.len() + MAX_POINT_JSON + 128 >= self.max_bytes {
                     let g = self.groups.remove(&target).expect("just used");
                     self.seal(target, g);
                 }
@@ -355,9 +432,22 @@ impl Outbox {
         payload.extend_from_slice(&g.json);
         payload.extend_from_slice(b"]}");
         let token = Token { generation: self.generation, runs: g.runs };
-        self.ready.push_back(Message { target, payload, points: u64::from(g.points), raw: false, token });
+        let first_offset = g.first_offset;
+        self.ready.push_back(Message { target, payload, points: u64::from(g.points), raw: false, token, first_offset });
     }
 }
+
+/// How a message's points are settled.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Delivered,
+    Rejected,
+    Poison,
+}
+
+/// Room kept in a message for one more point: a 128-byte tag name, a 24-digit value, the time and
+/// an error text of a few hundred bytes.
+const MAX_POINT_JSON: usize = 640;
 
 /// `{"tag":"t","value":21.7,"ts":1732860000123,"quality":"good"}`, plus `"error"` when bad.
 fn write_point(out: &mut Vec<u8>, tag: &str, p: &Decoded) {
