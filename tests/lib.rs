@@ -41,6 +41,8 @@ struct State {
     counter_at: Option<u16>,
     /// Write requests served.
     writes: usize,
+    /// When each holding-register read arrived, with its start address.
+    read_at: Vec<(u16, std::time::Instant)>,
 }
 
 /// A Modbus TCP server built on tokio-modbus, independent of the gateway's own simulator.
@@ -80,6 +82,11 @@ impl ModbusFixture {
     pub fn set_faults(&self, f: Faults) {
         self.state.lock().unwrap().faults = f;
     }
+    /// When each holding-register read starting at `address` arrived, in order.
+    pub fn read_times(&self, address: u16) -> Vec<std::time::Instant> {
+        self.state.lock().unwrap().read_at.iter().filter(|(a, _)| *a == address).map(|(_, t)| *t).collect()
+    }
+
     /// How many write requests the server has answered.
     pub fn writes(&self) -> usize {
         self.state.lock().unwrap().writes
@@ -131,6 +138,7 @@ impl Service for ModbusFixture {
         let reply: Reply = match req {
             Request::ReadHoldingRegisters(a, n) => {
                 s.reads.push(("holding", a, n));
+                s.read_at.push((a, std::time::Instant::now()));
                 if let Some(c) = s.counter_at.filter(|c| (a..a.saturating_add(n)).contains(c)) {
                     *s.holding.entry(c).or_default() += 1;
                 }

@@ -137,10 +137,17 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut plugins = Vec::new();
     if !config.plugins.is_empty() {
-        let engine = PluginEngine::new(&config.gateway.data_dir.join("plugin-cache"))
-            .map_err(|e| StartError::PluginEngine(format!("{e:#}")))?;
+        let engine = Arc::new(
+            PluginEngine::new(&config.gateway.data_dir.join("plugin-cache"))
+                .map_err(|e| StartError::PluginEngine(format!("{e:#}")))?,
+        );
         for (name, p) in &config.plugins {
-            let loaded = engine.load(&p.wasm).map_err(|source| StartError::Plugin { name: name.clone(), source })?;
+            // Compiling takes hundreds of milliseconds of CPU: not on an async worker.
+            let (e, wasm) = (engine.clone(), p.wasm.clone());
+            let loaded = tokio::task::spawn_blocking(move || e.load(&wasm))
+                .await
+                .map_err(|e| StartError::PluginEngine(e.to_string()))?
+                .map_err(|source| StartError::Plugin { name: name.clone(), source })?;
             info!(plugin = %name, warm = loaded.warm, load_time = ?loaded.load_time, "Plugin loaded.");
             let rx = hub.subscribe(&format!("plugin:{name}"), Stage::Transform);
             plugins.push(crate::plugins::spawn(name, p, loaded, hub.registry(), rx, hub.derived_sender(), &metrics)?);

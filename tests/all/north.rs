@@ -876,6 +876,47 @@ async fn an_http_message_that_always_fails_with_500_is_quarantined() {
     gw.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A sink whose disk stalls (every fsync takes 400 ms, through the store's test hook) must not
+/// hold up device polls: the buffer syncs outside the store's lock, and the transports read the
+/// buffer without blocking an async worker. Two sinks, so that two blocked workers would stop the
+/// whole runtime. Prints the poll jitter; asserts only far above it (shared machines are noisy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_disk_does_not_delay_device_polls() {
+    std::env::set_var("UPDRAFT_TEST_FSYNC_DELAY_MS", "400");
+    let cloud = Mosquitto::start().await;
+    let (dev, maddr) = counting_device().await;
+    let sinks: String = ["a", "b"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[north.{n}]\ntype = \"mqtt\"\nurl = \"mqtt://{}\"\ntopic = \"{n}/{{gateway}}/{{device}}\"\n\
+                 batch = {{ max_points = 10, max_wait = \"10ms\" }}\n[north.{n}.buffer]\nflush_interval = \"10ms\"\n",
+                cloud.addr
+            )
+        })
+        .collect();
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "20ms"), sinks)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let from = dev.read_times(0).len();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let times = dev.read_times(0);
+    let stats = gw.metrics.sink("a");
+    assert!(stats.delivered.get() > 0, "the sinks deliver, slowly");
+    gw.shutdown(Duration::from_secs(10)).await;
+    let mut late: Vec<f64> =
+        times[from..].windows(2).map(|w| (w[1].duration_since(w[0]).as_secs_f64() * 1e3 - 20.0).abs()).collect();
+    late.sort_by(f64::total_cmp);
+    let p99 = late[late.len() * 99 / 100];
+    println!(
+        "poll period 20 ms, every fsync 400 ms: {} polls, jitter p50 {:.2} ms, p99 {p99:.2} ms, max {:.2} ms",
+        late.len(),
+        late[late.len() / 2],
+        late[late.len() - 1]
+    );
+    assert!(late.len() > 200, "polls kept their schedule ({} in 6 s)", late.len());
+    assert!(p99 < 100.0, "a stalled disk held up polling: p99 jitter {p99:.1} ms");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_starts_and_polls_on_a_full_disk() {
     let dir = TempDir::new("fullstart");

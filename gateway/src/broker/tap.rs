@@ -28,7 +28,8 @@ impl EmbeddedBroker {
     ) {
         let Some((mut link_tx, mut rx)) = self.tap.take() else { return };
         for f in filters {
-            if let Err(e) = link_tx.subscribe(f.as_str()) {
+            // `try_`: this runs on an async worker, where rumqttd's blocking calls must not.
+            if let Err(e) = link_tx.try_subscribe(f.as_str()) {
                 warn!(filter = %f, error = %e, "Cannot subscribe to a local topic for the cloud sinks.");
             }
         }

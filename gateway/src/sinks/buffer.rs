@@ -417,17 +417,16 @@ impl Writer {
                 }
             }
         }
-        let mut store = self.shared.store();
         if self.dirty {
-            match store.sync() {
+            // The sync runs on a second handle, outside the store's lock: the reader (on an async
+            // worker) must never wait for a slow disk's fdatasync.
+            let handle = self.shared.store().sync_handle();
+            match handle.and_then(|f| store::durable(&f)) {
                 Ok(()) => self.dirty = false,
-                Err(e) => {
-                    drop(store);
-                    self.disk_failed(&e);
-                    store = self.shared.store();
-                }
+                Err(e) => self.disk_failed(&e),
             }
         }
+        let mut store = self.shared.store();
         let target = self.shared.ack_to.load(Ordering::Acquire);
         if target > store.acked() || store.ack_pending() {
             match store.ack(target) {

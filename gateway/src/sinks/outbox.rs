@@ -154,12 +154,13 @@ impl Outbox {
         let line = serde_json::json!({
             "file": name, "target": msg.target, "points": msg.points, "reason": why, "at": now_ms(),
         });
-        let written =
+        let written = blocking(|| {
             std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(&name), &msg.payload)).and_then(|()| {
                 use std::io::Write as _;
                 let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("index.jsonl"))?;
                 writeln!(f, "{line}")
-            });
+            })
+        });
         match written {
             Ok(()) => {
                 error!(sink = %self.shared.name, target = %msg.target, points = msg.points, reason = %why, file = %dir.join(&name).display(),
@@ -305,17 +306,18 @@ impl Outbox {
     }
 
     fn refill(&mut self) {
-        let read = {
+        let read = blocking(|| {
             let store = self.shared.store();
             // The buffer may have dropped its oldest data at the cap meanwhile.
             self.cursor = self.cursor.max(store.acked());
             if self.cursor >= store.end() {
-                return;
+                return None;
             }
             let read = store.read_from(self.cursor, READ_RECORDS);
             self.shared.stats.dropped_corrupt.add(store.take_corrupt());
-            read
-        };
+            Some(read)
+        });
+        let Some(read) = read else { return };
         let records = match read {
             Ok(r) => r,
             Err(e) => {
@@ -434,6 +436,16 @@ impl Outbox {
         let token = Token { generation: self.generation, runs: g.runs };
         let first_offset = g.first_offset;
         self.ready.push_back(Message { target, payload, points: u64::from(g.points), raw: false, token, first_offset });
+    }
+}
+
+/// Runs disk work that may block (reading the buffer, waiting for its lock while the buffer
+/// thread writes) without starving the async runtime: on a multi-threaded runtime the worker hands
+/// its other tasks away first (`block_in_place`), so device polls and the broker go on.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -211,7 +211,13 @@ impl Store {
 
     /// Makes every appended record durable (one fdatasync: call it per batch or on an interval).
     pub fn sync(&mut self) -> io::Result<()> {
-        self.writer.sync_data()
+        durable(&self.writer)
+    }
+
+    /// A second handle on the segment being written, to make it durable without holding the
+    /// store: an fdatasync can take seconds on a slow disk, and the reader must not wait for it.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.writer.try_clone()
     }
 
     /// Up to `max` records from `offset` on, with their offsets. A record that fails its checksum
@@ -320,7 +326,7 @@ impl Store {
     }
 
     fn roll(&mut self) -> io::Result<()> {
-        self.writer.sync_data()?;
+        durable(&self.writer)?;
         let base = self.end();
         let path = seg_path(&self.dir, base);
         self.writer = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -402,13 +408,26 @@ fn read_ack(dir: &Path) -> io::Result<u64> {
     }
 }
 
+/// fdatasync, plus the test hook `UPDRAFT_TEST_FSYNC_DELAY_MS`: a disk that takes that long per
+/// sync, to show that a stalling disk delays nothing but the sink (nothing sets it in production).
+pub fn durable(f: &File) -> io::Result<()> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("UPDRAFT_TEST_FSYNC_DELAY_MS").ok()?.parse().ok().map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        std::thread::sleep(*d);
+    }
+    f.sync_data()
+}
+
 fn write_ack(dir: &Path, v: u64) -> io::Result<()> {
     let mut b = v.to_le_bytes().to_vec();
     b.extend_from_slice(&crc32fast::hash(&v.to_le_bytes()).to_le_bytes());
     let tmp = dir.join("ack.tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(&b)?;
-    f.sync_data()?;
+    durable(&f)?;
     fs::rename(&tmp, dir.join("ack"))
 }
 

@@ -39,9 +39,11 @@ impl Plugin for Misbehave {
                     }
                 }
                 Some(2) => {
+                    // Reserved, not filled: growing the memory is what the limit stops, and
+                    // filling it would make a slow machine hit the call's deadline first.
                     let mut hoard: Vec<Vec<u8>> = Vec::new();
                     loop {
-                        hoard.push(vec![7u8; 1 << 20]);
+                        hoard.push(Vec::with_capacity(4 << 20));
                         std::hint::black_box(&hoard);
                     }
                 }
