@@ -34,7 +34,9 @@ struct Memory {
 impl Memory {
     fn read_bits(&self, area: Area, start: u16, count: u16) -> Result<Vec<bool>, ExceptionCode> {
         check_range(start, count, 2000)?;
-        (start..start + count)
+        // `start + count` can be 65536, one past u16; the addresses themselves never are.
+        (0..count)
+            .map(|i| start + i)
             .map(|a| match self.bits.get(&(area, a)) {
                 Some(b) => Ok(*b),
                 None if self.strict => Err(ExceptionCode::IllegalDataAddress),
@@ -45,7 +47,8 @@ impl Memory {
 
     fn read_words(&self, area: Area, start: u16, count: u16) -> Result<Vec<u16>, ExceptionCode> {
         check_range(start, count, 125)?;
-        (start..start + count)
+        (0..count)
+            .map(|i| start + i)
             .map(|a| match self.words.get(&(area, a)) {
                 Some(w) => Ok(*w),
                 None if self.strict => Err(ExceptionCode::IllegalDataAddress),
@@ -55,7 +58,7 @@ impl Memory {
     }
 
     fn write_bits(&mut self, start: u16, bits: &[bool]) -> Result<(), ExceptionCode> {
-        check_range(start, bits.len() as u16, 1968)?;
+        check_range(start, u16::try_from(bits.len()).unwrap_or(u16::MAX), 1968)?;
         for (i, b) in bits.iter().enumerate() {
             let key = (Area::Coil, start + i as u16);
             if self.strict && !self.bits.contains_key(&key) {
@@ -67,7 +70,7 @@ impl Memory {
     }
 
     fn write_words(&mut self, start: u16, words: &[u16]) -> Result<(), ExceptionCode> {
-        check_range(start, words.len() as u16, 123)?;
+        check_range(start, u16::try_from(words.len()).unwrap_or(u16::MAX), 123)?;
         for (i, w) in words.iter().enumerate() {
             let key = (Area::Holding, start + i as u16);
             if self.strict && !self.words.contains_key(&key) {
@@ -97,9 +100,14 @@ impl Memory {
     }
 }
 
+/// The Modbus rules for a request's range: a count out of bounds is an illegal data value, a range
+/// past the last address an illegal data address.
 fn check_range(start: u16, count: u16, max: u16) -> Result<(), ExceptionCode> {
-    if count == 0 || count > max || u32::from(start) + u32::from(count) > 65536 {
+    if count == 0 || count > max {
         return Err(ExceptionCode::IllegalDataValue);
+    }
+    if u32::from(start) + u32::from(count) > 65536 {
+        return Err(ExceptionCode::IllegalDataAddress);
     }
     Ok(())
 }
@@ -240,4 +248,20 @@ pub async fn start(name: &str, cfg: &ModbusSimulator, cancel: CancellationToken)
     );
     info!(simulator = %name, %addr, "Modbus simulator listening.");
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_address_reads_without_overflow() {
+        let mut m = Memory { bits: HashMap::new(), words: HashMap::new(), strict: false };
+        m.words.insert((Area::Holding, 65535), 7);
+        assert_eq!(m.read_words(Area::Holding, 65535, 1), Ok(vec![7]));
+        assert_eq!(m.read_bits(Area::Coil, 65535, 1), Ok(vec![false]));
+        assert_eq!(m.read_words(Area::Holding, 65535, 2), Err(ExceptionCode::IllegalDataAddress));
+        assert!(m.write_words(65535, &[1]).is_ok());
+        assert!(m.write_words(65535, &[1, 2]).is_err());
+    }
 }

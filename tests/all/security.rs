@@ -213,3 +213,23 @@ fn plugin_outputs_on_reserved_topics_are_refused_by_check() {
     }
     assert_eq!(problems(&format!("{base}default = \"updraft/alarms/{{tag}}\"\n")), Vec::<String>::new());
 }
+
+/// Names become topics and paths (`{data_dir}/north/{name}`): `..`, separators, control
+/// characters and absurd lengths are refused at the line; so are durations that would overflow.
+#[test]
+fn names_and_values_that_would_escape_or_overflow_are_refused() {
+    for (toml, what) in [
+        ("[north.\"..\"]\ntype = \"http\"\nurl = \"http://127.0.0.1/x\"\n", "`..`"),
+        ("[north.\"a..b\"]\ntype = \"http\"\nurl = \"http://127.0.0.1/x\"\n", "`..`"),
+        ("[north.\"a/b\"]\ntype = \"http\"\nurl = \"http://127.0.0.1/x\"\n", "'/'"),
+        ("[north.\"a\\u0007b\"]\ntype = \"http\"\nurl = \"http://127.0.0.1/x\"\n", "'\\u{7}'"),
+        ("[devices.d]\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\ntags = [{ name = \"..\", area = \"coil\", address = 0 }]\n", "`..`"),
+        ("[devices.d]\ndriver = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\npoll = \"999999999999d\"\ntags = [{ name = \"t\", area = \"coil\", address = 0 }]\n", "too long"),
+    ] {
+        let p = problems(&format!("[gateway]\nid = \"gw\"\n{toml}"));
+        assert!(p.iter().any(|p| p.starts_with("u.toml:") && p.contains(what)), "{toml}: {p:?}");
+    }
+    let long = "x".repeat(200);
+    let p = problems(&format!("[gateway]\nid = \"{long}\"\n"));
+    assert!(p.iter().any(|p| p.contains("at most 128 bytes")), "{p:?}");
+}

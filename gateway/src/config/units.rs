@@ -32,11 +32,16 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str(r#"a duration string such as "500ms", "1s", "5m" or "7d""#)
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
-                humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+                let d = humantime::parse_duration(s.trim()).map_err(|e| {
                     E::custom(format!(
                         r#"invalid duration "{s}" ({e}); write a number with a unit, e.g. "500ms", "1s", "5m""#
                     ))
-                })
+                })?;
+                // Longer than any setting needs, and far from what `Instant + Duration` overflows on.
+                if d > MAX_DURATION {
+                    return Err(E::custom(format!(r#"duration "{s}" is too long; at most "3650d""#)));
+                }
+                Ok(Dur(d))
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Dur, E> {
                 Err(E::custom(format!(r#"a duration needs a unit: write "{n}s" or "{n}ms" instead of {n}"#)))
@@ -65,16 +70,29 @@ impl<'de> Deserialize<'de> for Bytes {
                 f.write_str(r#"a size such as "32MiB" or "1GiB""#)
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Bytes, E> {
-                bytesize::ByteSize::from_str(s.trim()).map(|b| Bytes(b.as_u64())).map_err(|e| {
+                let b = bytesize::ByteSize::from_str(s.trim()).map(|b| b.as_u64()).map_err(|e| {
                     E::custom(format!(r#"invalid size "{s}" ({e}); write e.g. "512KiB", "32MiB", "1GiB""#))
-                })
+                })?;
+                bounded(b)
             }
             fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Bytes, E> {
-                u64::try_from(n).map(Bytes).map_err(|_| E::custom("a size cannot be negative"))
+                bounded(u64::try_from(n).map_err(|_| E::custom("a size cannot be negative"))?)
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// Longest duration accepted anywhere in the config: ten years.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86400);
+/// Largest size accepted anywhere in the config: 1 PiB.
+pub const MAX_BYTES: u64 = 1 << 50;
+
+fn bounded<E: serde::de::Error>(b: u64) -> Result<Bytes, E> {
+    if b > MAX_BYTES {
+        return Err(E::custom("size is too large; at most \"1PiB\""));
+    }
+    Ok(Bytes(b))
 }
 
 #[cfg(test)]
@@ -95,6 +113,8 @@ mod tests {
         let e = toml::from_str::<T>("d = 5").unwrap_err();
         assert!(e.message().contains(r#""5s""#), "{e}");
         assert!(toml::from_str::<T>(r#"d = "fast""#).is_err());
+        let e = toml::from_str::<T>(r#"d = "584542046090y""#).unwrap_err();
+        assert!(e.message().contains("too long"), "{e}");
     }
 
     #[test]
@@ -108,5 +128,6 @@ mod tests {
         let s: S = toml::from_str(r#"b = "1GiB""#).unwrap();
         assert_eq!(s.b.0, 1 << 30);
         assert!(toml::from_str::<S>(r#"b = "lots""#).is_err());
+        assert!(toml::from_str::<S>(r#"b = "16EiB""#).is_err());
     }
 }

@@ -28,10 +28,17 @@ fn key(k: &str) -> Seg {
     Seg::Key(k.to_owned())
 }
 
-/// Names end up in MQTT topics and log fields: no topic separators or wildcards.
+/// Names end up in MQTT topics, log fields and file paths (`{data_dir}/north/{name}`): no topic
+/// separators or wildcards, no `..`, at most 128 bytes.
 pub fn name_problem(name: &str) -> Option<String> {
     if name.is_empty() {
         return Some("must not be empty".into());
+    }
+    if name.len() > 128 {
+        return Some("must be at most 128 bytes long".into());
+    }
+    if name == "." || name.contains("..") {
+        return Some("must not be `.` or contain `..` (it is used in file paths)".into());
     }
     if let Some(c) = name.chars().find(|c| matches!(c, '/' | '+' | '#') || c.is_whitespace() || c.is_control()) {
         return Some(format!("must not contain {c:?} (it is used in MQTT topics)"));
@@ -159,6 +166,9 @@ pub fn validate(config: &Config) -> Found {
     let mut listens: BTreeMap<_, &str> = BTreeMap::new();
     for (name, sim) in &config.simulators {
         let base = path(&["simulators", name]);
+        if let Some(p) = name_problem(name) {
+            found.push((base.clone(), format!("simulator name `{name}` {p}")));
+        }
         match sim {
             SimulatorConfig::ModbusTcp(s) => {
                 if s.listen.port() != 0 {
