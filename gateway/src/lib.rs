@@ -5,12 +5,12 @@
 //! # Layout
 //! - [`config`]: the TOML model, loading with `FILE:LINE:COLUMN` errors, validation.
 //! - [`point`]: the one data model (`Point`) and its JSON payload.
-//! - [`drivers`]: southbound protocols; [`drivers::modbus`] has the codec, planner and driver.
+//! - [`drivers`]: southbound protocols, dispatched in one place; [`drivers::modbus`] has the codec,
+//!   planner, driver, config and simulator.
 //! - [`hub`]: the bounded internal bus, current values and fan-out to consumers.
 //! - [`broker`]: the embedded rumqttd broker and the thread that publishes into it.
 //! - [`commands`]: write commands to equipment, local and from the cloud, with their guards.
 //! - [`api`]: the local HTTP API (current values, health, metrics).
-//! - [`simulator`]: the built-in Modbus simulator.
 //! - [`runtime`]: start-up order and graceful shutdown.
 //! - [`telemetry`]: tracing set-up.
 
@@ -25,6 +25,5 @@ pub mod metrics;
 pub mod plugins;
 pub mod point;
 pub mod runtime;
-pub mod simulator;
 pub mod sinks;
 pub mod telemetry;

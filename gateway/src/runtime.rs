@@ -14,13 +14,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::api;
 use crate::broker::{self, BrokerError};
-use crate::config::{Config, DeviceConfig, SimulatorConfig};
-use crate::drivers::modbus::ModbusTcpDriver;
+use crate::config::Config;
 use crate::hub::{CurrentValues, Hub, Stage};
 use crate::metrics::Metrics;
 use crate::plugins::host::PluginEngine;
-use crate::{api, simulator};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -64,11 +63,7 @@ pub async fn start_simulators(
 ) -> std::io::Result<BTreeMap<String, SocketAddr>> {
     let mut out = BTreeMap::new();
     for (name, sim) in &config.simulators {
-        match sim {
-            SimulatorConfig::ModbusTcp(s) => {
-                out.insert(name.clone(), simulator::start(name, s, cancel.child_token()).await?);
-            }
-        }
+        out.insert(name.clone(), sim.start(name, cancel.child_token()).await?);
     }
     Ok(out)
 }
@@ -84,13 +79,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let mut hub = Hub::new(metrics.clone());
     let values = hub.values();
 
-    let tag_count: usize = config
-        .devices
-        .values()
-        .map(|d| match d {
-            DeviceConfig::ModbusTcp(m) => m.tags.len(),
-        })
-        .sum();
+    let tag_count: usize = config.devices.values().map(|d| d.tag_names().count()).sum();
     // One write queue per device, shared by the local broker's command listener and the cloud
     // sinks' command subscriptions.
     let mut write_txs = std::collections::HashMap::new();
@@ -156,15 +145,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut drivers = JoinSet::new();
     for (name, device) in &config.devices {
-        match device {
-            DeviceConfig::ModbusTcp(d) => {
-                let mut driver = ModbusTcpDriver::new(name, d, &hub.registry(), metrics.device(name), hub.sender());
-                if let Some(rx) = write_rxs.remove(name) {
-                    driver = driver.with_commands(rx);
-                }
-                drivers.spawn(driver.run(cancel.child_token()));
-            }
-        }
+        let commands = write_rxs.remove(name);
+        drivers.spawn(device.task(
+            name,
+            &hub.registry(),
+            metrics.device(name),
+            hub.sender(),
+            commands,
+            cancel.child_token(),
+        ));
     }
     let hub = tokio::spawn(hub.run());
     info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");

@@ -6,7 +6,7 @@
 
 mod load;
 mod units;
-mod validate;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use serde::Deserialize;
 pub use load::{load, parse, ConfigError, Problem};
 pub use units::{Bytes, Dur};
 
-use crate::drivers::modbus::codec::{Area, ByteOrder, DataType};
+pub use crate::drivers::{DeviceConfig, SimulatorConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -287,65 +287,6 @@ const fn default_batch_wait() -> Dur {
     Dur::from_millis(20)
 }
 
-/// One southbound device; the variant is chosen by the table's `driver` key.
-#[derive(Debug, Clone)]
-pub enum DeviceConfig {
-    ModbusTcp(ModbusTcpDevice),
-}
-
-impl DeviceConfig {
-    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp"];
-}
-
-/// `driver = "modbus-tcp"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModbusTcpDevice {
-    /// `host:port` of the Modbus TCP server or gateway.
-    pub address: String,
-    /// Modbus unit identifier (slave address), 0–247; 255 addresses a TCP device directly.
-    #[serde(default = "default_unit_id")]
-    pub unit_id: u8,
-    /// How often to read every tag.
-    #[serde(default = "default_poll")]
-    pub poll: Dur,
-    /// How long to wait for one response (and for the TCP connection).
-    #[serde(default = "default_timeout")]
-    pub timeout: Dur,
-    /// Default byte order for the device's 32/64-bit tags.
-    #[serde(default)]
-    pub order: ByteOrder,
-    /// Registers (or bits ÷ 16) that may be read in between two tags to merge them into one request.
-    #[serde(default = "default_max_read_gap")]
-    pub max_read_gap: u16,
-    /// Largest register count in one read request (the protocol allows 125).
-    #[serde(default = "default_max_read_registers")]
-    pub max_read_registers: u16,
-    /// Largest bit count in one coil or discrete-input read (the protocol allows 2000).
-    #[serde(default = "default_max_read_bits")]
-    pub max_read_bits: u16,
-    pub tags: Vec<ModbusTag>,
-}
-
-const fn default_unit_id() -> u8 {
-    1
-}
-const fn default_poll() -> Dur {
-    Dur::from_millis(1000)
-}
-const fn default_timeout() -> Dur {
-    Dur::from_millis(1000)
-}
-const fn default_max_read_gap() -> u16 {
-    8
-}
-const fn default_max_read_registers() -> u16 {
-    125
-}
-const fn default_max_read_bits() -> u16 {
-    2000
-}
-
 /// Whether the cloud or local clients may write a tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -353,117 +294,6 @@ pub enum Access {
     #[default]
     Ro,
     Rw,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModbusTag {
-    /// The tag's name, unique in its device; the last segment of its topic.
-    pub name: String,
-    pub area: Area,
-    /// 0-based register (or bit) offset.
-    pub address: u16,
-    /// Defaults to `bool` for coils and discrete inputs and `u16` for registers.
-    #[serde(rename = "type")]
-    pub data_type: Option<DataType>,
-    /// Byte order for 32/64-bit types; defaults to the device's `order`.
-    pub order: Option<ByteOrder>,
-    /// Published value = raw × scale + offset.
-    pub scale: Option<f64>,
-    pub offset: Option<f64>,
-    /// Engineering unit, carried as metadata.
-    pub unit: Option<String>,
-    #[serde(default)]
-    pub access: Access,
-}
-
-impl ModbusTag {
-    pub fn data_type(&self) -> DataType {
-        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
-    }
-}
-
-/// One built-in simulator; the variant is chosen by the table's `kind` key.
-#[derive(Debug, Clone)]
-pub enum SimulatorConfig {
-    ModbusTcp(ModbusSimulator),
-}
-
-impl SimulatorConfig {
-    pub const KINDS: &'static [&'static str] = &["modbus-tcp"];
-}
-
-/// `kind = "modbus-tcp"`: a Modbus TCP server with registers that follow waveforms.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModbusSimulator {
-    pub listen: SocketAddr,
-    /// How often waveforms advance.
-    #[serde(default = "default_sim_update")]
-    pub update: Dur,
-    /// Answer reads of unconfigured addresses with exception 2 (illegal data address) instead of 0.
-    #[serde(default)]
-    pub strict: bool,
-    pub registers: Vec<SimRegister>,
-}
-
-const fn default_sim_update() -> Dur {
-    Dur::from_millis(100)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Wave {
-    Constant,
-    Ramp,
-    Sine,
-    Square,
-    RandomWalk,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimRegister {
-    pub area: Area,
-    pub address: u16,
-    #[serde(rename = "type")]
-    pub data_type: Option<DataType>,
-    #[serde(default)]
-    pub order: ByteOrder,
-    #[serde(default = "default_wave")]
-    pub wave: Wave,
-    /// The value of a `constant` register (and the start of a `random-walk`).
-    #[serde(default)]
-    pub value: f64,
-    #[serde(default)]
-    pub min: f64,
-    #[serde(default = "default_sim_max")]
-    pub max: f64,
-    /// Period of `ramp`, `sine` and `square`.
-    #[serde(default = "default_sim_period")]
-    pub period: Dur,
-    /// Largest change per update of a `random-walk`.
-    #[serde(default = "default_sim_step")]
-    pub step: f64,
-}
-
-impl SimRegister {
-    pub fn data_type(&self) -> DataType {
-        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
-    }
-}
-
-const fn default_wave() -> Wave {
-    Wave::Constant
-}
-const fn default_sim_max() -> f64 {
-    100.0
-}
-const fn default_sim_period() -> Dur {
-    Dur::from_millis(60_000)
-}
-const fn default_sim_step() -> f64 {
-    1.0
 }
 
 /// One northbound sink; the variant is chosen by the table's `type` key.

@@ -1,10 +1,9 @@
 //! Semantic checks that serde cannot express. Each problem carries the key path it is about, so the
 //! loader can point at the offending line; every problem is collected, none stops the others.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use super::{Access, Config, DeviceConfig, ModbusTcpDevice, NorthConfig, SimulatorConfig};
-use crate::drivers::modbus::codec::DataType;
+use super::{Config, NorthConfig};
 
 /// One step of a key path: a table key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,18 +12,22 @@ pub enum Seg {
     Index(usize),
 }
 
-type Found = Vec<(Vec<Seg>, String)>;
+/// Problems found, each with the key path it is about.
+pub type Found = Vec<(Vec<Seg>, String)>;
 
-fn path(parts: &[&str]) -> Vec<Seg> {
+/// A key path from table keys.
+pub fn path(parts: &[&str]) -> Vec<Seg> {
     parts.iter().map(|p| Seg::Key((*p).to_owned())).collect()
 }
 
-fn with(mut base: Vec<Seg>, more: impl IntoIterator<Item = Seg>) -> Vec<Seg> {
+/// `base` followed by `more`.
+pub fn with(mut base: Vec<Seg>, more: impl IntoIterator<Item = Seg>) -> Vec<Seg> {
     base.extend(more);
     base
 }
 
-fn key(k: &str) -> Seg {
+/// One table key of a path.
+pub fn key(k: &str) -> Seg {
     Seg::Key(k.to_owned())
 }
 
@@ -72,9 +75,7 @@ pub fn validate(config: &Config) -> Found {
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("device name `{name}` {p}")));
         }
-        match device {
-            DeviceConfig::ModbusTcp(d) => modbus_tcp(d, base, &mut found),
-        }
+        device.validate(base, &mut found);
     }
     for (name, plugin) in &config.plugins {
         let base = path(&["plugins", name]);
@@ -148,14 +149,7 @@ pub fn validate(config: &Config) -> Found {
         }
     }
     let longest_device = config.devices.keys().map(String::len).max().unwrap_or(0);
-    let longest_tag = config
-        .devices
-        .values()
-        .flat_map(|d| match d {
-            DeviceConfig::ModbusTcp(m) => m.tags.iter().map(|t| t.name.len()),
-        })
-        .max()
-        .unwrap_or(0);
+    let longest_tag = config.devices.values().flat_map(|d| d.tag_names()).map(str::len).max().unwrap_or(0);
     for (name, sink) in &config.north {
         let base = path(&["north", name]);
         if let Some(p) = name_problem(name) {
@@ -169,115 +163,18 @@ pub fn validate(config: &Config) -> Found {
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("simulator name `{name}` {p}")));
         }
-        match sim {
-            SimulatorConfig::ModbusTcp(s) => {
-                if s.listen.port() != 0 {
-                    if let Some(other) = listens.insert(s.listen, name) {
-                        found.push((
-                            with(base.clone(), [key("listen")]),
-                            format!("simulator `{other}` already listens on {}", s.listen),
-                        ));
-                    }
-                }
-                if s.update.0.is_zero() {
-                    found.push((with(base.clone(), [key("update")]), "must be longer than 0s".into()));
-                }
-                let mut used: HashSet<(crate::drivers::modbus::codec::Area, u16)> = HashSet::new();
-                for (i, r) in s.registers.iter().enumerate() {
-                    let rp = with(base.clone(), [key("registers"), Seg::Index(i)]);
-                    let ty = r.data_type();
-                    if r.area.is_bit() && ty != DataType::Bool {
-                        found.push((
-                            with(rp.clone(), [key("type")]),
-                            format!("area `{}` holds single bits: use type = \"bool\"", area_name(r.area)),
-                        ));
-                    }
-                    if u32::from(r.address) + u32::from(ty.registers()) > 65536 {
-                        found.push((with(rp.clone(), [key("address")]), "runs past address 65535".into()));
-                    }
-                    for a in 0..ty.registers() {
-                        if !used.insert((r.area, r.address.wrapping_add(a))) {
-                            found.push((
-                                with(rp.clone(), [key("address")]),
-                                format!("overlaps another register at address {}", r.address.wrapping_add(a)),
-                            ));
-                            break;
-                        }
-                    }
-                    if r.min > r.max {
-                        found.push((with(rp.clone(), [key("min")]), "min must not exceed max".into()));
-                    }
-                    if r.period.0.is_zero() {
-                        found.push((with(rp, [key("period")]), "must be longer than 0s".into()));
-                    }
-                }
+        let listen = sim.listen();
+        if listen.port() != 0 {
+            if let Some(other) = listens.insert(listen, name) {
+                found.push((
+                    with(base.clone(), [key("listen")]),
+                    format!("simulator `{other}` already listens on {listen}"),
+                ));
             }
         }
+        sim.validate(base, &mut found);
     }
     found
-}
-
-fn modbus_tcp(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
-    match d.address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-        _ => found.push((
-            with(base.clone(), [key("address")]),
-            format!("address `{}` must be host:port, e.g. \"192.168.1.10:502\"", d.address),
-        )),
-    }
-    if d.poll.0.is_zero() {
-        found.push((with(base.clone(), [key("poll")]), "must be longer than 0s".into()));
-    }
-    if d.timeout.0.is_zero() {
-        found.push((with(base.clone(), [key("timeout")]), "must be longer than 0s".into()));
-    }
-    if !(1..=125).contains(&d.max_read_registers) {
-        found.push((with(base.clone(), [key("max_read_registers")]), "must be between 1 and 125".into()));
-    }
-    if !(1..=2000).contains(&d.max_read_bits) {
-        found.push((with(base.clone(), [key("max_read_bits")]), "must be between 1 and 2000".into()));
-    }
-    if d.tags.is_empty() {
-        found.push((with(base.clone(), [key("tags")]), "a device needs at least one tag".into()));
-    }
-    let mut names = HashSet::new();
-    for (i, t) in d.tags.iter().enumerate() {
-        let tp = with(base.clone(), [key("tags"), Seg::Index(i)]);
-        if let Some(p) = name_problem(&t.name) {
-            found.push((with(tp.clone(), [key("name")]), format!("tag name `{}` {p}", t.name)));
-        }
-        if !names.insert(t.name.as_str()) {
-            found.push((with(tp.clone(), [key("name")]), format!("duplicate tag name `{}` in this device", t.name)));
-        }
-        let ty = t.data_type();
-        if t.area.is_bit() && ty != DataType::Bool {
-            found.push((
-                with(tp.clone(), [key("type")]),
-                format!("area `{}` holds single bits: use type = \"bool\" or a register area", area_name(t.area)),
-            ));
-        }
-        if u32::from(t.address) + u32::from(ty.registers()) > 65536 {
-            found.push((
-                with(tp.clone(), [key("address")]),
-                format!("a {ty:?} at {} runs past address 65535", t.address).to_lowercase(),
-            ));
-        }
-        if ty == DataType::Bool && (t.scale.is_some() || t.offset.is_some()) {
-            found.push((with(tp.clone(), [key("scale")]), "a bool tag cannot have scale or offset".into()));
-        }
-        if t.scale == Some(0.0) {
-            found.push((with(tp.clone(), [key("scale")]), "scale 0 would make every reading 0".into()));
-        }
-        if t.access == Access::Rw && !t.area.is_writable() {
-            found.push((
-                with(tp, [key("access")]),
-                format!(
-                    "area `{}` is read-only in Modbus; only coil and holding tags can be \"rw\"",
-                    area_name(t.area)
-                ),
-            ));
-        }
-    }
 }
 
 fn north(sink: &NorthConfig, base: Vec<Seg>, longest_device: usize, longest_tag: usize, found: &mut Found) {
@@ -423,16 +320,6 @@ fn files(list: &[(&str, &Option<std::path::PathBuf>)], at: &dyn Fn(&str) -> Vec<
                 found.push((at(k), format!("cannot read {}: {e}", f.display())));
             }
         }
-    }
-}
-
-fn area_name(a: crate::drivers::modbus::codec::Area) -> &'static str {
-    use crate::drivers::modbus::codec::Area;
-    match a {
-        Area::Coil => "coil",
-        Area::Discrete => "discrete",
-        Area::Input => "input",
-        Area::Holding => "holding",
     }
 }
 

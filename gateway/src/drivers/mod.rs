@@ -1,8 +1,101 @@
 //! Southbound drivers: each turns a device's protocol into `Point`s on the internal bus.
+//!
+//! This file is the one dispatch point: `DeviceConfig` and `SimulatorConfig` name every driver and
+//! simulator, and their methods hand each variant to its own folder. A driver owns its config
+//! types, their checks, its polling task and its simulator (`modbus/`). Adding a driver is a
+//! folder beside `modbus/`, a variant and one arm per method here, and one line in the loader's
+//! `driver` dispatch (`config/load.rs`).
 
 pub mod modbus;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::validate::{Found, Seg};
+use crate::hub::BusSender;
+use crate::metrics::DeviceStats;
+use crate::point::Registry;
+
+/// One southbound device; the variant is chosen by the table's `driver` key.
+#[derive(Debug, Clone)]
+pub enum DeviceConfig {
+    ModbusTcp(modbus::ModbusTcpDevice),
+}
+
+impl DeviceConfig {
+    /// The `driver` values, for the loader's messages.
+    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp"];
+
+    /// The names of the device's tags.
+    pub fn tag_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match self {
+            DeviceConfig::ModbusTcp(d) => Box::new(d.tags.iter().map(|t| t.name.as_str())),
+        }
+    }
+
+    /// The driver's own checks; `base` is the device's key path.
+    pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
+        match self {
+            DeviceConfig::ModbusTcp(d) => modbus::config::validate_device(d, base, found),
+        }
+    }
+
+    /// The device's polling task, reading write commands from `commands`.
+    pub fn task(
+        &self,
+        name: &str,
+        registry: &Arc<Registry>,
+        stats: Arc<DeviceStats>,
+        out: BusSender,
+        commands: Option<WriteRx>,
+        cancel: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        match self {
+            DeviceConfig::ModbusTcp(d) => {
+                let mut driver = modbus::ModbusTcpDriver::new(name, d, registry, stats, out);
+                if let Some(rx) = commands {
+                    driver = driver.with_commands(rx);
+                }
+                Box::pin(driver.run(cancel))
+            }
+        }
+    }
+}
+
+/// One built-in simulator; the variant is chosen by the table's `kind` key.
+#[derive(Debug, Clone)]
+pub enum SimulatorConfig {
+    ModbusTcp(modbus::ModbusSimulator),
+}
+
+impl SimulatorConfig {
+    /// The `kind` values, for the loader's messages.
+    pub const KINDS: &'static [&'static str] = &["modbus-tcp"];
+
+    /// Where it listens (port 0: a free port).
+    pub fn listen(&self) -> SocketAddr {
+        match self {
+            SimulatorConfig::ModbusTcp(s) => s.listen,
+        }
+    }
+
+    /// The simulator's own checks; `base` is its key path.
+    pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
+        match self {
+            SimulatorConfig::ModbusTcp(s) => modbus::config::validate_simulator(s, base, found),
+        }
+    }
+
+    /// Starts it and returns the bound address.
+    pub async fn start(&self, name: &str, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+        match self {
+            SimulatorConfig::ModbusTcp(s) => modbus::simulator::start(name, s, cancel).await,
+        }
+    }
+}
 
 /// A request to write one tag of one device, from the cloud or from the local broker.
 #[derive(Debug)]

@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::codec::{self, Area, ByteOrder, DataType};
+use super::config::ModbusTcpDevice;
 use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
-use crate::config::{Access, ModbusTcpDevice};
+use crate::config::Access;
 use crate::drivers::{WriteCommand, WriteRx};
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;

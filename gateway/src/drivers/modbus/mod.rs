@@ -1,7 +1,11 @@
-//! Modbus: the register codec, the read planner and the TCP polling driver.
+//! Modbus: the register codec, the read planner, the TCP polling driver, its config and its
+//! simulator.
 
 pub mod codec;
+pub mod config;
 mod driver;
 pub mod planner;
+pub mod simulator;
 
+pub use config::{ModbusSimulator, ModbusTag, ModbusTcpDevice, SimRegister, Wave};
 pub use driver::ModbusTcpDriver;

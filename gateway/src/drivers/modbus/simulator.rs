@@ -18,8 +18,8 @@ use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::config::{ModbusSimulator, SimRegister, Wave};
-use crate::drivers::modbus::codec::{self, Area, DataType};
+use super::codec::{self, Area, DataType};
+use super::config::{ModbusSimulator, SimRegister, Wave};
 use crate::point::Value;
 
 /// The register memory of one simulated device. Sparse, so a simulator of a hundred devices costs

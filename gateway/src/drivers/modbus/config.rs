@@ -1,0 +1,272 @@
+//! The Modbus driver's config: the `[devices.NAME]` keys of `driver = "modbus-tcp"`, its tags, the
+//! `[simulators.NAME]` keys of `kind = "modbus-tcp"`, and the checks serde cannot express. Each
+//! doc comment is the reference for its key; `configs/gateway.toml` shows them all.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::codec::{Area, ByteOrder, DataType};
+use crate::config::validate::{key, name_problem, with, Found, Seg};
+use crate::config::{Access, Dur};
+
+/// `driver = "modbus-tcp"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusTcpDevice {
+    /// `host:port` of the Modbus TCP server or gateway.
+    pub address: String,
+    /// Modbus unit identifier (slave address), 0–247; 255 addresses a TCP device directly.
+    #[serde(default = "default_unit_id")]
+    pub unit_id: u8,
+    /// How often to read every tag.
+    #[serde(default = "default_poll")]
+    pub poll: Dur,
+    /// How long to wait for one response (and for the TCP connection).
+    #[serde(default = "default_timeout")]
+    pub timeout: Dur,
+    /// Default byte order for the device's 32/64-bit tags.
+    #[serde(default)]
+    pub order: ByteOrder,
+    /// Registers (or bits ÷ 16) that may be read in between two tags to merge them into one request.
+    #[serde(default = "default_max_read_gap")]
+    pub max_read_gap: u16,
+    /// Largest register count in one read request (the protocol allows 125).
+    #[serde(default = "default_max_read_registers")]
+    pub max_read_registers: u16,
+    /// Largest bit count in one coil or discrete-input read (the protocol allows 2000).
+    #[serde(default = "default_max_read_bits")]
+    pub max_read_bits: u16,
+    pub tags: Vec<ModbusTag>,
+}
+
+const fn default_unit_id() -> u8 {
+    1
+}
+const fn default_poll() -> Dur {
+    Dur::from_millis(1000)
+}
+const fn default_timeout() -> Dur {
+    Dur::from_millis(1000)
+}
+const fn default_max_read_gap() -> u16 {
+    8
+}
+const fn default_max_read_registers() -> u16 {
+    125
+}
+const fn default_max_read_bits() -> u16 {
+    2000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusTag {
+    /// The tag's name, unique in its device; the last segment of its topic.
+    pub name: String,
+    pub area: Area,
+    /// 0-based register (or bit) offset.
+    pub address: u16,
+    /// Defaults to `bool` for coils and discrete inputs and `u16` for registers.
+    #[serde(rename = "type")]
+    pub data_type: Option<DataType>,
+    /// Byte order for 32/64-bit types; defaults to the device's `order`.
+    pub order: Option<ByteOrder>,
+    /// Published value = raw × scale + offset.
+    pub scale: Option<f64>,
+    pub offset: Option<f64>,
+    /// Engineering unit, carried as metadata.
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub access: Access,
+}
+
+impl ModbusTag {
+    pub fn data_type(&self) -> DataType {
+        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
+    }
+}
+
+/// `kind = "modbus-tcp"`: a Modbus TCP server with registers that follow waveforms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusSimulator {
+    pub listen: SocketAddr,
+    /// How often waveforms advance.
+    #[serde(default = "default_sim_update")]
+    pub update: Dur,
+    /// Answer reads of unconfigured addresses with exception 2 (illegal data address) instead of 0.
+    #[serde(default)]
+    pub strict: bool,
+    pub registers: Vec<SimRegister>,
+}
+
+const fn default_sim_update() -> Dur {
+    Dur::from_millis(100)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wave {
+    Constant,
+    Ramp,
+    Sine,
+    Square,
+    RandomWalk,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimRegister {
+    pub area: Area,
+    pub address: u16,
+    #[serde(rename = "type")]
+    pub data_type: Option<DataType>,
+    #[serde(default)]
+    pub order: ByteOrder,
+    #[serde(default = "default_wave")]
+    pub wave: Wave,
+    /// The value of a `constant` register (and the start of a `random-walk`).
+    #[serde(default)]
+    pub value: f64,
+    #[serde(default)]
+    pub min: f64,
+    #[serde(default = "default_sim_max")]
+    pub max: f64,
+    /// Period of `ramp`, `sine` and `square`.
+    #[serde(default = "default_sim_period")]
+    pub period: Dur,
+    /// Largest change per update of a `random-walk`.
+    #[serde(default = "default_sim_step")]
+    pub step: f64,
+}
+
+impl SimRegister {
+    pub fn data_type(&self) -> DataType {
+        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
+    }
+}
+
+const fn default_wave() -> Wave {
+    Wave::Constant
+}
+const fn default_sim_max() -> f64 {
+    100.0
+}
+const fn default_sim_period() -> Dur {
+    Dur::from_millis(60_000)
+}
+const fn default_sim_step() -> f64 {
+    1.0
+}
+
+/// The checks of one `driver = "modbus-tcp"` device; `base` is its key path.
+pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
+    match d.address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+        _ => found.push((
+            with(base.clone(), [key("address")]),
+            format!("address `{}` must be host:port, e.g. \"192.168.1.10:502\"", d.address),
+        )),
+    }
+    if d.poll.0.is_zero() {
+        found.push((with(base.clone(), [key("poll")]), "must be longer than 0s".into()));
+    }
+    if d.timeout.0.is_zero() {
+        found.push((with(base.clone(), [key("timeout")]), "must be longer than 0s".into()));
+    }
+    if !(1..=125).contains(&d.max_read_registers) {
+        found.push((with(base.clone(), [key("max_read_registers")]), "must be between 1 and 125".into()));
+    }
+    if !(1..=2000).contains(&d.max_read_bits) {
+        found.push((with(base.clone(), [key("max_read_bits")]), "must be between 1 and 2000".into()));
+    }
+    if d.tags.is_empty() {
+        found.push((with(base.clone(), [key("tags")]), "a device needs at least one tag".into()));
+    }
+    let mut names = HashSet::new();
+    for (i, t) in d.tags.iter().enumerate() {
+        let tp = with(base.clone(), [key("tags"), Seg::Index(i)]);
+        if let Some(p) = name_problem(&t.name) {
+            found.push((with(tp.clone(), [key("name")]), format!("tag name `{}` {p}", t.name)));
+        }
+        if !names.insert(t.name.as_str()) {
+            found.push((with(tp.clone(), [key("name")]), format!("duplicate tag name `{}` in this device", t.name)));
+        }
+        let ty = t.data_type();
+        if t.area.is_bit() && ty != DataType::Bool {
+            found.push((
+                with(tp.clone(), [key("type")]),
+                format!("area `{}` holds single bits: use type = \"bool\" or a register area", area_name(t.area)),
+            ));
+        }
+        if u32::from(t.address) + u32::from(ty.registers()) > 65536 {
+            found.push((
+                with(tp.clone(), [key("address")]),
+                format!("a {ty:?} at {} runs past address 65535", t.address).to_lowercase(),
+            ));
+        }
+        if ty == DataType::Bool && (t.scale.is_some() || t.offset.is_some()) {
+            found.push((with(tp.clone(), [key("scale")]), "a bool tag cannot have scale or offset".into()));
+        }
+        if t.scale == Some(0.0) {
+            found.push((with(tp.clone(), [key("scale")]), "scale 0 would make every reading 0".into()));
+        }
+        if t.access == Access::Rw && !t.area.is_writable() {
+            found.push((
+                with(tp, [key("access")]),
+                format!(
+                    "area `{}` is read-only in Modbus; only coil and holding tags can be \"rw\"",
+                    area_name(t.area)
+                ),
+            ));
+        }
+    }
+}
+
+/// The checks of one `kind = "modbus-tcp"` simulator (its name and listen address are checked with
+/// the others').
+pub fn validate_simulator(s: &ModbusSimulator, base: Vec<Seg>, found: &mut Found) {
+    if s.update.0.is_zero() {
+        found.push((with(base.clone(), [key("update")]), "must be longer than 0s".into()));
+    }
+    let mut used: HashSet<(Area, u16)> = HashSet::new();
+    for (i, r) in s.registers.iter().enumerate() {
+        let rp = with(base.clone(), [key("registers"), Seg::Index(i)]);
+        let ty = r.data_type();
+        if r.area.is_bit() && ty != DataType::Bool {
+            found.push((
+                with(rp.clone(), [key("type")]),
+                format!("area `{}` holds single bits: use type = \"bool\"", area_name(r.area)),
+            ));
+        }
+        if u32::from(r.address) + u32::from(ty.registers()) > 65536 {
+            found.push((with(rp.clone(), [key("address")]), "runs past address 65535".into()));
+        }
+        for a in 0..ty.registers() {
+            if !used.insert((r.area, r.address.wrapping_add(a))) {
+                found.push((
+                    with(rp.clone(), [key("address")]),
+                    format!("overlaps another register at address {}", r.address.wrapping_add(a)),
+                ));
+                break;
+            }
+        }
+        if r.min > r.max {
+            found.push((with(rp.clone(), [key("min")]), "min must not exceed max".into()));
+        }
+        if r.period.0.is_zero() {
+            found.push((with(rp, [key("period")]), "must be longer than 0s".into()));
+        }
+    }
+}
+
+fn area_name(a: Area) -> &'static str {
+    match a {
+        Area::Coil => "coil",
+        Area::Discrete => "discrete",
+        Area::Input => "input",
+        Area::Holding => "holding",
+    }
+}
