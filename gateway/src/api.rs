@@ -18,9 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::base::point::{Point, Quality, Value};
 use crate::hub::CurrentValues;
 use crate::metrics::Metrics;
-use crate::point::{Point, Quality, Value};
 
 #[derive(Clone)]
 struct Ctx {

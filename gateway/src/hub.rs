@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::base::point::{Batch, Point, Registry};
 use crate::metrics::{Counter, Metrics};
-use crate::point::{Batch, Point, Registry};
 
 /// The sending side handed to drivers.
 pub type BusSender = mpsc::Sender<Batch>;
@@ -204,7 +204,7 @@ pub fn batch(points: Vec<Point>) -> Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::{Point, Value};
+    use crate::base::point::{Point, Value};
 
     #[tokio::test]
     async fn batches_for_a_stopped_consumer_are_counted() {

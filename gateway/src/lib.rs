@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML model, loading with `FILE:LINE:COLUMN` errors, validation.
-//! - [`point`]: the one data model (`Point`) and its JSON payload.
+//! - [`base`]: what everything may import: the point model (`Point`) and its JSON payload, topic
+//!   templates, metric primitives.
 //! - [`drivers`]: southbound protocols, dispatched in one place; [`drivers::modbus`] has the codec,
 //!   planner, driver, config and simulator.
 //! - [`hub`]: the bounded internal bus, current values and fan-out to consumers.
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod base;
 pub mod broker;
 pub mod commands;
 pub mod config;
@@ -23,7 +25,6 @@ pub mod drivers;
 pub mod hub;
 pub mod metrics;
 pub mod plugins;
-pub mod point;
 pub mod runtime;
 pub mod sinks;
 pub mod telemetry;

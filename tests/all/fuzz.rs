@@ -137,8 +137,8 @@ fn fuzz_the_config_loader() {
 
 #[test]
 fn fuzz_the_modbus_value_codec() {
+    use updraft::base::point::Value;
     use updraft::drivers::modbus::codec::{decode, encode, ByteOrder, DataType};
-    use updraft::point::Value;
     let types = [
         DataType::Bool,
         DataType::U16,
@@ -177,7 +177,7 @@ fn fuzz_the_modbus_value_codec() {
 
 #[test]
 fn fuzz_the_buffer_record_decoder() {
-    use updraft::point::{Point, Registry, Value};
+    use updraft::base::point::{Point, Registry, Value};
     // Valid records of every kind, to mutate.
     let tmp = updraft_tests::TempDir::new("fuzz-dict");
     let mut dict = updraft::sinks::codec::Dict::open(tmp.path()).unwrap();

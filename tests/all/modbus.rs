@@ -78,7 +78,7 @@ async fn every_type_and_order_arrives_on_the_local_broker() {
         assert_eq!(got["value"], value, "{topic}: {got}");
         assert_eq!(got["quality"], "good", "{topic}: {got}");
         let ts = got["ts"].as_i64().expect("ts is an integer");
-        let now = updraft::point::now_ms();
+        let now = updraft::base::point::now_ms();
         assert!((now - 60_000..=now).contains(&ts), "ts {ts} is Unix milliseconds of the read");
     }
 
@@ -259,7 +259,7 @@ tags = [
     set("pump", "true").await;
     assert_eq!(sub.wait_for("updraft/boiler-1/pump/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
     let pump = eventually(WAIT, || {
-        gw.values.get("boiler-1", "pump").filter(|p| p.value == Some(updraft::point::Value::Bool(true)))
+        gw.values.get("boiler-1", "pump").filter(|p| p.value == Some(updraft::base::point::Value::Bool(true)))
     })
     .await;
     assert!(pump.is_some(), "the written coil reads back as true");

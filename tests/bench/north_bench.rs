@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use updraft::base::point::{now_ms, Point, TagKey, Value};
 use updraft::hub::{batch, Hub};
 use updraft::metrics::Metrics;
-use updraft::point::{now_ms, Point, TagKey, Value};
 use updraft::sinks::SinkStats;
 use updraft_tests::cloud::{Link, Mosquitto, Proxy};
 

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use updraft::base::point::Registry;
 use updraft::plugins::host::{Batch, DataPoint, PluginEngine, WitQuality, WitValue};
-use updraft::point::Registry;
 
 fn main() {
     let wasm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/target/wasm32-wasip2/release/noop.wasm");

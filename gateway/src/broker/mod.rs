@@ -63,8 +63,7 @@ pub struct EmbeddedBroker {
 /// Most points handed to the router in one wake-up.
 const MAX_BURST: usize = 512;
 
-/// Topic prefix of every device reading on the local bus.
-pub const TOPIC_PREFIX: &str = "updraft";
+pub use crate::base::topic::TOPIC_PREFIX;
 
 /// How many retained messages rumqttd hands a new QoS 0 subscriber at once. It truncates the
 /// retained set to its `max_outgoing_packet_count`, so this must exceed the number of tags.

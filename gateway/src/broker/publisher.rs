@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{complete_now, EmbeddedBroker, MAX_BURST};
+use crate::base::point::Batch;
 use crate::metrics::Metrics;
-use crate::point::Batch;
 
 impl EmbeddedBroker {
     /// Spawns the publisher thread: every point of every batch goes to `updraft/{device}/{tag}`,

@@ -21,7 +21,7 @@ impl EmbeddedBroker {
         &mut self,
         filters: &[String],
         skip_prefixes: &[String],
-        registry: Arc<crate::point::Registry>,
+        registry: Arc<crate::base::point::Registry>,
         tx: crate::hub::BusSender,
         dropped: Arc<crate::metrics::Counter>,
         cancel: tokio_util::sync::CancellationToken,
@@ -69,7 +69,7 @@ impl EmbeddedBroker {
                         registry.intern_external(&topic)
                     }
                 };
-                let point = crate::point::Point::message(key, publish.payload, crate::point::now_ms());
+                let point = crate::base::point::Point::message(key, publish.payload, crate::base::point::now_ms());
                 if tx.send(crate::hub::batch(vec![point])).await.is_err() {
                     break;
                 }

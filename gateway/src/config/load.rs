@@ -490,6 +490,16 @@ on_full = "drop-oldest"
     }
 
     #[test]
+    fn template_placeholders_are_checked_at_the_line() {
+        let sink = "[north.cloud]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\ntopic = \"parks/{gateway}/{devcie}\"\n";
+        let p = problems(&format!("{GOOD}{sink}"));
+        assert!(p.iter().any(|p| p.starts_with("t.toml:15:") && p.contains("unknown placeholder `{devcie}`")), "{p:?}");
+        let status = sink.replace("{devcie}", "{device}") + "status_topic = \"s/{device}\"\n";
+        let p = problems(&format!("{GOOD}{status}"));
+        assert!(p.iter().any(|p| p.starts_with("t.toml:16:") && p.contains("cannot use {device}")), "{p:?}");
+    }
+
+    #[test]
     fn syntax_error_is_located() {
         let p = problems("[gateway]\nid = = 1\n");
         assert!(p[0].starts_with("t.toml:2:6:"), "{p:?}");

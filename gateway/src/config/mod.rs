@@ -17,6 +17,7 @@ use serde::Deserialize;
 pub use load::{load, parse, ConfigError, Problem};
 pub use units::{Bytes, Dur};
 
+use crate::base::topic::Template;
 pub use crate::drivers::{DeviceConfig, SimulatorConfig};
 
 /// The whole configuration file.
@@ -228,15 +229,16 @@ pub struct PluginConfig {
     pub limits: PluginLimits,
     /// Output name → topic template on the embedded broker (`{device}`, `{tag}`, `{plugin}`).
     #[serde(default = "default_outputs")]
-    pub outputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, Template>,
     /// How often `on-tick` runs; none if absent.
     pub tick: Option<Dur>,
     #[serde(default)]
     pub batch: PluginBatch,
 }
 
-fn default_outputs() -> BTreeMap<String, String> {
-    BTreeMap::from([("default".to_owned(), "updraft/derived/{device}/{tag}".to_owned())])
+fn default_outputs() -> BTreeMap<String, Template> {
+    let t = Template::parse("updraft/derived/{device}/{tag}", crate::base::topic::ALL).expect("a valid template");
+    BTreeMap::from([("default".to_owned(), t)])
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,12 +344,12 @@ impl NorthConfig {
                 crate::sinks::mqtt::Endpoint::parse(&m.url).is_ok_and(|e| e.tls),
                 [&m.ca_file, &m.cert_file, &m.key_file],
             ),
-            NorthConfig::Http(h) => (h.url.starts_with("https://"), [&h.ca_file, &h.cert_file, &h.key_file]),
+            NorthConfig::Http(h) => (h.url.source().starts_with("https://"), [&h.ca_file, &h.cert_file, &h.key_file]),
         }
     }
 
     /// Where messages go: the MQTT topic or the HTTP URL template.
-    pub fn template(&self) -> &str {
+    pub fn template(&self) -> &Template {
         match self {
             NorthConfig::Mqtt(m) => &m.topic,
             NorthConfig::Http(h) => &h.url,
@@ -405,17 +407,17 @@ pub struct MqttNorth {
     /// Topic template of data messages: `{gateway}`, `{device}`, `{tag}` (one message per tag then)
     /// and `{topic}` (the point's topic on the local broker).
     #[serde(default = "default_north_topic")]
-    pub topic: String,
+    pub topic: Template,
     /// 1: a point leaves the buffer only once the broker acknowledged it. 0: once it is written to
     /// the connection (lost if the connection drops at that moment).
     #[serde(default = "default_qos")]
     pub qos: u8,
     /// Where write commands arrive (`{device}` becomes the `+` wildcard). Default: the data topic
     /// followed by `/set`. Replies go to the command's topic followed by `/reply`.
-    pub command_topic: Option<String>,
+    pub command_topic: Option<Template>,
     /// Retained `online`, with last will `offline`. Default: `{prefix}/{gateway}/status`, where
     /// `{prefix}` is the part of `topic` before `/{gateway}`.
-    pub status_topic: Option<String>,
+    pub status_topic: Option<Template>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive: Dur,
     /// Most data messages sent and not yet acknowledged.
@@ -443,7 +445,7 @@ pub struct MqttNorth {
 #[serde(deny_unknown_fields)]
 pub struct HttpNorth {
     /// `http://…` or `https://…`; `{gateway}` and `{device}` are filled in.
-    pub url: String,
+    pub url: Template,
     /// File holding a bearer token, sent as `Authorization: Bearer …`; re-read on every retry, so a
     /// rotated token is picked up without a restart.
     pub token_file: Option<PathBuf>,
@@ -476,8 +478,8 @@ pub struct HttpNorth {
     pub buffer: NorthBuffer,
 }
 
-fn default_north_topic() -> String {
-    "updraft/{gateway}/{device}".to_owned()
+fn default_north_topic() -> Template {
+    Template::parse("updraft/{gateway}/{device}", crate::base::topic::ALL).expect("a valid template")
 }
 const fn default_qos() -> u8 {
     1

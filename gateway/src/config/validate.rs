@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{Config, NorthConfig};
+use crate::base::topic::{Var, Vars};
 
 /// One step of a key path: a table key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +101,11 @@ pub fn validate(config: &Config) -> Found {
         }
         for (out, template) in &plugin.outputs {
             let at = with(base.clone(), [key("outputs"), key(out)]);
-            if template.contains(['+', '#']) || template.is_empty() || template.starts_with('/') {
+            let unsupported = template.unsupported(&[Var::Device, Var::Tag, Var::Plugin, Var::Subject]);
+            let template = template.source();
+            if !unsupported.is_empty() {
+                found.push((at, format!("topic template `{template}` cannot use {} here; use {{device}}, {{tag}}, {{plugin}}, {{subject}}", unsupported.join(", "))));
+            } else if template.contains(['+', '#']) || template.is_empty() || template.starts_with('/') {
                 found.push((
                     at,
                     format!("topic template `{template}` must be a plain topic (no wildcards, no leading '/')"),
@@ -139,7 +144,8 @@ pub fn validate(config: &Config) -> Found {
         if let NorthConfig::Mqtt(m) = sink {
             let status = crate::sinks::mqtt::status_topic(m, &config.gateway.id);
             for device in config.devices.keys() {
-                if crate::sinks::render(&m.topic, &config.gateway.id, device, "", "") == status {
+                let vars = Vars { gateway: &config.gateway.id, device, ..Vars::default() };
+                if m.topic.render(&vars) == status {
                     found.push((
                         path(&["north", name, "topic"]),
                         format!("device `{device}` would publish on the status topic `{status}`; set `status_topic`"),
@@ -188,12 +194,18 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, longest_device: usize, longest_tag:
                 found
                     .push((at("qos"), "qos must be 0 or 1 (QoS 1 already guarantees delivery with the buffer)".into()));
             }
-            for (k, t) in [
-                ("topic", Some(&m.topic)),
-                ("command_topic", m.command_topic.as_ref()),
-                ("status_topic", m.status_topic.as_ref()),
+            let data = [Var::Gateway, Var::Device, Var::Tag, Var::Topic];
+            for (k, t, allowed) in [
+                ("topic", Some(&m.topic), &data[..]),
+                ("command_topic", m.command_topic.as_ref(), &[Var::Gateway, Var::Device, Var::Tag][..]),
+                ("status_topic", m.status_topic.as_ref(), &[Var::Gateway][..]),
             ] {
                 if let Some(t) = t {
+                    let unsupported = t.unsupported(allowed);
+                    if !unsupported.is_empty() {
+                        found.push((at(k), format!("`{k}` cannot use {} (`{t}`)", unsupported.join(", "))));
+                    }
+                    let t = t.source();
                     if t.contains(['+', '#']) || t.is_empty() || t.starts_with('/') {
                         found
                             .push((at(k), format!("topic `{t}` must be a plain topic (no wildcards, no leading '/')")));
@@ -211,8 +223,13 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, longest_device: usize, longest_tag:
             }
         }
         NorthConfig::Http(h) => {
-            if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                found.push((at("url"), format!("url `{}` must start with http:// or https://", h.url)));
+            let unsupported = h.url.unsupported(&[Var::Gateway, Var::Device, Var::Tag, Var::Topic]);
+            if !unsupported.is_empty() {
+                found.push((at("url"), format!("url cannot use {}", unsupported.join(", "))));
+            }
+            let url = h.url.source();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                found.push((at("url"), format!("url `{url}` must start with http:// or https://")));
             }
             if h.token_file.is_some() && h.username.is_some() {
                 found.push((at("token_file"), "use either a bearer token or a username, not both".into()));
@@ -415,12 +432,12 @@ fn reserved_output(template: &str, plugin: &str, config: &Config) -> Option<Stri
         return Some("ends in /set, which is reserved for write commands".into());
     }
     let placeholder = |l: &str| l.contains('{');
-    if levels.len() == 3 && levels[0] == crate::broker::TOPIC_PREFIX {
+    if levels.len() == 3 && levels[0] == crate::base::topic::TOPIC_PREFIX {
         let device = levels[1];
         if placeholder(device) || config.devices.contains_key(device) {
             return Some(format!(
                 "could publish as a device's reading (`{}/{{device}}/{{tag}}`); use e.g. `updraft/derived/{{device}}/{{tag}}`",
-                crate::broker::TOPIC_PREFIX
+                crate::base::topic::TOPIC_PREFIX
             ));
         }
     }

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::base::point::Registry;
 use crate::config::validate::{Found, Seg};
 use crate::hub::BusSender;
 use crate::metrics::DeviceStats;
-use crate::point::Registry;
 
 /// One southbound device; the variant is chosen by the table's `driver` key.
 #[derive(Debug, Clone)]

@@ -21,7 +21,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use crate::point::Registry;
+use crate::base::point::Registry;
 
 mod wit {
     wasmtime::component::bindgen!({
@@ -302,7 +302,7 @@ pub struct TagView {
 }
 
 impl TagView {
-    fn get(&self, id: u32) -> Option<Arc<crate::point::TagKey>> {
+    fn get(&self, id: u32) -> Option<Arc<crate::base::point::TagKey>> {
         let key = self.registry.by_id(id)?;
         let visible = !key.derived && self.subscribe.iter().any(|f| super::runner::filter_matches(f, &key));
         visible.then_some(key)

@@ -11,11 +11,12 @@ use tracing::{error, info, warn};
 use super::host::{
     Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, Message, PluginInstance, TagView, WitQuality, WitValue,
 };
+use crate::base::topic::Vars;
 use crate::config::PluginConfig;
 use crate::hub::{batch, BusSender};
 use crate::metrics::{Counter, Metrics};
 
-use crate::point::{now_ms, Batch as PointBatch, Point, Quality, Registry, TagKey, Value};
+use crate::base::point::{now_ms, Batch as PointBatch, Point, Quality, Registry, TagKey, Value};
 
 /// Per-plugin counters, on `/metrics` as `updraft_plugin_*_total{plugin}`.
 #[derive(Debug, Default)]
@@ -335,11 +336,8 @@ impl Runner {
         if !m.subject.is_empty() {
             name_ok("subject", &m.subject)?;
         }
-        let topic = template
-            .replace("{subject}", &m.subject)
-            .replace("{device}", &m.subject)
-            .replace("{tag}", "")
-            .replace("{plugin}", &self.name);
+        let vars = Vars { device: &m.subject, subject: &m.subject, plugin: &self.name, ..Vars::default() };
+        let topic = template.render(&vars);
         let key = self.key(&m.subject, "", &topic)?;
         Ok(Point::message(key, bytes::Bytes::from(m.payload), now_ms()))
     }
@@ -349,7 +347,8 @@ impl Runner {
         let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
         name_ok("device", &e.device)?;
         name_ok("tag", &e.tag)?;
-        let topic = template.replace("{device}", &e.device).replace("{tag}", &e.tag).replace("{plugin}", &self.name);
+        let vars = Vars { device: &e.device, tag: &e.tag, plugin: &self.name, subject: &e.device, ..Vars::default() };
+        let topic = template.render(&vars);
         let key = self.key(&e.device, &e.tag, &topic)?;
         Ok(match (e.value, e.quality) {
             (Some(v), WitQuality::Good) => Point::good(key, from_wit(v), e.ts),

@@ -26,8 +26,8 @@ use serde_json::Value as Json;
 use super::host::{
     Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, PluginEngine, PluginInstance, WitQuality, WitValue,
 };
+use crate::base::point::Registry;
 use crate::config::PluginLimits;
-use crate::point::Registry;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

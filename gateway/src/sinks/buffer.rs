@@ -23,8 +23,8 @@ use tracing::{error, info, warn};
 use super::codec::{self, Dict, DictEntry};
 use super::store::{self, Store, StoreOptions};
 use super::{SinkStats, Source};
+use crate::base::point::Batch;
 use crate::config::{NorthBuffer, OnFull};
-use crate::point::Batch;
 
 /// Segment size: small enough that acknowledged data is deleted promptly and that the cap (which
 /// drops whole segments) is kept to within an eighth, large enough that a 1 GiB buffer is a few
@@ -51,7 +51,7 @@ const MAX_DOWNTIME_MS: i64 = 366 * 24 * 3600 * 1000;
 
 impl Clock {
     fn open(dir: &Path, name: &str) -> Clock {
-        let wall = crate::point::now_ms();
+        let wall = crate::base::point::now_ms();
         let base_ms = match read_clock(dir) {
             Some((buffer_ms, saved_wall)) => {
                 let down = wall - saved_wall;
@@ -73,7 +73,7 @@ impl Clock {
     }
 
     fn save(&self, dir: &Path) -> std::io::Result<()> {
-        write_clock(dir, self.now_ms(), crate::point::now_ms())
+        write_clock(dir, self.now_ms(), crate::base::point::now_ms())
     }
 }
 
@@ -226,7 +226,7 @@ struct Selection {
 }
 
 impl Selection {
-    fn wants(&mut self, key: &crate::point::TagKey) -> bool {
+    fn wants(&mut self, key: &crate::base::point::TagKey) -> bool {
         let i = key.id as usize;
         if self.by_id.len() <= i {
             self.by_id.resize(i + 1, 0);
@@ -466,8 +466,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::point::{Point, Registry, Value};
     use crate::config::Bytes;
-    use crate::point::{Point, Registry, Value};
 
     fn run(on_full: OnFull) -> (Arc<Shared>, Arc<SinkStats>, u64) {
         let dir = crate::sinks::scratch_dir("buffer");

@@ -25,7 +25,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use crate::point::{Point, Quality, TagKey, Value};
+use crate::base::point::{Point, Quality, TagKey, Value};
 
 const NONE: u8 = 0;
 const FALSE: u8 = 1;
@@ -345,7 +345,7 @@ pub fn decode_record(record: &[u8]) -> Option<(Vec<Decoded>, Option<i64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::Registry;
+    use crate::base::point::Registry;
 
     fn tmp(name: &str) -> PathBuf {
         crate::sinks::scratch_dir(&format!("codec-{name}"))

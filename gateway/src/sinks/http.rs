@@ -51,7 +51,7 @@ impl HttpSink {
             .timeout(cfg.timeout.0)
             .connect_timeout(cfg.timeout.0.min(std::time::Duration::from_secs(10)))
             .user_agent(concat!("updraft/", env!("CARGO_PKG_VERSION")));
-        if cfg.url.starts_with("https://") {
+        if cfg.url.source().starts_with("https://") {
             let tls = tls::client_config(cfg.ca_file.as_deref(), cfg.cert_file.as_deref(), cfg.key_file.as_deref())
                 .map_err(|e| format!("sink `{name}`: {e}"))?;
             builder = builder.use_preconfigured_tls(tls);

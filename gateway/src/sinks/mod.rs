@@ -25,10 +25,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::base::point::TagKey;
 use crate::config::NorthConfig;
 use crate::hub::{Hub, Stage};
 use crate::metrics::{Counter, Gauge, Metrics};
-use crate::point::TagKey;
 
 /// One entry of a sink's `sources`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +128,7 @@ pub struct SinkStats {
 /// start of every MQTT sink's own topics, which must never be taken in again (a sink whose "cloud"
 /// is this very broker, as in the demo, would feed on its own output).
 pub fn local_topics(config: &crate::config::Config) -> (Vec<String>, Vec<String>) {
-    let ours = format!("{}/", crate::broker::TOPIC_PREFIX);
+    let ours = format!("{}/", crate::base::topic::TOPIC_PREFIX);
     let filters: std::collections::BTreeSet<String> = config
         .north
         .values()
@@ -141,7 +141,7 @@ pub fn local_topics(config: &crate::config::Config) -> (Vec<String>, Vec<String>
         .values()
         .filter_map(|n| match n {
             NorthConfig::Mqtt(m) => {
-                let t = m.topic.replace("{gateway}", &config.gateway.id);
+                let t = m.topic.with_gateway(&config.gateway.id);
                 Some(t[..t.find('{').unwrap_or(t.len())].to_owned()).filter(|p| !p.is_empty())
             }
             NorthConfig::Http(_) => None,
@@ -156,11 +156,6 @@ pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("updraft-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// Renders a topic (or URL) template.
-pub fn render(template: &str, gateway: &str, device: &str, tag: &str, topic: &str) -> String {
-    template.replace("{gateway}", gateway).replace("{device}", device).replace("{tag}", tag).replace("{topic}", topic)
 }
 
 /// Starts every configured sink. Each registers as a terminal consumer of the hub.
@@ -207,7 +202,7 @@ pub fn start_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::Registry;
+    use crate::base::point::Registry;
 
     #[test]
     fn sources_select_device_points_and_topics() {

@@ -354,8 +354,8 @@ impl MqttSink {
 /// followed by `/set`.
 pub fn command_template(cfg: &MqttNorth, gateway: &str) -> String {
     match &cfg.command_topic {
-        Some(t) => t.replace("{gateway}", gateway),
-        None => format!("{}/set", cfg.topic).replace("{gateway}", gateway),
+        Some(t) => t.with_gateway(gateway),
+        None => format!("{}/set", cfg.topic.with_gateway(gateway)),
     }
 }
 
@@ -363,11 +363,12 @@ pub fn command_template(cfg: &MqttNorth, gateway: &str) -> String {
 /// the part of `topic` before `/{gateway}`.
 pub fn status_topic(cfg: &MqttNorth, gateway: &str) -> String {
     match &cfg.status_topic {
-        Some(t) => t.replace("{gateway}", gateway),
+        Some(t) => t.with_gateway(gateway),
         None => {
-            let prefix = match cfg.topic.split_once("/{gateway}") {
+            let topic = cfg.topic.source();
+            let prefix = match topic.split_once("/{gateway}") {
                 Some((p, _)) if !p.is_empty() && !p.contains('{') => p.to_owned(),
-                _ => cfg.topic.split('/').next().filter(|s| !s.contains('{')).unwrap_or("updraft").to_owned(),
+                _ => topic.split('/').next().filter(|s| !s.contains('{')).unwrap_or("updraft").to_owned(),
             };
             format!("{prefix}/{gateway}/status")
         }

@@ -17,10 +17,10 @@ use tracing::{error, warn};
 
 use super::buffer::Shared;
 use super::codec::{self, Decoded, DictEntry};
-use super::render;
 use super::store::FRAME_OVERHEAD;
+use crate::base::point::{now_ms, Quality};
+use crate::base::topic::{Template, Vars};
 use crate::config::NorthBatch;
-use crate::point::{now_ms, Quality};
 
 /// Records read from the buffer per refill.
 const READ_RECORDS: usize = 256;
@@ -76,7 +76,7 @@ struct Group {
 pub struct Outbox {
     shared: Arc<Shared>,
     gateway: String,
-    template: String,
+    template: Template,
     /// The rendered destination per dictionary id, so the template is filled once per tag; `None`
     /// inside when it is a reserved topic.
     targets: Vec<Option<Option<String>>>,
@@ -103,12 +103,12 @@ pub struct Outbox {
 
 impl Outbox {
     /// `template` is the destination (topic or URL) with `{gateway}`, `{device}`, `{tag}`, `{topic}`.
-    pub fn new(shared: Arc<Shared>, gateway: &str, template: &str, batch: &NorthBatch, max_age: Duration) -> Self {
+    pub fn new(shared: Arc<Shared>, gateway: &str, template: &Template, batch: &NorthBatch, max_age: Duration) -> Self {
         let cursor = shared.ack_to.load(Ordering::Acquire);
         Outbox {
             shared,
             gateway: gateway.to_owned(),
-            template: template.to_owned(),
+            template: template.clone(),
             targets: Vec::new(),
             reserved: Vec::new(),
             max_bytes: usize::MAX,
@@ -414,7 +414,7 @@ impl Outbox {
         let (template, gateway, reserved, name) = (&self.template, &self.gateway, &self.reserved, &self.shared.name);
         self.targets[i]
             .get_or_insert_with(|| {
-                let t = render(template, gateway, &e.device, &e.tag, &e.topic);
+                let t = template.render(&Vars { gateway, device: &e.device, tag: &e.tag, topic: &e.topic, ..Vars::default() });
                 if reserved.iter().any(|f| super::filter_matches(f, &t)) {
                     warn!(sink = %name, topic = %t, local = %e.topic, "Not forwarding to one of the sink's own control topics (commands, status); dropped and counted as reserved.");
                     return None;
@@ -480,8 +480,8 @@ fn write_point(out: &mut Vec<u8>, tag: &str, p: &Decoded) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::point::{Point, Registry, Value};
     use crate::config::{Bytes, Dur, NorthBuffer};
-    use crate::point::{Point, Registry, Value};
     use crate::sinks::{buffer, SinkStats, Source};
 
     /// A buffer holding a backlog: a busy device (100 points per batch) and, every 50th batch, a
@@ -513,7 +513,7 @@ mod tests {
         let shared = backlog();
         let batch = NorthBatch { max_points: 500, max_wait: Dur::from_millis(100) };
         let mut outbox =
-            Outbox::new(shared.clone(), "gw", "x/{device}", &batch, Duration::from_secs(100 * 365 * 24 * 3600));
+            Outbox::new(shared.clone(), "gw", &x_device(), &batch, Duration::from_secs(100 * 365 * 24 * 3600));
         let start = Instant::now();
         let (mut busy_sent, mut quiet_first) = (0, None);
         while busy_sent < 400 && start.elapsed() < Duration::from_secs(10) {
@@ -557,7 +557,7 @@ mod tests {
         };
         feed(dict, 0, 100);
         let batch = NorthBatch { max_points: 100, max_wait: Dur::from_millis(0) };
-        let mut outbox = Outbox::new(shared.clone(), "gw", "x/{device}", &batch, Duration::from_secs(3600 * 24 * 365));
+        let mut outbox = Outbox::new(shared.clone(), "gw", &x_device(), &batch, Duration::from_secs(3600 * 24 * 365));
         let in_flight: Vec<Message> = std::iter::from_fn(|| outbox.next_message()).take(50).collect();
         assert_eq!(in_flight.len(), 50);
         // More data than the cap holds: the oldest segments go, with the records in flight.
@@ -605,7 +605,7 @@ mod tests {
         let stats = Arc::new(SinkStats::default());
         let (shared, _dict) = buffer::open("t", &dir, &opts, stats.clone()).unwrap();
         let batch = NorthBatch { max_points: 1000, max_wait: Dur::from_millis(0) };
-        let mut outbox = Outbox::new(shared, "gw", "x/{device}", &batch, max_age);
+        let mut outbox = Outbox::new(shared, "gw", &x_device(), &batch, max_age);
         while let Some(m) = outbox.next_message() {
             outbox.done(m.token);
         }
@@ -628,5 +628,9 @@ mod tests {
             buffer::write_clock(dir, now_ms(), now_ms() - 20 * 365 * 24 * 3600 * 1000).unwrap();
         };
         assert_eq!(age(now_ms(), hour, clock_jumped), (100, 0), "an implausible downtime does not count");
+    }
+
+    fn x_device() -> Template {
+        Template::parse("x/{device}", crate::base::topic::ALL).unwrap()
     }
 }

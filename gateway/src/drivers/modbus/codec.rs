@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use crate::point::Value;
+use crate::base::point::Value;
 
 /// The four Modbus data tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]

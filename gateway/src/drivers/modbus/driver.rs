@@ -20,11 +20,11 @@ use super::codec::{self, Area, ByteOrder, DataType};
 use super::config::ModbusTcpDevice;
 use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
+use crate::base::point::{now_ms, Point, Registry, TagKey, Value};
 use crate::config::Access;
 use crate::drivers::{WriteCommand, WriteRx};
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;
-use crate::point::{now_ms, Point, Registry, TagKey, Value};
 
 /// A tag ready for decoding.
 #[derive(Debug, Clone)]
@@ -389,7 +389,7 @@ impl ModbusTcpDriver {
             let t = &self.tags[i];
             let at = usize::from(t.address - req.start);
             let value = match data {
-                Data::Bits(bits) => bits.get(at).map(|b| crate::point::Value::Bool(*b)),
+                Data::Bits(bits) => bits.get(at).map(|b| crate::base::point::Value::Bool(*b)),
                 Data::Words(words) => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
             };
             out.push(match value {

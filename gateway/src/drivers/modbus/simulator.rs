@@ -20,7 +20,7 @@ use tracing::{info, warn, Instrument};
 
 use super::codec::{self, Area, DataType};
 use super::config::{ModbusSimulator, SimRegister, Wave};
-use crate::point::Value;
+use crate::base::point::Value;
 
 /// The register memory of one simulated device. Sparse, so a simulator of a hundred devices costs
 /// only the registers it defines.

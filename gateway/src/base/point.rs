@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::{Serialize, Serializer};
 
-use crate::broker::TOPIC_PREFIX;
+use super::topic::TOPIC_PREFIX;
 
 /// A decoded value. `F32` is kept apart from `Float` so that an `f32` register reading of `0.1`
 /// prints as `0.1` and not as the `f64` widening `0.10000000149011612`.
