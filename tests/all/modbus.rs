@@ -361,3 +361,53 @@ tags = [
     assert_eq!(fixture.holding(8), None);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Report by exception from TOML: a constant register publishes once plus heartbeats; a noisy one
+/// only when it moves past its deadband; a tag left at `publish = "always"` publishes every poll.
+#[tokio::test(flavor = "multi_thread")]
+async fn report_by_exception_publishes_changes_and_heartbeats_only() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[7, 1000, 3]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.d]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "50ms"
+publish = "on-change"
+heartbeat = "1s"
+tags = [
+  {{ name = "constant", area = "holding", address = 0 }},
+  {{ name = "noisy", area = "holding", address = 1, scale = 0.1, deadband = 1.0 }},
+  {{ name = "every", area = "holding", address = 2, publish = "always" }},
+]
+"#,
+        header("gw-rbe")
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/d/+", QoS::AtMostOnce).await;
+    sub.wait_for("updraft/d/noisy", WAIT, |v| v["value"] == 100.0).await.expect("first reading");
+    let polls = gw.metrics.device("d").polls.get();
+    // Noise inside the deadband (100.0 → 100.5 → 100.9), then a step past it (101.5).
+    for raw in [1005u16, 1009] {
+        fixture.set_holding(1, &[raw]);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    fixture.set_holding(1, &[1015]);
+    let msgs = sub.drain(Duration::from_millis(2500), Duration::from_millis(2500)).await;
+    let polls = gw.metrics.device("d").polls.get() - polls;
+    let of = |tag: &str| -> Vec<Value> {
+        msgs.iter()
+            .filter(|(t, _)| t == &format!("updraft/d/{tag}"))
+            .map(|(_, p)| serde_json::from_slice::<Value>(p).unwrap()["value"].clone())
+            .collect()
+    };
+    println!("{polls} polls: constant {}, noisy {:?}, every {}", of("constant").len(), of("noisy"), of("every").len());
+    let constant = of("constant").len() as u64;
+    assert!((1..=4).contains(&constant), "a constant value goes out only on heartbeats: {constant} in {polls} polls");
+    let noisy = of("noisy");
+    assert!(noisy.contains(&json!(101.5)), "the step past the deadband is published: {noisy:?}");
+    assert!(!noisy.contains(&json!(100.5)) && !noisy.contains(&json!(100.9)), "noise is not: {noisy:?}");
+    assert!(of("every").len() as u64 >= polls / 2, "an \"always\" tag publishes every poll");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

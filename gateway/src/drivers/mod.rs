@@ -7,6 +7,7 @@
 //! `driver` dispatch (`config/load.rs`).
 
 pub mod modbus;
+pub mod report;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::codec::{Area, ByteOrder, DataType};
 use crate::config::validate::{key, name_problem, with, Found, Seg};
 use crate::config::{Access, Dur};
+use crate::drivers::report::{Deadband, Publish};
 
 /// `driver = "modbus-tcp"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +39,14 @@ pub struct ModbusTcpDevice {
     /// Largest bit count in one coil or discrete-input read (the protocol allows 2000).
     #[serde(default = "default_max_read_bits")]
     pub max_read_bits: u16,
+    /// Report by exception for the device's tags (each tag may override): `"always"` (default) or
+    /// `"on-change"`.
+    pub publish: Option<Publish>,
+    /// With on-change: how far a number must move to be published again, absolute (`0.5`) or a
+    /// percentage of the last published value (`"2%"`). Setting it implies on-change.
+    pub deadband: Option<Deadband>,
+    /// With on-change: publish an unchanged value again this often. Setting it implies on-change.
+    pub heartbeat: Option<Dur>,
     pub tags: Vec<ModbusTag>,
 }
 
@@ -80,6 +89,10 @@ pub struct ModbusTag {
     pub unit: Option<String>,
     #[serde(default)]
     pub access: Access,
+    /// Report by exception for this tag, over the device's `publish`, `deadband` and `heartbeat`.
+    pub publish: Option<Publish>,
+    pub deadband: Option<Deadband>,
+    pub heartbeat: Option<Dur>,
 }
 
 impl ModbusTag {
@@ -185,11 +198,27 @@ pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
     if d.tags.is_empty() {
         found.push((with(base.clone(), [key("tags")]), "a device needs at least one tag".into()));
     }
+    let explicit_always = |p: Option<Publish>, d: Option<Deadband>, h: Option<Dur>| {
+        p == Some(Publish::Always) && (d.is_some() || h.is_some())
+    };
+    if explicit_always(d.publish, d.deadband, d.heartbeat) {
+        found
+            .push((with(base.clone(), [key("publish")]), "deadband and heartbeat need publish = \"on-change\"".into()));
+    }
+    if d.heartbeat.is_some_and(|h| h.0 < std::time::Duration::from_millis(100)) {
+        found.push((with(base.clone(), [key("heartbeat")]), "must be at least 100ms".into()));
+    }
     let mut names = HashSet::new();
     for (i, t) in d.tags.iter().enumerate() {
         let tp = with(base.clone(), [key("tags"), Seg::Index(i)]);
         if let Some(p) = name_problem(&t.name) {
             found.push((with(tp.clone(), [key("name")]), format!("tag name `{}` {p}", t.name)));
+        }
+        if explicit_always(t.publish, t.deadband, t.heartbeat) {
+            found.push((
+                with(tp.clone(), [key("publish")]),
+                "deadband and heartbeat need publish = \"on-change\"".into(),
+            ));
         }
         if !names.insert(t.name.as_str()) {
             found.push((with(tp.clone(), [key("name")]), format!("duplicate tag name `{}` in this device", t.name)));

@@ -22,6 +22,7 @@ use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
 use crate::base::point::{now_ms, Point, Registry, TagKey, Value};
 use crate::config::Access;
+use crate::drivers::report::{Exceptions, Rule};
 use crate::drivers::{WriteCommand, WriteRx};
 use crate::hub::{batch, BusSender};
 use crate::metrics::DeviceStats;
@@ -65,6 +66,8 @@ pub struct ModbusTcpDriver {
     stats: Arc<DeviceStats>,
     out: BusSender,
     commands: Option<WriteRx>,
+    /// Report by exception, if any tag asks for it.
+    exceptions: Option<Exceptions>,
 }
 
 impl ModbusTcpDriver {
@@ -96,6 +99,16 @@ impl ModbusTcpDriver {
         let limits =
             Limits { max_gap: cfg.max_read_gap, max_registers: cfg.max_read_registers, max_bits: cfg.max_read_bits };
         let plan = planner::plan(&spans, limits);
+        let rules = cfg
+            .tags
+            .iter()
+            .zip(&tags)
+            .map(|(t, tag)| {
+                let rule =
+                    Rule::resolve((cfg.publish, cfg.deadband, cfg.heartbeat), (t.publish, t.deadband, t.heartbeat));
+                (tag.key.id, rule)
+            })
+            .collect();
         ModbusTcpDriver {
             device: Arc::from(name),
             address: cfg.address.clone(),
@@ -107,6 +120,7 @@ impl ModbusTcpDriver {
             stats,
             out,
             commands: None,
+            exceptions: Exceptions::new(rules),
         }
     }
 
@@ -298,13 +312,16 @@ impl ModbusTcpDriver {
         Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id)))
     }
 
-    async fn emit(&self, points: Vec<Point>) -> Result<(), ()> {
-        if points.is_empty() {
-            return Ok(());
-        }
+    async fn emit(&mut self, mut points: Vec<Point>) -> Result<(), ()> {
         let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
         self.stats.points_bad.add(bad);
         self.stats.points_good.add(points.len() as u64 - bad);
+        if let Some(x) = &mut self.exceptions {
+            x.filter(&mut points, std::time::Instant::now());
+        }
+        if points.is_empty() {
+            return Ok(());
+        }
         self.out.send(batch(points)).await.map_err(|_| ())
     }
 
