@@ -171,6 +171,12 @@ impl Service for ModbusFixture {
                 }
                 Ok(Response::WriteMultipleRegisters(a, ws.len() as u16))
             }
+            Request::MaskWriteRegister(a, and, or) => {
+                s.writes += 1;
+                let cur = s.holding.get(&a).copied().unwrap_or(0);
+                s.holding.insert(a, (cur & and) | (or & !and));
+                Ok(Response::MaskWriteRegister(a, and, or))
+            }
             Request::WriteSingleCoil(a, b) => {
                 s.writes += 1;
                 s.coils.insert(a, b);

@@ -411,3 +411,43 @@ tags = [
     assert!(of("every").len() as u64 >= polls / 2, "an \"always\" tag publishes every poll");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Bits of a register as bool tags (read, and written with a masked write that leaves the other
+/// bits alone), and register numbers as device manuals print them (`address_base = 1`, `40006`).
+#[tokio::test(flavor = "multi_thread")]
+async fn register_bits_and_one_based_addresses() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(5, &[0b1010]);
+    fixture.set_holding(6, &[77]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.plc]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+address_base = 1
+tags = [
+  {{ name = "b1", area = "holding", address = 40006, bit = 1 }},
+  {{ name = "b2", area = "holding", address = 6, bit = 2, access = "rw" }},
+  {{ name = "next", area = "holding", address = 7 }},
+]
+"#,
+        header("gw-bits")
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/plc/#", QoS::AtMostOnce).await;
+    let got = sub.collect(Duration::from_millis(500), Duration::from_secs(3)).await;
+    assert_eq!(got["updraft/plc/b1"]["value"], true, "{got:?}");
+    assert_eq!(got["updraft/plc/b2"]["value"], false, "{got:?}");
+    assert_eq!(got["updraft/plc/next"]["value"], 77, "register 7 is offset 6");
+    sub.client.publish("updraft/plc/b2/set", QoS::AtLeastOnce, false, "true").await.unwrap();
+    let r = sub.wait_for("updraft/plc/b2/set/reply", WAIT, |_| true).await.expect("a reply");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(fixture.holding(5), Some(0b1110), "bit 2 set, bits 1 and 3 untouched");
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // 40001-style numbers without address_base = 1 are explained, not misread.
+    let bad = toml.replace("address_base = 1\n", "").replace(&addr.to_string(), "127.0.0.1:502");
+    let e = updraft::config::parse(&bad, std::path::Path::new("u.toml")).unwrap_err().to_string();
+    assert!(e.contains("40006 looks like a register number") && e.contains("address_base = 1"), "{e}");
+}

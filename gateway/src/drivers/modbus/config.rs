@@ -39,6 +39,11 @@ pub struct ModbusTcpDevice {
     /// Largest bit count in one coil or discrete-input read (the protocol allows 2000).
     #[serde(default = "default_max_read_bits")]
     pub max_read_bits: u16,
+    /// How the tags' `address`es count: `0` (default, the wire's 0-based offsets) or `1` (register
+    /// numbers as most device manuals print them: 1 is offset 0). With `1`, the 5-digit form is
+    /// accepted too: 40001 is holding register 1, 30001 input register 1, 10001 discrete input 1.
+    #[serde(default)]
+    pub address_base: u8,
     /// Report by exception for the device's tags (each tag may override): `"always"` (default) or
     /// `"on-change"`.
     pub publish: Option<Publish>,
@@ -77,9 +82,12 @@ pub struct ModbusTag {
     pub area: Area,
     /// 0-based register (or bit) offset.
     pub address: u16,
-    /// Defaults to `bool` for coils and discrete inputs and `u16` for registers.
+    /// Defaults to `bool` for coils and discrete inputs (and for a `bit`), `u16` for registers.
     #[serde(rename = "type")]
     pub data_type: Option<DataType>,
+    /// One bit (0 = least significant … 15) of a holding or input register, read as a bool and
+    /// written with a masked write (function 22), which leaves the other bits alone.
+    pub bit: Option<u8>,
     /// Byte order for 32/64-bit types; defaults to the device's `order`.
     pub order: Option<ByteOrder>,
     /// Published value = raw × scale + offset.
@@ -97,8 +105,51 @@ pub struct ModbusTag {
 
 impl ModbusTag {
     pub fn data_type(&self) -> DataType {
-        self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
+        self.data_type.unwrap_or(if self.area.is_bit() || self.bit.is_some() { DataType::Bool } else { DataType::U16 })
     }
+
+    /// The 0-based offset on the wire, given the device's `address_base`.
+    pub fn wire_address(&self, base: u8) -> Result<u16, String> {
+        wire_address(self.area, self.address, base)
+    }
+}
+
+/// The 0-based offset on the wire of a configured address. With base 1, `n` is register `n`
+/// (offset `n - 1`), and `4xxxx`-style numbers are accepted for the area they name.
+pub fn wire_address(area: Area, address: u16, base: u8) -> Result<u16, String> {
+    let prefix: u16 = match area {
+        Area::Coil => 0,
+        Area::Discrete => 1,
+        Area::Input => 3,
+        Area::Holding => 4,
+    };
+    if base == 0 {
+        if address > 10_000 && address / 10_000 == prefix && prefix != 0 {
+            return Err(format!(
+                "{address} looks like a register number in the {prefix}xxxx style ({} is offset {}); set \
+                 address_base = 1 on the device, or write the 0-based offset {}",
+                address,
+                address - prefix * 10_000 - 1,
+                address - prefix * 10_000 - 1
+            ));
+        }
+        return Ok(address);
+    }
+    let n = if address > 10_000 && address / 10_000 == prefix && prefix != 0 {
+        address - prefix * 10_000
+    } else if address > 10_000 {
+        let named = address / 10_000;
+        return Err(format!(
+            "{address} is a {named}xxxx-style number, which names another area than `{}`",
+            area_name(area)
+        ));
+    } else {
+        address
+    };
+    if n == 0 {
+        return Err("with address_base = 1 registers are numbered from 1".into());
+    }
+    Ok(n - 1)
 }
 
 /// `kind = "modbus-tcp"`: a Modbus TCP server with registers that follow waveforms.
@@ -205,6 +256,9 @@ pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
         found
             .push((with(base.clone(), [key("publish")]), "deadband and heartbeat need publish = \"on-change\"".into()));
     }
+    if d.address_base > 1 {
+        found.push((with(base.clone(), [key("address_base")]), "must be 0 or 1".into()));
+    }
     if d.heartbeat.is_some_and(|h| h.0 < std::time::Duration::from_millis(100)) {
         found.push((with(base.clone(), [key("heartbeat")]), "must be at least 100ms".into()));
     }
@@ -224,13 +278,28 @@ pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
             found.push((with(tp.clone(), [key("name")]), format!("duplicate tag name `{}` in this device", t.name)));
         }
         let ty = t.data_type();
+        let wire = match t.wire_address(d.address_base) {
+            Ok(a) => a,
+            Err(e) => {
+                found.push((with(tp.clone(), [key("address")]), e));
+                t.address
+            }
+        };
+        if let Some(bit) = t.bit {
+            if t.area.is_bit() || ty != DataType::Bool || bit > 15 {
+                found.push((
+                    with(tp.clone(), [key("bit")]),
+                    "bit = 0..15 picks one bit of a holding or input register, as type = \"bool\"".into(),
+                ));
+            }
+        }
         if t.area.is_bit() && ty != DataType::Bool {
             found.push((
                 with(tp.clone(), [key("type")]),
                 format!("area `{}` holds single bits: use type = \"bool\" or a register area", area_name(t.area)),
             ));
         }
-        if u32::from(t.address) + u32::from(ty.registers()) > 65536 {
+        if u32::from(wire) + u32::from(ty.registers()) > 65536 {
             found.push((
                 with(tp.clone(), [key("address")]),
                 format!("a {ty:?} at {} runs past address 65535", t.address).to_lowercase(),

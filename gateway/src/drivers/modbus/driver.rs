@@ -38,6 +38,8 @@ struct Tag {
     order: ByteOrder,
     scale: Option<f64>,
     offset: Option<f64>,
+    /// A single bit of a register.
+    bit: Option<u8>,
 }
 
 /// Data returned by one read.
@@ -85,11 +87,13 @@ impl ModbusTcpDriver {
                 key: registry.intern(name, &t.name),
                 access: t.access,
                 area: t.area,
-                address: t.address,
+                // Checked by the config's validation; a bad one cannot get here.
+                address: t.wire_address(cfg.address_base).unwrap_or(t.address),
                 ty: t.data_type(),
                 order: t.order.unwrap_or(cfg.order),
                 scale: t.scale,
                 offset: t.offset,
+                bit: t.bit,
             })
             .collect();
         let spans: Vec<Span> = tags
@@ -229,6 +233,7 @@ impl ModbusTcpDriver {
         }
         // Encode before touching the link, so a value that does not fit is refused cleanly.
         let (words, coil) = match tag.area {
+            Area::Holding if tag.bit.is_some() => (Vec::new(), coil_value(&cmd.value)?),
             Area::Holding => (encode_write(tag, &cmd.value)?, false),
             Area::Coil => (Vec::new(), coil_value(&cmd.value)?),
             Area::Input | Area::Discrete => return Err("input registers and discrete inputs cannot be written".into()),
@@ -256,6 +261,12 @@ impl ModbusTcpDriver {
         let fut = async {
             match tag.area {
                 Area::Coil => c.write_single_coil(tag.address, coil).await,
+                Area::Holding if tag.bit.is_some() => {
+                    // Function 22 changes the one bit in the device itself: no read-modify-write
+                    // race with the PLC's own program.
+                    let mask = 1u16 << tag.bit.unwrap_or(0);
+                    c.masked_write_register(tag.address, !mask, if coil { mask } else { 0 }).await
+                }
                 Area::Holding => {
                     if words.len() == 1 {
                         c.write_single_register(tag.address, words[0]).await
@@ -407,7 +418,10 @@ impl ModbusTcpDriver {
             let at = usize::from(t.address - req.start);
             let value = match data {
                 Data::Bits(bits) => bits.get(at).map(|b| crate::base::point::Value::Bool(*b)),
-                Data::Words(words) => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
+                Data::Words(words) => match t.bit {
+                    Some(b) => words.get(at).map(|w| crate::base::point::Value::Bool(w >> b & 1 == 1)),
+                    None => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
+                },
             };
             out.push(match value {
                 Some(v) => Point::good(t.key.clone(), codec::apply_scale(v, t.scale, t.offset), ts),
