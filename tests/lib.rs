@@ -41,6 +41,8 @@ struct State {
     counter_at: Option<u16>,
     /// Write requests served.
     writes: usize,
+    /// The function of each write request, in order.
+    write_fns: Vec<&'static str>,
     /// When each holding-register read arrived, with its start address.
     read_at: Vec<(u16, std::time::Instant)>,
 }
@@ -85,6 +87,11 @@ impl ModbusFixture {
     /// When each holding-register read starting at `address` arrived, in order.
     pub fn read_times(&self, address: u16) -> Vec<std::time::Instant> {
         self.state.lock().unwrap().read_at.iter().filter(|(a, _)| *a == address).map(|(_, t)| *t).collect()
+    }
+
+    /// The function of each write request answered (`single`, `multiple`, `mask`, `coil`).
+    pub fn write_functions(&self) -> Vec<&'static str> {
+        self.state.lock().unwrap().write_fns.clone()
     }
 
     /// How many write requests the server has answered.
@@ -160,11 +167,13 @@ impl Service for ModbusFixture {
                 Ok(Response::ReadDiscreteInputs(bits(&s.discrete, a, n)))
             }
             Request::WriteSingleRegister(a, w) => {
+                s.write_fns.push("single");
                 s.writes += 1;
                 s.holding.insert(a, w);
                 Ok(Response::WriteSingleRegister(a, w))
             }
             Request::WriteMultipleRegisters(a, ws) => {
+                s.write_fns.push("multiple");
                 s.writes += 1;
                 for (i, w) in ws.iter().enumerate() {
                     s.holding.insert(a + i as u16, *w);
@@ -172,12 +181,14 @@ impl Service for ModbusFixture {
                 Ok(Response::WriteMultipleRegisters(a, ws.len() as u16))
             }
             Request::MaskWriteRegister(a, and, or) => {
+                s.write_fns.push("mask");
                 s.writes += 1;
                 let cur = s.holding.get(&a).copied().unwrap_or(0);
                 s.holding.insert(a, (cur & and) | (or & !and));
                 Ok(Response::MaskWriteRegister(a, and, or))
             }
             Request::WriteSingleCoil(a, b) => {
+                s.write_fns.push("coil");
                 s.writes += 1;
                 s.coils.insert(a, b);
                 Ok(Response::WriteSingleCoil(a, b))

@@ -451,3 +451,41 @@ tags = [
     let e = updraft::config::parse(&bad, std::path::Path::new("u.toml")).unwrap_err().to_string();
     assert!(e.contains("40006 looks like a register number") && e.contains("address_base = 1"), "{e}");
 }
+
+/// Device quirks from TOML: no merged reads, a pause between requests, function 16 only.
+#[tokio::test(flavor = "multi_thread")]
+async fn device_quirks_shape_the_requests() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[1, 2, 3]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.old]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "1s"
+single_register_reads = true
+request_delay = "50ms"
+connect_delay = "20ms"
+write_function = "multiple"
+tags = [
+  {{ name = "a", area = "holding", address = 0, access = "rw" }},
+  {{ name = "b", area = "holding", address = 1 }},
+  {{ name = "c", area = "holding", address = 2 }},
+]
+"#,
+        header("gw-quirks")
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    eventually(WAIT, || gw.values.get("old", "c")).await.expect("read");
+    let reads = fixture.reads();
+    assert_eq!(&reads[..3], &[("holding", 0, 1), ("holding", 1, 1), ("holding", 2, 1)], "one request per tag");
+    let t: Vec<_> = [0u16, 1, 2].iter().map(|a| fixture.read_times(*a)[0]).collect();
+    assert!(t[1] - t[0] >= Duration::from_millis(50) && t[2] - t[1] >= Duration::from_millis(50), "request_delay kept");
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/old/a/set/reply", QoS::AtMostOnce).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sub.client.publish("updraft/old/a/set", QoS::AtLeastOnce, false, "9").await.unwrap();
+    assert_eq!(sub.wait_for("updraft/old/a/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
+    assert_eq!(fixture.write_functions(), ["multiple"], "one register, written with function 16");
+    assert_eq!(fixture.holding(0), Some(9));
+    gw.shutdown(Duration::from_secs(2)).await;
+}

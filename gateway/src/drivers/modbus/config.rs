@@ -39,6 +39,22 @@ pub struct ModbusTcpDevice {
     /// Largest bit count in one coil or discrete-input read (the protocol allows 2000).
     #[serde(default = "default_max_read_bits")]
     pub max_read_bits: u16,
+    /// Read every tag with a request of its own, never merged with its neighbours (for devices
+    /// that refuse reads spanning several tags).
+    #[serde(default)]
+    pub single_register_reads: bool,
+    /// Which function writes holding registers: `"auto"` (06 for one register, 16 for more),
+    /// `"single"` (06 only: values of one register) or `"multiple"` (16 always, for devices
+    /// without function 06).
+    #[serde(default)]
+    pub write_function: WriteFunction,
+    /// Pause between two requests to the device (slow serial gateways, devices that drop
+    /// back-to-back frames).
+    #[serde(default)]
+    pub request_delay: Option<Dur>,
+    /// Pause after connecting before the first request (devices that need a moment after accept).
+    #[serde(default)]
+    pub connect_delay: Option<Dur>,
     /// How the tags' `address`es count: `0` (default, the wire's 0-based offsets) or `1` (register
     /// numbers as most device manuals print them: 1 is offset 0). With `1`, the 5-digit form is
     /// accepted too: 40001 is holding register 1, 30001 input register 1, 10001 discrete input 1.
@@ -53,6 +69,16 @@ pub struct ModbusTcpDevice {
     /// With on-change: publish an unchanged value again this often. Setting it implies on-change.
     pub heartbeat: Option<Dur>,
     pub tags: Vec<ModbusTag>,
+}
+
+/// `write_function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteFunction {
+    #[default]
+    Auto,
+    Single,
+    Multiple,
 }
 
 const fn default_unit_id() -> u8 {
@@ -255,6 +281,11 @@ pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
     if explicit_always(d.publish, d.deadband, d.heartbeat) {
         found
             .push((with(base.clone(), [key("publish")]), "deadband and heartbeat need publish = \"on-change\"".into()));
+    }
+    for (k, v) in [("request_delay", d.request_delay), ("connect_delay", d.connect_delay)] {
+        if v.is_some_and(|v| v.0 > std::time::Duration::from_secs(10)) {
+            found.push((with(base.clone(), [key(k)]), "must be at most 10s".into()));
+        }
     }
     if d.address_base > 1 {
         found.push((with(base.clone(), [key("address_base")]), "must be 0 or 1".into()));

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::codec::{self, Area, ByteOrder, DataType};
-use super::config::ModbusTcpDevice;
+use super::config::{ModbusTcpDevice, WriteFunction};
 use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
 use crate::base::point::{now_ms, Point, Registry, TagKey, Value};
@@ -70,6 +70,11 @@ pub struct ModbusTcpDriver {
     commands: Option<WriteRx>,
     /// Report by exception, if any tag asks for it.
     exceptions: Option<Exceptions>,
+    write_function: WriteFunction,
+    request_delay: Duration,
+    connect_delay: Duration,
+    /// When the last request went out, to keep `request_delay` between requests.
+    last_request: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl ModbusTcpDriver {
@@ -102,7 +107,10 @@ impl ModbusTcpDriver {
             .collect();
         let limits =
             Limits { max_gap: cfg.max_read_gap, max_registers: cfg.max_read_registers, max_bits: cfg.max_read_bits };
-        let plan = planner::plan(&spans, limits);
+        let mut plan = planner::plan(&spans, limits);
+        if cfg.single_register_reads {
+            plan = plan.iter().flat_map(|r| split_request(r, &tags)).collect();
+        }
         let rules = cfg
             .tags
             .iter()
@@ -125,6 +133,10 @@ impl ModbusTcpDriver {
             out,
             commands: None,
             exceptions: Exceptions::new(rules),
+            write_function: cfg.write_function,
+            request_delay: cfg.request_delay.map_or(Duration::ZERO, |d| d.0),
+            connect_delay: cfg.connect_delay.map_or(Duration::ZERO, |d| d.0),
+            last_request: std::sync::Mutex::new(None),
         }
     }
 
@@ -257,7 +269,15 @@ impl ModbusTcpDriver {
                 }
             }
         }
+        if self.write_function == WriteFunction::Single && words.len() > 1 {
+            return Err(format!(
+                "write_function = \"single\" writes one register, and a {:?} takes {}; use \"auto\" or \"multiple\"",
+                tag.ty,
+                words.len()
+            ));
+        }
         let Some(c) = ctx.as_mut() else { return Err("device unreachable".into()) };
+        self.pace().await;
         let fut = async {
             match tag.area {
                 Area::Coil => c.write_single_coil(tag.address, coil).await,
@@ -267,13 +287,12 @@ impl ModbusTcpDriver {
                     let mask = 1u16 << tag.bit.unwrap_or(0);
                     c.masked_write_register(tag.address, !mask, if coil { mask } else { 0 }).await
                 }
-                Area::Holding => {
-                    if words.len() == 1 {
+                Area::Holding => match (self.write_function, words.len()) {
+                    (WriteFunction::Auto | WriteFunction::Single, 1) => {
                         c.write_single_register(tag.address, words[0]).await
-                    } else {
-                        c.write_multiple_registers(tag.address, &words).await
                     }
-                }
+                    _ => c.write_multiple_registers(tag.address, &words).await,
+                },
                 Area::Input | Area::Discrete => Ok(Err(ExceptionCode::IllegalFunction)),
             }
         };
@@ -320,6 +339,9 @@ impl ModbusTcpDriver {
         };
         // Modbus is strictly request/response with small frames: Nagle would only add latency.
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        if !self.connect_delay.is_zero() {
+            time::sleep(self.connect_delay).await;
+        }
         Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id)))
     }
 
@@ -390,7 +412,20 @@ impl ModbusTcpDriver {
         (points, link_error)
     }
 
+    /// Waits out `request_delay` since the last request, then notes this one.
+    async fn pace(&self) {
+        if self.request_delay.is_zero() {
+            return;
+        }
+        let last = *self.last_request.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(wait) = last.and_then(|t| self.request_delay.checked_sub(t.elapsed())) {
+            time::sleep(wait).await;
+        }
+        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    }
+
     async fn read(&self, ctx: &mut Context, req: &ReadRequest) -> Result<Result<Data, ExceptionCode>, LinkError> {
+        self.pace().await;
         self.stats.requests.inc();
         let fut = async {
             Ok::<_, tokio_modbus::Error>(match req.area {

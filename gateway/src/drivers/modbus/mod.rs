@@ -7,5 +7,5 @@ mod driver;
 pub mod planner;
 pub mod simulator;
 
-pub use config::{ModbusSimulator, ModbusTag, ModbusTcpDevice, SimRegister, Wave};
+pub use config::{ModbusSimulator, ModbusTag, ModbusTcpDevice, SimRegister, Wave, WriteFunction};
 pub use driver::ModbusTcpDriver;
