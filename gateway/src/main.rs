@@ -44,6 +44,11 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Commissioning tools: read and write a Modbus device directly.
+    Modbus {
+        #[command(subcommand)]
+        command: ModbusCommand,
+    },
     /// Plugin tools for authors.
     Plugin {
         #[command(subcommand)]
@@ -54,6 +59,59 @@ enum Command {
     HashPassword,
     /// Print the version.
     Version,
+}
+
+/// Where a commissioning command goes.
+#[derive(clap::Args)]
+struct ModbusTarget {
+    /// `host:port` of a Modbus TCP device (or serial device server).
+    #[arg(long, value_name = "HOST:PORT")]
+    address: Option<String>,
+    /// A serial port (`/dev/ttyUSB0`), for Modbus RTU.
+    #[arg(long, value_name = "DEVICE")]
+    port: Option<String>,
+    /// Unit identifier (slave address).
+    #[arg(long, default_value_t = 1)]
+    unit: u8,
+    /// coil | discrete | input | holding
+    #[arg(long, default_value = "holding")]
+    area: String,
+    /// First register (or bit), 0-based.
+    #[arg(long, default_value_t = 0)]
+    start: u16,
+    /// How long to wait for the device.
+    #[arg(long, default_value = "1s")]
+    timeout: String,
+}
+
+#[derive(Subcommand)]
+enum ModbusCommand {
+    /// Read registers or bits and print them decoded; without --type, every interpretation side
+    /// by side (u16, i16, and u32/i32/f32 in each byte order).
+    Read {
+        #[command(flatten)]
+        target: ModbusTarget,
+        /// How many values (registers or bits without --type).
+        #[arg(long, default_value_t = 10)]
+        count: u16,
+        /// bool | u16 | i16 | u32 | i32 | f32 | u64 | i64 | f64
+        #[arg(long = "type", value_name = "TYPE")]
+        data_type: Option<String>,
+        /// ABCD | CDAB | BADC | DCBA
+        #[arg(long, default_value = "ABCD")]
+        order: String,
+    },
+    /// Write one value (a number, or true/false for a coil).
+    Write {
+        #[command(flatten)]
+        target: ModbusTarget,
+        #[arg(long = "type", value_name = "TYPE", default_value = "u16")]
+        data_type: String,
+        #[arg(long, default_value = "ABCD")]
+        order: String,
+        /// The value.
+        value: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,6 +183,16 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Modbus { command } => match modbus(command) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Plugin { command: PluginCommand::Test { wasm, fixtures } } => {
             let mut failed = 0;
             for f in &fixtures {
@@ -155,6 +223,37 @@ fn main() -> ExitCode {
         Command::Simulate { config } => {
             telemetry::init(cli.log_format, &cli.log_level);
             report(run(config, true))
+        }
+    }
+}
+
+/// Parses a TOML-style enum value from the command line with the config's own names.
+fn from_name<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|e| format!("--{what} {s}: {e}"))
+}
+
+fn modbus(command: ModbusCommand) -> Result<String, String> {
+    use updraft::drivers::modbus::commission;
+    let target = |t: ModbusTarget| -> Result<commission::Target, String> {
+        if t.port.is_some() {
+            return Err("serial ports (--port) come with Modbus RTU support; use --address HOST:PORT".into());
+        }
+        let address = t.address.ok_or("--address HOST:PORT is required")?;
+        let timeout = humantime::parse_duration(&t.timeout).map_err(|e| format!("--timeout {}: {e}", t.timeout))?;
+        Ok(commission::Target { address, unit: t.unit, area: from_name("area", &t.area)?, start: t.start, timeout })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    match command {
+        ModbusCommand::Read { target: t, count, data_type, order } => {
+            let t = target(t)?;
+            let ty = data_type.map(|d| from_name("type", &d)).transpose()?;
+            let order = from_name("order", &order)?;
+            rt.block_on(commission::read(&t, count, ty, order))
+        }
+        ModbusCommand::Write { target: t, data_type, order, value } => {
+            let t = target(t)?;
+            let (ty, order) = (from_name("type", &data_type)?, from_name("order", &order)?);
+            rt.block_on(commission::write(&t, ty, order, &value)).map(|s| s + "\n")
         }
     }
 }

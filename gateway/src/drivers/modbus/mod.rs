@@ -2,6 +2,7 @@
 //! simulator.
 
 pub mod codec;
+pub mod commission;
 pub mod config;
 mod driver;
 pub mod planner;
