@@ -489,3 +489,52 @@ tags = [
     assert_eq!(fixture.holding(0), Some(9));
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A register map in CSV (`tags_file`, relative to the config), polled like inline tags; its
+/// mistakes are reported as CSV FILE:LINE:COLUMN, including the checks that run after loading.
+#[tokio::test(flavor = "multi_thread")]
+async fn tags_from_a_csv_register_map() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[0x4049, 0x0FDB, 215, 0b100]);
+    let addr = fixture.serve().await;
+    let dir = updraft_tests::TempDir::new("csv");
+    std::fs::write(
+        dir.path().join("boiler.csv"),
+        "# name, area, address, ...: the tag keys as columns\n\
+         name,area,address,type,scale,unit,bit\n\
+         pi,holding,0,f32,,,\n\
+         temp,holding,2,u16,0.1,°C,\n\
+         alarm,holding,3,,,,2\n",
+    )
+    .unwrap();
+    let toml = format!(
+        "{}[devices.boiler]\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"100ms\"\ntags_file = \"boiler.csv\"\n",
+        header("gw-csv")
+    );
+    let path = dir.path().join("u.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let gw = updraft::runtime::start(updraft::config::load(&path).unwrap()).await.unwrap();
+    let got = eventually(WAIT, || {
+        let v = gw.values.snapshot(Some("boiler"));
+        (v.get("boiler").map_or(0, |t| t.len()) == 3).then_some(v)
+    })
+    .await
+    .expect("three tags from the CSV");
+    let tags = &got["boiler"];
+    assert_eq!(tags["temp"].value, Some(updraft::base::point::Value::Float(21.5)));
+    assert_eq!(tags["alarm"].value, Some(updraft::base::point::Value::Bool(true)));
+    assert!(
+        matches!(tags["pi"].value, Some(updraft::base::point::Value::F32(f)) if (f - std::f32::consts::PI).abs() < 1e-6)
+    );
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    std::fs::write(
+        dir.path().join("boiler.csv"),
+        "name,area,address,type\nok,holding,0,u16\nbad,holding,1,float\nok,holding,2,u16\n",
+    )
+    .unwrap();
+    let e = updraft::config::load(&path).unwrap_err().to_string();
+    let csv = dir.path().join("boiler.csv").display().to_string();
+    assert!(e.contains(&format!("{csv}:3:15:")) && e.contains("float"), "the bad type at its cell:\n{e}");
+    assert!(e.contains(&format!("{csv}:4:1:")) && e.contains("duplicate tag name `ok`"), "a check after loading:\n{e}");
+}

@@ -124,6 +124,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             *f = base.join(&*f);
         }
     }
+    for (name, device) in config.devices.iter_mut() {
+        let at = span_of(spanned_root.get_ref(), &[Seg::Key("devices".into()), Seg::Key(name.clone())])
+            .map_or(0, |s| s.start);
+        for (file, line, column, message) in device.load_files(base) {
+            loc.push_located(at, Problem { file, line, column, message });
+        }
+    }
     for sink in config.north.values_mut() {
         for f in sink.files_mut().into_iter().flatten() {
             if f.is_relative() {
@@ -134,7 +141,17 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 
     for (path, message) in validate::validate(&config) {
         let span = span_of(spanned_root.get_ref(), &path).unwrap_or(0..0);
-        loc.push(span.start, message);
+        // A problem about a tag from a CSV register map points into that file.
+        let elsewhere = match path.as_slice() {
+            [Seg::Key(d), Seg::Key(name), rest @ ..] if d == "devices" => {
+                config.devices.get(name).and_then(|dev| dev.locate(rest))
+            }
+            _ => None,
+        };
+        match elsewhere {
+            Some((file, line, column)) => loc.push_located(span.start, Problem { file, line, column, message }),
+            None => loc.push(span.start, message),
+        }
     }
     if loc.problems.is_empty() {
         Ok(config)
@@ -153,6 +170,11 @@ impl Locator<'_> {
     fn push(&mut self, offset: usize, message: String) {
         let (line, column) = line_col(self.text, offset);
         self.problems.push((offset, Problem { file: self.file.to_owned(), line, column, message }));
+    }
+
+    /// A problem located in another file (a CSV register map), sorted with the TOML's at `offset`.
+    fn push_located(&mut self, offset: usize, problem: Problem) {
+        self.problems.push((offset, problem));
     }
 
     fn toml_error(&mut self, e: &toml::de::Error) {

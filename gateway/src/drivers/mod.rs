@@ -44,6 +44,28 @@ impl DeviceConfig {
         }
     }
 
+    /// Reads the files the device's config names (a CSV register map), relative to `base`;
+    /// returns the problems found in them, located in those files.
+    pub fn load_files(&mut self, base: &std::path::Path) -> Vec<modbus::config::CsvProblem> {
+        match self {
+            DeviceConfig::ModbusTcp(d) => d.load_tags_file(base),
+        }
+    }
+
+    /// Where a checked problem about `path` (below the device) is, when it is not in the TOML file.
+    pub fn locate(&self, path: &[Seg]) -> Option<(std::path::PathBuf, usize, usize)> {
+        match (self, path) {
+            (DeviceConfig::ModbusTcp(d), [Seg::Key(k), Seg::Index(i), rest @ ..]) if k == "tags" => {
+                let field = match rest.first() {
+                    Some(Seg::Key(f)) => Some(f.as_str()),
+                    _ => None,
+                };
+                d.locate(*i, field)
+            }
+            _ => None,
+        }
+    }
+
     /// The device's polling task, reading write commands from `commands`.
     pub fn task(
         &self,

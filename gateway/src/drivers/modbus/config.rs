@@ -68,7 +68,106 @@ pub struct ModbusTcpDevice {
     pub deadband: Option<Deadband>,
     /// With on-change: publish an unchanged value again this often. Setting it implies on-change.
     pub heartbeat: Option<Dur>,
+    /// Tags in a CSV file (relative to the config file), one per row, the tag keys as column
+    /// names (`name,area,address,type,order,scale,offset,unit,access,bit,publish,deadband,heartbeat`;
+    /// an empty cell leaves a key out). Added after the inline `tags`.
+    pub tags_file: Option<std::path::PathBuf>,
+    #[serde(default)]
     pub tags: Vec<ModbusTag>,
+    /// Where each tag read from `tags_file` came from, for locating problems in it.
+    #[serde(skip)]
+    pub tag_origins: Vec<CsvOrigin>,
+}
+
+/// A CSV row: its file, line, and the column where each of its fields starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvOrigin {
+    pub file: std::path::PathBuf,
+    pub line: usize,
+    pub columns: std::collections::BTreeMap<String, usize>,
+}
+
+/// A problem in a CSV file: file, line, column, message.
+pub type CsvProblem = (std::path::PathBuf, usize, usize, String);
+
+impl ModbusTcpDevice {
+    /// Reads `tags_file` (relative paths against `base`) and appends its tags. Every problem is
+    /// returned, located in the CSV.
+    pub fn load_tags_file(&mut self, base: &std::path::Path) -> Vec<CsvProblem> {
+        let Some(rel) = self.tags_file.clone() else { return Vec::new() };
+        let path = if rel.is_relative() { base.join(&rel) } else { rel };
+        self.tags_file = Some(path.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => return vec![(path.clone(), 0, 0, format!("cannot read the tags file: {e}"))],
+        };
+        let mut problems = Vec::new();
+        let mut reader =
+            csv::ReaderBuilder::new().trim(csv::Trim::All).comment(Some(b'#')).from_reader(text.as_bytes());
+        let headers = match reader.headers() {
+            Ok(h) => h.clone(),
+            Err(e) => return vec![(path.clone(), 1, 1, format!("cannot read the header row: {e}"))],
+        };
+        let line_col = |offset: usize| {
+            let before = &text[..offset.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let start = before.rfind('\n').map_or(0, |i| i + 1);
+            (line, text[start..offset.min(text.len())].chars().count() + 1)
+        };
+        for record in reader.records() {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    let (line, col) = e.position().map_or((0, 0), |p| line_col(p.byte() as usize));
+                    problems.push((path.clone(), line, col, e.to_string()));
+                    continue;
+                }
+            };
+            let row_start = record.position().map_or(0, |p| p.byte() as usize);
+            // Field offsets inside the record are of its unescaped text; close enough for a column.
+            let col_of = |i: usize| {
+                let at = record.range(i).map_or(0, |r| r.start);
+                let raw_line = &text[row_start..];
+                // Find the field's text in the raw line to point at its real column.
+                let field = record.get(i).unwrap_or_default();
+                let pos = if field.is_empty() { at } else { raw_line.find(field).unwrap_or(at) };
+                line_col(row_start + pos)
+            };
+            let (line, _) = line_col(row_start);
+            match record.deserialize::<ModbusTag>(Some(&headers)) {
+                Ok(tag) => {
+                    let columns = headers.iter().enumerate().map(|(i, h)| (h.to_owned(), col_of(i).1)).collect();
+                    self.tags.push(tag);
+                    self.tag_origins.push(CsvOrigin { file: path.clone(), line, columns });
+                }
+                Err(e) => {
+                    let field = match e.kind() {
+                        csv::ErrorKind::Deserialize { err, .. } => err.field(),
+                        _ => None,
+                    };
+                    let message = match e.kind() {
+                        csv::ErrorKind::Deserialize { err, .. } => err.kind().to_string(),
+                        _ => e.to_string(),
+                    };
+                    // serde does not always say which field; the value it quotes finds the cell.
+                    let quoted = message.split('`').nth(1).filter(|q| !q.is_empty());
+                    let cell =
+                        field.map(|f| f as usize).or_else(|| quoted.and_then(|q| record.iter().position(|c| c == q)));
+                    let (l, c) = cell.map_or((line, 1), col_of);
+                    problems.push((path.clone(), l, c, message));
+                }
+            }
+        }
+        problems
+    }
+
+    /// The CSV position of a problem about `tags[index].field`, if that tag came from the CSV.
+    pub fn locate(&self, index: usize, field: Option<&str>) -> Option<(std::path::PathBuf, usize, usize)> {
+        let inline = self.tags.len() - self.tag_origins.len();
+        let o = self.tag_origins.get(index.checked_sub(inline)?)?;
+        let col = field.and_then(|f| o.columns.get(f).copied()).unwrap_or(1);
+        Some((o.file.clone(), o.line, col))
+    }
 }
 
 /// `write_function`.
