@@ -1,6 +1,7 @@
 """A pymodbus Modbus TCP server holding values encoded by pymodbus itself, for interop tests.
 
-Usage: pymodbus_server.py PORT SPEC_JSON
+Usage: pymodbus_server.py PORT SPEC_JSON [rtu]
+With `rtu`, it speaks Modbus RTU frames over TCP (as a serial device server does).
 SPEC_JSON: {"registers": [{"area": "holding", "address": 0, "type": "f32", "order": "CDAB",
             "value": 1.5}, ...], "bits": [{"area": "coil", "address": 0, "value": true}, ...]}
 Prints READY once the listener accepts connections.
@@ -20,6 +21,7 @@ from pymodbus.datastore import (
     ModbusSequentialDataBlock,
     ModbusServerContext,
 )
+from pymodbus import FramerType
 from pymodbus.server import ModbusTcpServer
 
 TYPES = {
@@ -71,7 +73,8 @@ async def main():
         ir=ModbusSequentialDataBlock(1, ir),
     )
     context = ModbusServerContext(devices={1: device})
-    server = ModbusTcpServer(context, address=("127.0.0.1", port))
+    framer = FramerType.RTU if len(sys.argv) > 3 and sys.argv[3] == "rtu" else FramerType.SOCKET
+    server = ModbusTcpServer(context, address=("127.0.0.1", port), framer=framer)
     task = asyncio.create_task(server.serve_forever())
     for _ in range(200):
         try:

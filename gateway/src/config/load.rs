@@ -86,11 +86,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let config: Option<Config> = loc.deserialize(Spanned::new(root_span, DeValue::Table(table)));
     let devices = loc.named_tables(devices, "devices", "driver", DeviceConfig::DRIVERS, |loc, kind, v| match kind {
         "modbus-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusTcp),
+        "modbus-rtu-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusRtuTcp),
         _ => None,
     });
     let simulators =
         loc.named_tables(simulators, "simulators", "kind", SimulatorConfig::KINDS, |loc, kind, v| match kind {
             "modbus-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusTcp),
+            "modbus-rtu-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusRtuTcp),
             _ => None,
         });
 
@@ -407,7 +409,7 @@ tags = [
     #[test]
     fn contract_example_parses() {
         let c = parse(GOOD, Path::new("t.toml")).unwrap();
-        let DeviceConfig::ModbusTcp(d) = &c.devices["boiler-1"];
+        let DeviceConfig::ModbusTcp(d) = &c.devices["boiler-1"] else { panic!("a modbus-tcp device") };
         assert_eq!(d.tags.len(), 2);
         assert_eq!(d.unit_id, 1);
     }

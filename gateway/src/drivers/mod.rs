@@ -24,23 +24,29 @@ use crate::metrics::DeviceStats;
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
     ModbusTcp(modbus::ModbusTcpDevice),
+    /// Modbus RTU frames over a TCP connection (serial device servers), same keys as Modbus TCP.
+    ModbusRtuTcp(modbus::ModbusTcpDevice),
 }
 
 impl DeviceConfig {
     /// The `driver` values, for the loader's messages.
-    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp"];
+    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp"];
 
     /// The names of the device's tags.
     pub fn tag_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
-            DeviceConfig::ModbusTcp(d) => Box::new(d.tags.iter().map(|t| t.name.as_str())),
+            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
+                Box::new(d.tags.iter().map(|t| t.name.as_str()))
+            }
         }
     }
 
     /// The driver's own checks; `base` is the device's key path.
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
-            DeviceConfig::ModbusTcp(d) => modbus::config::validate_device(d, base, found),
+            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
+                modbus::config::validate_device(d, base, found)
+            }
         }
     }
 
@@ -48,14 +54,16 @@ impl DeviceConfig {
     /// returns the problems found in them, located in those files.
     pub fn load_files(&mut self, base: &std::path::Path) -> Vec<modbus::config::CsvProblem> {
         match self {
-            DeviceConfig::ModbusTcp(d) => d.load_tags_file(base),
+            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => d.load_tags_file(base),
         }
     }
 
     /// Where a checked problem about `path` (below the device) is, when it is not in the TOML file.
     pub fn locate(&self, path: &[Seg]) -> Option<(std::path::PathBuf, usize, usize)> {
         match (self, path) {
-            (DeviceConfig::ModbusTcp(d), [Seg::Key(k), Seg::Index(i), rest @ ..]) if k == "tags" => {
+            (DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d), [Seg::Key(k), Seg::Index(i), rest @ ..])
+                if k == "tags" =>
+            {
                 let field = match rest.first() {
                     Some(Seg::Key(f)) => Some(f.as_str()),
                     _ => None,
@@ -77,8 +85,9 @@ impl DeviceConfig {
         cancel: CancellationToken,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         match self {
-            DeviceConfig::ModbusTcp(d) => {
-                let mut driver = modbus::ModbusTcpDriver::new(name, d, registry, stats, out);
+            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
+                let mut driver = modbus::ModbusTcpDriver::new(name, d, registry, stats, out)
+                    .rtu_over_tcp(matches!(self, DeviceConfig::ModbusRtuTcp(_)));
                 if let Some(rx) = commands {
                     driver = driver.with_commands(rx);
                 }
@@ -92,30 +101,35 @@ impl DeviceConfig {
 #[derive(Debug, Clone)]
 pub enum SimulatorConfig {
     ModbusTcp(modbus::ModbusSimulator),
+    /// The same simulator speaking Modbus RTU frames over TCP.
+    ModbusRtuTcp(modbus::ModbusSimulator),
 }
 
 impl SimulatorConfig {
     /// The `kind` values, for the loader's messages.
-    pub const KINDS: &'static [&'static str] = &["modbus-tcp"];
+    pub const KINDS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp"];
 
     /// Where it listens (port 0: a free port).
     pub fn listen(&self) -> SocketAddr {
         match self {
-            SimulatorConfig::ModbusTcp(s) => s.listen,
+            SimulatorConfig::ModbusTcp(s) | SimulatorConfig::ModbusRtuTcp(s) => s.listen,
         }
     }
 
     /// The simulator's own checks; `base` is its key path.
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
-            SimulatorConfig::ModbusTcp(s) => modbus::config::validate_simulator(s, base, found),
+            SimulatorConfig::ModbusTcp(s) | SimulatorConfig::ModbusRtuTcp(s) => {
+                modbus::config::validate_simulator(s, base, found)
+            }
         }
     }
 
     /// Starts it and returns the bound address.
     pub async fn start(&self, name: &str, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
         match self {
-            SimulatorConfig::ModbusTcp(s) => modbus::simulator::start(name, s, cancel).await,
+            SimulatorConfig::ModbusTcp(s) => modbus::simulator::start(name, s, false, cancel).await,
+            SimulatorConfig::ModbusRtuTcp(s) => modbus::simulator::start(name, s, true, cancel).await,
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct ModbusTcpDriver {
     connect_delay: Duration,
     /// When the last request went out, to keep `request_delay` between requests.
     last_request: std::sync::Mutex<Option<std::time::Instant>>,
+    /// RTU frames (address byte, CRC) over the TCP connection instead of MBAP headers.
+    rtu_over_tcp: bool,
 }
 
 impl ModbusTcpDriver {
@@ -137,7 +139,15 @@ impl ModbusTcpDriver {
             request_delay: cfg.request_delay.map_or(Duration::ZERO, |d| d.0),
             connect_delay: cfg.connect_delay.map_or(Duration::ZERO, |d| d.0),
             last_request: std::sync::Mutex::new(None),
+            rtu_over_tcp: false,
         }
+    }
+
+    /// Speaks Modbus RTU frames over the TCP connection (a serial device server in transparent
+    /// mode) instead of Modbus TCP.
+    pub fn rtu_over_tcp(mut self, on: bool) -> Self {
+        self.rtu_over_tcp = on;
+        self
     }
 
     /// Accepts write commands (from the cloud or the local broker) on this queue.
@@ -147,7 +157,8 @@ impl ModbusTcpDriver {
     }
 
     pub async fn run(self, cancel: CancellationToken) {
-        let span = tracing::error_span!("driver", device = %self.device, driver = "modbus-tcp");
+        let driver = if self.rtu_over_tcp { "modbus-rtu-tcp" } else { "modbus-tcp" };
+        let span = tracing::error_span!("driver", device = %self.device, driver);
         self.run_inner(cancel).instrument(span).await;
     }
 
@@ -342,7 +353,11 @@ impl ModbusTcpDriver {
         if !self.connect_delay.is_zero() {
             time::sleep(self.connect_delay).await;
         }
-        Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id)))
+        Ok(if self.rtu_over_tcp {
+            tokio_modbus::client::rtu::attach_slave(stream, Slave(self.unit_id))
+        } else {
+            tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id))
+        })
     }
 
     async fn emit(&mut self, mut points: Vec<Point>) -> Result<(), ()> {

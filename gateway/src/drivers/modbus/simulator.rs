@@ -100,6 +100,25 @@ impl Memory {
     }
 }
 
+async fn serve_rtu_over_tcp(listener: TcpListener, service: SimService, cancel: CancellationToken) {
+    use tokio_modbus::server::rtu_over_tcp::{accept_tcp_connection, Server};
+    let server = Server::new(listener);
+    let new_service = move |_addr: SocketAddr| Ok(Some(service.clone()));
+    let on_connected = |stream, addr| {
+        let r = accept_tcp_connection(stream, addr, &new_service);
+        async move { r }
+    };
+    let on_error = |e: std::io::Error| warn!(error = %e, "Simulator connection failed.");
+    tokio::select! {
+        r = server.serve(&on_connected, on_error) => {
+            if let Err(e) = r {
+                warn!(error = %e, "Simulator stopped.");
+            }
+        }
+        _ = cancel.cancelled() => {}
+    }
+}
+
 /// The Modbus rules for a request's range: a count out of bounds is an illegal data value, a range
 /// past the last address an illegal data address.
 fn check_range(start: u16, count: u16, max: u16) -> Result<(), ExceptionCode> {
@@ -184,7 +203,13 @@ fn wave_value(r: &SimRegister, t: f64, walk: &mut f64) -> f64 {
 
 /// Binds the simulator's listener and serves it until `cancel`. Returns the bound address, which
 /// differs from the configured one when that asks for port 0.
-pub async fn start(name: &str, cfg: &ModbusSimulator, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+/// Starts a simulator; `rtu` makes it speak Modbus RTU frames over TCP (a serial device server).
+pub async fn start(
+    name: &str,
+    cfg: &ModbusSimulator,
+    rtu: bool,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("simulator `{name}` cannot listen on {}: {e}", cfg.listen))
     })?;
@@ -226,6 +251,11 @@ pub async fn start(name: &str, cfg: &ModbusSimulator, cancel: CancellationToken)
         .instrument(span.clone()),
     );
     let service = SimService(memory);
+    if rtu {
+        tokio::spawn(serve_rtu_over_tcp(listener, service, cancel).instrument(span));
+        info!(simulator = %name, %addr, "Modbus RTU-over-TCP simulator listening.");
+        return Ok(addr);
+    }
     tokio::spawn(
         async move {
             let server = Server::new(listener);
