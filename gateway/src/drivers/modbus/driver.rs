@@ -353,6 +353,7 @@ impl ModbusTcpDriver {
         if !self.connect_delay.is_zero() {
             time::sleep(self.connect_delay).await;
         }
+        let stream = super::trace::Traced::new(stream, self.device.clone());
         Ok(if self.rtu_over_tcp {
             tokio_modbus::client::rtu::attach_slave(stream, Slave(self.unit_id))
         } else {

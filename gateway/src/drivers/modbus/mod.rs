@@ -7,6 +7,7 @@ pub mod config;
 mod driver;
 pub mod planner;
 pub mod simulator;
+pub mod trace;
 
 pub use config::{ModbusSimulator, ModbusTag, ModbusTcpDevice, SimRegister, Wave, WriteFunction};
 pub use driver::ModbusTcpDriver;
