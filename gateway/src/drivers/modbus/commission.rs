@@ -8,7 +8,6 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::Slave;
 
@@ -27,9 +26,8 @@ pub struct Target {
 }
 
 async fn connect(t: &Target) -> Result<Context, String> {
-    let stream = tokio::time::timeout(t.timeout, TcpStream::connect(&t.address))
+    let stream = super::driver::tcp_connect(&t.address, t.timeout)
         .await
-        .map_err(|_| format!("no connection to {} within {:?}", t.address, t.timeout))?
         .map_err(|e| format!("cannot connect to {}: {e}", t.address))?;
     Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(t.unit)))
 }
@@ -140,12 +138,7 @@ pub async fn write(t: &Target, ty: DataType, order: ByteOrder, value: &str) -> R
     let mut ctx = connect(t).await?;
     match t.area {
         Area::Coil => {
-            let on = match v {
-                serde_json::Value::Bool(b) => b,
-                serde_json::Value::Number(n) if n.as_u64() == Some(1) => true,
-                serde_json::Value::Number(n) if n.as_u64() == Some(0) => false,
-                _ => return Err("a coil takes true, false, 1 or 0".into()),
-            };
+            let on = super::driver::coil_value(&v)?;
             answer(tokio::time::timeout(t.timeout, ctx.write_single_coil(t.start, on)).await, t.timeout)?;
         }
         Area::Holding => {

@@ -250,12 +250,10 @@ pub fn wire_address(area: Area, address: u16, base: u8) -> Result<u16, String> {
     };
     if base == 0 {
         if address > 10_000 && address / 10_000 == prefix && prefix != 0 {
+            let offset = address - prefix * 10_000 - 1;
             return Err(format!(
-                "{address} looks like a register number in the {prefix}xxxx style ({} is offset {}); set \
-                 address_base = 1 on the device, or write the 0-based offset {}",
-                address,
-                address - prefix * 10_000 - 1,
-                address - prefix * 10_000 - 1
+                "{address} looks like a register number in the {prefix}xxxx style (offset {offset}); set \
+                 address_base = 1 on the device, or write the 0-based offset {offset}"
             ));
         }
         return Ok(address);

@@ -343,13 +343,7 @@ impl ModbusTcpDriver {
     }
 
     async fn connect(&self) -> Result<Context, String> {
-        let stream = match time::timeout(self.timeout, TcpStream::connect(self.address.as_str())).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("timeout after {:?}", self.timeout)),
-        };
-        // Modbus is strictly request/response with small frames: Nagle would only add latency.
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let stream = tcp_connect(&self.address, self.timeout).await?;
         if !self.connect_delay.is_zero() {
             time::sleep(self.connect_delay).await;
         }
@@ -511,8 +505,20 @@ fn encode_write(tag: &Tag, value: &serde_json::Value) -> Result<Vec<u16>, String
     codec::encode(tag.ty, tag.order, value).map_err(|e| e.to_string())
 }
 
+/// A TCP connection to a Modbus device within `timeout`, without Nagle's delay (Modbus is
+/// strictly request/response with small frames: Nagle would only add latency).
+pub(super) async fn tcp_connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let stream = match time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("timeout after {timeout:?}")),
+    };
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
 /// A coil takes `true`/`false` or `1`/`0`, nothing else.
-fn coil_value(value: &serde_json::Value) -> Result<bool, String> {
+pub(super) fn coil_value(value: &serde_json::Value) -> Result<bool, String> {
     match value {
         serde_json::Value::Bool(b) => Ok(*b),
         serde_json::Value::Number(n) if n.as_u64() == Some(1) => Ok(true),

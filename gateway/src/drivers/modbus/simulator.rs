@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::time::{self, Instant};
-use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
 use tokio_modbus::server::Service;
 use tokio_modbus::{ExceptionCode, Request, Response};
 use tokio_util::sync::CancellationToken;
@@ -100,23 +99,29 @@ impl Memory {
     }
 }
 
-async fn serve_rtu_over_tcp(listener: TcpListener, service: SimService, cancel: CancellationToken) {
-    use tokio_modbus::server::rtu_over_tcp::{accept_tcp_connection, Server};
-    let server = Server::new(listener);
-    let new_service = move |_addr: SocketAddr| Ok(Some(service.clone()));
-    let on_connected = |stream, addr| {
-        let r = accept_tcp_connection(stream, addr, &new_service);
-        async move { r }
-    };
-    let on_error = |e: std::io::Error| warn!(error = %e, "Simulator connection failed.");
-    tokio::select! {
-        r = server.serve(&on_connected, on_error) => {
-            if let Err(e) = r {
-                warn!(error = %e, "Simulator stopped.");
+/// Serves `service` on `listener` with one of tokio-modbus's TCP server skeletons (`tcp` for
+/// Modbus TCP, `rtu_over_tcp` for RTU frames over TCP) until `cancel`; the two share their shape
+/// but not their types.
+macro_rules! serve {
+    ($framing:ident, $listener:expr, $service:expr, $cancel:expr) => {{
+        use tokio_modbus::server::$framing::{accept_tcp_connection, Server};
+        let server = Server::new($listener);
+        let service = $service;
+        let new_service = move |_addr: SocketAddr| Ok(Some(service.clone()));
+        let on_connected = |stream, addr| {
+            let r = accept_tcp_connection(stream, addr, &new_service);
+            async move { r }
+        };
+        let on_error = |e: std::io::Error| warn!(error = %e, "Simulator connection failed.");
+        tokio::select! {
+            r = server.serve(&on_connected, on_error) => {
+                if let Err(e) = r {
+                    warn!(error = %e, "Simulator stopped.");
+                }
             }
+            _ = $cancel.cancelled() => {}
         }
-        _ = cancel.cancelled() => {}
-    }
+    }};
 }
 
 /// The Modbus rules for a request's range: a count out of bounds is an illegal data value, a range
@@ -252,30 +257,11 @@ pub async fn start(
     );
     let service = SimService(memory);
     if rtu {
-        tokio::spawn(serve_rtu_over_tcp(listener, service, cancel).instrument(span));
+        tokio::spawn(async move { serve!(rtu_over_tcp, listener, service, cancel) }.instrument(span));
         info!(simulator = %name, %addr, "Modbus RTU-over-TCP simulator listening.");
         return Ok(addr);
     }
-    tokio::spawn(
-        async move {
-            let server = Server::new(listener);
-            let new_service = move |_addr: SocketAddr| Ok(Some(service.clone()));
-            let on_connected = |stream, addr| {
-                let r = accept_tcp_connection(stream, addr, &new_service);
-                async move { r }
-            };
-            let on_error = |e: std::io::Error| warn!(error = %e, "Simulator connection failed.");
-            tokio::select! {
-                r = server.serve(&on_connected, on_error) => {
-                    if let Err(e) = r {
-                        warn!(error = %e, "Simulator stopped.");
-                    }
-                }
-                _ = cancel.cancelled() => {}
-            }
-        }
-        .instrument(span),
-    );
+    tokio::spawn(async move { serve!(tcp, listener, service, cancel) }.instrument(span));
     info!(simulator = %name, %addr, "Modbus simulator listening.");
     Ok(addr)
 }
