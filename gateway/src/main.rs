@@ -67,9 +67,24 @@ struct ModbusTarget {
     /// `host:port` of a Modbus TCP device (or serial device server).
     #[arg(long, value_name = "HOST:PORT")]
     address: Option<String>,
+    /// With --address: speak Modbus RTU frames over the TCP connection (a serial device server).
+    #[arg(long, requires = "address")]
+    rtu_over_tcp: bool,
     /// A serial port (`/dev/ttyUSB0`), for Modbus RTU.
-    #[arg(long, value_name = "DEVICE")]
+    #[arg(long, value_name = "DEVICE", conflicts_with = "address")]
     port: Option<String>,
+    /// Serial line speed.
+    #[arg(long, default_value_t = 9600, requires = "port")]
+    baud: u32,
+    /// Serial parity: none | even | odd
+    #[arg(long, default_value = "none", requires = "port")]
+    parity: String,
+    /// Serial data bits: 7 or 8.
+    #[arg(long, default_value_t = 8, requires = "port")]
+    data_bits: u8,
+    /// Serial stop bits: 1 or 2.
+    #[arg(long, default_value_t = 1, requires = "port")]
+    stop_bits: u8,
     /// Unit identifier (slave address).
     #[arg(long, default_value_t = 1)]
     unit: u8,
@@ -234,13 +249,28 @@ fn from_name<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, S
 
 fn modbus(command: ModbusCommand) -> Result<String, String> {
     use updraft::drivers::modbus::commission;
+    use updraft::drivers::modbus::config::{Framing, SerialLine};
     let target = |t: ModbusTarget| -> Result<commission::Target, String> {
-        if t.port.is_some() {
-            return Err("serial ports (--port) come with Modbus RTU support; use --address HOST:PORT".into());
-        }
-        let address = t.address.ok_or("--address HOST:PORT is required")?;
+        let link = match (t.address, t.port) {
+            (Some(address), None) if t.rtu_over_tcp => Framing::RtuOverTcp { address },
+            (Some(address), None) => Framing::Tcp { address },
+            (None, Some(port)) => {
+                if !matches!(t.data_bits, 7 | 8) || !matches!(t.stop_bits, 1 | 2) {
+                    return Err("--data-bits takes 7 or 8, --stop-bits 1 or 2".into());
+                }
+                let parity = from_name("parity", &t.parity)?;
+                Framing::Serial(SerialLine {
+                    port,
+                    baud: t.baud,
+                    parity,
+                    data_bits: t.data_bits,
+                    stop_bits: t.stop_bits,
+                })
+            }
+            _ => return Err("name the device with --address HOST:PORT or --port DEVICE".into()),
+        };
         let timeout = humantime::parse_duration(&t.timeout).map_err(|e| format!("--timeout {}: {e}", t.timeout))?;
-        Ok(commission::Target { address, unit: t.unit, area: from_name("area", &t.area)?, start: t.start, timeout })
+        Ok(commission::Target { link, unit: t.unit, area: from_name("area", &t.area)?, start: t.start, timeout })
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     match command {

@@ -144,9 +144,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
 
     let mut drivers = JoinSet::new();
+    let mut shared = crate::drivers::Shared::new(config.devices.values());
     for (name, device) in &config.devices {
         let commands = write_rxs.remove(name);
         drivers.spawn(device.task(
+            &mut shared,
             name,
             &hub.registry(),
             metrics.device(name),

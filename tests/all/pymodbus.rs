@@ -1,15 +1,18 @@
-//! Interop with pymodbus as an independent Modbus TCP server: values encoded by pymodbus's own
-//! `convert_to_registers` in every type and byte order must come out of Updraft unchanged.
+//! Interop with pymodbus as an independent Modbus server: values encoded by pymodbus's own
+//! `convert_to_registers` in every type and byte order must come out of Updraft unchanged, over
+//! Modbus TCP, RTU over TCP and RTU on a (virtual) serial line shared by several slaves.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use updraft_tests::{header, python, start_gateway, test_file, Subscriber};
+use updraft_tests::{header, python, start_gateway, test_file, Subscriber, TempDir};
 
-struct Peer(Child);
+/// A running pymodbus server and what it printed (`CONNECT`, `RX UNIT SECONDS`).
+struct Peer(Child, Arc<Mutex<Vec<String>>>);
 
 impl Drop for Peer {
     fn drop(&mut self) {
@@ -18,33 +21,95 @@ impl Drop for Peer {
     }
 }
 
+impl Peer {
+    fn connects(&self) -> usize {
+        self.1.lock().unwrap().iter().filter(|l| *l == "CONNECT").count()
+    }
+
+    /// When the server received each request to `unit`, in seconds of a monotonic clock.
+    fn requests(&self, unit: u8) -> Vec<f64> {
+        let prefix = format!("RX {unit} ");
+        let lines = self.1.lock().unwrap();
+        lines.iter().filter_map(|l| l.strip_prefix(&prefix)?.parse().ok()).collect()
+    }
+}
+
 fn start_pymodbus(spec: &Value) -> (Peer, u16) {
     start_pymodbus_framed(spec, "tcp")
 }
 
-/// A pymodbus server with `framer` "tcp" (Modbus TCP) or "rtu" (RTU frames over TCP).
-fn start_pymodbus_framed(spec: &Value, framer: &str) -> (Peer, u16) {
+/// A pymodbus server with `mode` "tcp" (Modbus TCP), "rtu" (RTU frames over TCP) or
+/// "serial:DEVICE:BAUD" (RTU on a serial port).
+fn start_pymodbus_framed(spec: &Value, mode: &str) -> (Peer, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = Command::new(python())
         .arg(test_file("peers/pymodbus_server.py"))
         .arg(port.to_string())
         .arg(spec.to_string())
-        .arg(framer)
+        .arg(mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("python starts");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if line.trim() == "READY" {
                 let _ = tx.send(());
             }
+            seen.lock().unwrap().push(line.trim().to_owned());
         }
     });
     rx.recv_timeout(Duration::from_secs(30)).expect("pymodbus server is ready");
-    (Peer(child), port)
+    (Peer(child, lines), port)
+}
+
+/// A virtual serial line: two pseudo-terminals joined by socat, `gw` for the gateway and `dev`
+/// for the slaves. Bytes cross at memory speed whatever the baud rate.
+struct SerialPair {
+    child: Child,
+    gw: String,
+    dev: String,
+}
+
+impl SerialPair {
+    fn new(dir: &std::path::Path) -> Self {
+        let (gw, dev) = (dir.join("gw"), dir.join("dev"));
+        let child = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", gw.display()))
+            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat starts (apt-get install socat; tests/run.sh does)");
+        for _ in 0..100 {
+            if gw.exists() && dev.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gw.exists() && dev.exists(), "socat made the pty pair");
+        SerialPair { child, gw: gw.display().to_string(), dev: dev.display().to_string() }
+    }
+}
+
+impl Drop for SerialPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Intervals between successive times, in milliseconds: (mean, standard deviation, max).
+fn interval_stats(times: &[f64]) -> (f64, f64, f64) {
+    let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect();
+    let n = gaps.len().max(1) as f64;
+    let mean = gaps.iter().sum::<f64>() / n;
+    let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / n).sqrt();
+    (mean, sd, gaps.iter().copied().fold(0.0, f64::max))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -175,4 +240,103 @@ async fn rtu_over_tcp_against_pymodbus() {
     let v = sub.wait_for("updraft/rtu/i", Duration::from_secs(10), |v| v["value"] == 12).await;
     assert!(v.is_some(), "the written value reads back");
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Two slaves on one RS-485 line (a socat pty pair; pymodbus's serial RTU server as the slaves),
+/// one of them silent. The live slave is read and written through the gateway from TOML, and its
+/// polls keep their schedule: the silent one costs the line only its own timeouts, and is polled
+/// less and less while it stays silent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_serial_line_shared_by_a_live_and_a_silent_slave() {
+    let dir = TempDir::new("rtu-line");
+    let line = SerialPair::new(dir.path());
+    let spec = json!({"units": {"1": {"registers": [
+        {"area": "holding", "address": 0, "type": "f32", "order": "CDAB", "value": 21.5},
+        {"area": "holding", "address": 2, "type": "i16", "order": "ABCD", "value": -3},
+    ]}}, "silent": [2]});
+    let (peer, _) = start_pymodbus_framed(&spec, &format!("serial:{}:115200", line.dev));
+    let toml = format!(
+        "{}[devices.live]\ndriver = \"modbus-rtu\"\nport = \"{port}\"\nbaud = 115200\nunit_id = 1\npoll = \"100ms\"\ntimeout = \"500ms\"\ntags = [\n\
+         {{ name = \"temp\", area = \"holding\", address = 0, type = \"f32\", order = \"CDAB\" }},\n\
+         {{ name = \"sp\", area = \"holding\", address = 2, type = \"i16\", access = \"rw\" }},\n]\n\n\
+         [devices.dead]\ndriver = \"modbus-rtu\"\nport = \"{port}\"\nbaud = 115200\nunit_id = 2\npoll = \"100ms\"\ntimeout = \"300ms\"\n\
+         tags = [{{ name = \"x\", area = \"holding\", address = 0 }}]\n",
+        header("gw-rtu-line"),
+        port = line.gw
+    );
+    let (gw, _cfg) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    let v = sub.wait_for("updraft/live/temp", Duration::from_secs(15), |v| v["quality"] == "good").await;
+    assert_eq!(v.expect("the live slave is read")["value"], 21.5);
+    let d = sub.wait_for("updraft/dead/x", Duration::from_secs(15), |v| v["quality"] == "bad").await;
+    assert!(d.expect("the silent slave goes bad")["error"].as_str().unwrap().contains("timeout"));
+
+    // A write to the live slave goes through while the silent one times out beside it.
+    sub.client.publish("updraft/live/sp/set", QoS::AtLeastOnce, false, "42").await.unwrap();
+    let r = sub.wait_for("updraft/live/sp/set/reply", Duration::from_secs(10), |_| true).await.expect("reply");
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(sub.wait_for("updraft/live/sp", Duration::from_secs(10), |v| v["value"] == 42).await.is_some());
+
+    // The schedule the live slave saw, over a few seconds, from the slave's side of the line.
+    let start = peer.requests(1).len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let live = peer.requests(1)[start..].to_vec();
+    let silent = peer.requests(2);
+    let (mean, sd, max) = interval_stats(&live);
+    println!(
+        "live slave: {} polls in 4 s (100 ms schedule), interval mean {mean:.1} ms, sd {sd:.1} ms, max {max:.1} ms; \
+         silent slave asked {} times in all",
+        live.len(),
+        silent.len()
+    );
+    assert!(live.len() >= 16, "the live slave kept being polled: {} polls in 4 s", live.len());
+    assert!(silent.len() < 20, "the silent slave is polled less while it stays silent ({} requests)", silent.len());
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    // The commissioning CLI reads the same slave over the same line once the gateway let it go.
+    let out = Command::new(updraft_tests::cloud::updraft_bin())
+        .args(["modbus", "read", "--port", &line.gw, "--baud", "115200", "--start", "0", "--count", "1"])
+        .args(["--type", "f32", "--order", "CDAB"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.trim_end().ends_with("21.5"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Several unit ids behind one Modbus TCP gateway, and behind one serial device server (RTU over
+/// TCP), share one connection each: every slave is read, a silent one times out alone, and the
+/// server sees one connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_units_behind_one_address_share_one_connection() {
+    for (mode, driver) in [("tcp", "modbus-tcp"), ("rtu", "modbus-rtu-tcp")] {
+        let unit = |v: i64| json!({"registers": [{"area": "holding", "address": 0, "type": "i16", "order": "ABCD", "value": v}]});
+        let spec = json!({"units": {"1": unit(11), "2": unit(22)}, "silent": [3]});
+        let (peer, port) = start_pymodbus_framed(&spec, mode);
+        let mut toml = header(&format!("gw-units-{mode}"));
+        for u in 1..=3 {
+            toml += &format!(
+                "[devices.u{u}]\ndriver = \"{driver}\"\naddress = \"127.0.0.1:{port}\"\nunit_id = {u}\npoll = \"100ms\"\n\
+                 timeout = \"300ms\"\ntags = [{{ name = \"v\", area = \"holding\", address = 0, type = \"i16\" }}]\n\n"
+            );
+        }
+        let (gw, _dir) = start_gateway(&toml).await;
+        let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+        for (u, want) in [(1, 11), (2, 22)] {
+            let v = sub.wait_for(&format!("updraft/u{u}/v"), Duration::from_secs(15), |v| v["quality"] == "good").await;
+            assert_eq!(v.unwrap_or_else(|| panic!("{mode}: unit {u} is read"))["value"], want, "{mode}");
+        }
+        let d = sub.wait_for("updraft/u3/v", Duration::from_secs(15), |v| v["quality"] == "bad").await;
+        assert!(d.expect("the silent unit goes bad")["error"].as_str().unwrap().contains("timeout"), "{mode}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let good = sub.wait_for("updraft/u1/v", Duration::from_secs(5), |v| v["quality"] == "good").await;
+        assert!(good.is_some(), "{mode}: unit 1 still answers after unit 3's timeouts");
+        let connects: u64 = (1..=3).map(|u| gw.metrics.device(&format!("u{u}")).connects.get()).sum();
+        assert_eq!(peer.connects(), 1, "{mode}: the server saw one connection");
+        assert_eq!(connects, 1, "{mode}: the gateway opened one connection");
+        gw.shutdown(Duration::from_secs(2)).await;
+    }
 }

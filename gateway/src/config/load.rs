@@ -16,6 +16,7 @@ use toml::Spanned;
 
 use super::validate::{self, Seg};
 use super::{Config, DeviceConfig, NorthConfig, SimulatorConfig};
+use crate::drivers::modbus::config::{Kind as ModbusKind, ModbusDevice};
 
 /// One problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +86,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 
     let config: Option<Config> = loc.deserialize(Spanned::new(root_span, DeValue::Table(table)));
     let devices = loc.named_tables(devices, "devices", "driver", DeviceConfig::DRIVERS, |loc, kind, v| match kind {
-        "modbus-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusTcp),
-        "modbus-rtu-tcp" => loc.deserialize(v).map(DeviceConfig::ModbusRtuTcp),
+        "modbus-tcp" | "modbus-rtu-tcp" | "modbus-rtu" => {
+            let kind = match kind {
+                "modbus-rtu-tcp" => ModbusKind::RtuOverTcp,
+                "modbus-rtu" => ModbusKind::Rtu,
+                _ => ModbusKind::Tcp,
+            };
+            loc.deserialize(v).map(|d| DeviceConfig::Modbus(ModbusDevice { kind, ..d }))
+        }
         _ => None,
     });
     let simulators =
@@ -409,7 +416,7 @@ tags = [
     #[test]
     fn contract_example_parses() {
         let c = parse(GOOD, Path::new("t.toml")).unwrap();
-        let DeviceConfig::ModbusTcp(d) = &c.devices["boiler-1"] else { panic!("a modbus-tcp device") };
+        let DeviceConfig::Modbus(d) = &c.devices["boiler-1"];
         assert_eq!(d.tags.len(), 2);
         assert_eq!(d.unit_id, 1);
     }
@@ -439,6 +446,38 @@ tags = [
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].starts_with("t.toml:4:"), "{p:?}");
         assert!(p[1].starts_with("t.toml:11:"), "{p:?}");
+    }
+
+    #[test]
+    fn serial_lines_are_checked_per_device_and_across_the_devices_on_them() {
+        let dev = |name: &str, extra: &str| {
+            format!(
+                "[devices.{name}]\ndriver = \"modbus-rtu\"\nport = \"/dev/ttyUSB0\"\n{extra}\ntags = [{{ name = \"t\", area = \"holding\", address = 0 }}]\n"
+            )
+        };
+        let ok =
+            format!("[gateway]\nid = \"gw\"\n{}{}", dev("a", "baud = 19200"), dev("b", "baud = 19200\nunit_id = 2"));
+        assert!(parse(&ok, Path::new("t.toml")).is_ok(), "two slaves on one line, set up alike");
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n{}{}[devices.c]\ndriver = \"modbus-tcp\"\naddress = \"10.0.0.1:502\"\nbaud = 9600\n\
+             tags = [{{ name = \"t\", area = \"holding\", address = 0 }}]\n[devices.d]\ndriver = \"modbus-rtu\"\n\
+             address = \"10.0.0.1:502\"\nunit_id = 0\ntags = [{{ name = \"t\", area = \"holding\", address = 0 }}]\n",
+            dev("a", "baud = 19200"),
+            dev("b", "baud = 9600\nunit_id = 2"),
+        );
+        let p = problems(&text);
+        let has = |at: &str, what: &str| p.iter().any(|l| l.starts_with(at) && l.contains(what));
+        // b's baud disagrees with a's on the same port: the line's settings are the line's.
+        assert!(has("t.toml:11:8:", "sets /dev/ttyUSB0 up differently"), "{p:?}");
+        assert!(has("t.toml:17:8:", "`baud` is a serial line setting"), "{p:?}");
+        assert!(has("t.toml:21:11:", "names its serial `port`, not an `address`"), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("needs `port`")), "{p:?}");
+        assert!(has("t.toml:22:11:", "must be 1..247 on a serial line"), "{p:?}");
+        // One address cannot be both a Modbus TCP gateway and an RTU-over-TCP device server.
+        let mixed = GOOD.replace("[devices.boiler-1]", "[devices.x]\ndriver = \"modbus-rtu-tcp\"\naddress = \"ADDR\"\ntags = [{ name = \"t\", area = \"holding\", address = 0 }]\n\n[devices.boiler-1]");
+        let addr = GOOD.lines().find_map(|l| l.strip_prefix("address = \"")).map(|a| a.trim_end_matches('"')).unwrap();
+        let p = problems(&mixed.replace("ADDR", addr));
+        assert!(p.iter().any(|l| l.contains("one link speaks one framing")), "{p:?}");
     }
 
     #[test]

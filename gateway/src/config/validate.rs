@@ -78,6 +78,7 @@ pub fn validate(config: &Config) -> Found {
         }
         device.validate(base, &mut found);
     }
+    crate::drivers::validate_all(&config.devices, &mut found);
     for (name, plugin) in &config.plugins {
         let base = path(&["plugins", name]);
         if let Some(p) = name_problem(name) {

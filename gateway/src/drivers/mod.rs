@@ -23,30 +23,53 @@ use crate::metrics::DeviceStats;
 /// One southbound device; the variant is chosen by the table's `driver` key.
 #[derive(Debug, Clone)]
 pub enum DeviceConfig {
-    ModbusTcp(modbus::ModbusTcpDevice),
-    /// Modbus RTU frames over a TCP connection (serial device servers), same keys as Modbus TCP.
-    ModbusRtuTcp(modbus::ModbusTcpDevice),
+    /// `modbus-tcp`, `modbus-rtu-tcp` (RTU frames over TCP, for serial device servers) and
+    /// `modbus-rtu` (a serial port): one driver, three framings (`ModbusDevice::kind`).
+    Modbus(modbus::ModbusDevice),
+}
+
+/// What the drivers' tasks share at run time: the links that several devices use.
+#[derive(Debug, Default)]
+pub struct Shared {
+    modbus: modbus::Links,
+}
+
+impl Shared {
+    /// Notes which devices share what, before any task starts.
+    pub fn new<'a>(devices: impl Iterator<Item = &'a DeviceConfig>) -> Self {
+        let mut shared = Shared::default();
+        for d in devices {
+            match d {
+                DeviceConfig::Modbus(d) => shared.modbus.count(d),
+            }
+        }
+        shared
+    }
+}
+
+/// The checks across devices (those sharing a link must agree).
+pub fn validate_all(devices: &std::collections::BTreeMap<String, DeviceConfig>, found: &mut Found) {
+    let modbus = devices.iter().map(|(n, d)| match d {
+        DeviceConfig::Modbus(d) => (n.as_str(), d),
+    });
+    modbus::config::validate_links(modbus, found);
 }
 
 impl DeviceConfig {
     /// The `driver` values, for the loader's messages.
-    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp"];
+    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu"];
 
     /// The names of the device's tags.
     pub fn tag_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
-            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
-                Box::new(d.tags.iter().map(|t| t.name.as_str()))
-            }
+            DeviceConfig::Modbus(d) => Box::new(d.tags.iter().map(|t| t.name.as_str())),
         }
     }
 
     /// The driver's own checks; `base` is the device's key path.
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
-            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
-                modbus::config::validate_device(d, base, found)
-            }
+            DeviceConfig::Modbus(d) => modbus::config::validate_device(d, base, found),
         }
     }
 
@@ -54,16 +77,14 @@ impl DeviceConfig {
     /// returns the problems found in them, located in those files.
     pub fn load_files(&mut self, base: &std::path::Path) -> Vec<modbus::config::CsvProblem> {
         match self {
-            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => d.load_tags_file(base),
+            DeviceConfig::Modbus(d) => d.load_tags_file(base),
         }
     }
 
     /// Where a checked problem about `path` (below the device) is, when it is not in the TOML file.
     pub fn locate(&self, path: &[Seg]) -> Option<(std::path::PathBuf, usize, usize)> {
         match (self, path) {
-            (DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d), [Seg::Key(k), Seg::Index(i), rest @ ..])
-                if k == "tags" =>
-            {
+            (DeviceConfig::Modbus(d), [Seg::Key(k), Seg::Index(i), rest @ ..]) if k == "tags" => {
                 let field = match rest.first() {
                     Some(Seg::Key(f)) => Some(f.as_str()),
                     _ => None,
@@ -75,8 +96,10 @@ impl DeviceConfig {
     }
 
     /// The device's polling task, reading write commands from `commands`.
+    #[allow(clippy::too_many_arguments)]
     pub fn task(
         &self,
+        shared: &mut Shared,
         name: &str,
         registry: &Arc<Registry>,
         stats: Arc<DeviceStats>,
@@ -85,9 +108,9 @@ impl DeviceConfig {
         cancel: CancellationToken,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         match self {
-            DeviceConfig::ModbusTcp(d) | DeviceConfig::ModbusRtuTcp(d) => {
-                let mut driver = modbus::ModbusTcpDriver::new(name, d, registry, stats, out)
-                    .rtu_over_tcp(matches!(self, DeviceConfig::ModbusRtuTcp(_)));
+            DeviceConfig::Modbus(d) => {
+                let link = shared.modbus.handle(d, &cancel);
+                let mut driver = modbus::ModbusDriver::new(name, d, link, registry, stats, out);
                 if let Some(rx) = commands {
                     driver = driver.with_commands(rx);
                 }

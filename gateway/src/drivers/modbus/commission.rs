@@ -17,8 +17,8 @@ use crate::base::point::Value;
 /// Where and what to read or write.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `host:port` of a Modbus TCP device.
-    pub address: String,
+    /// A TCP address (Modbus TCP or RTU over TCP) or a serial line.
+    pub link: super::config::Framing,
     pub unit: u8,
     pub area: Area,
     pub start: u16,
@@ -26,10 +26,28 @@ pub struct Target {
 }
 
 async fn connect(t: &Target) -> Result<Context, String> {
-    let stream = super::driver::tcp_connect(&t.address, t.timeout)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", t.address))?;
-    Ok(tokio_modbus::client::tcp::attach_slave(stream, Slave(t.unit)))
+    use super::config::Framing;
+    let slave = Slave(t.unit);
+    Ok(match &t.link {
+        Framing::Tcp { address } | Framing::RtuOverTcp { address } => {
+            let stream = super::link::tcp_connect(address, t.timeout)
+                .await
+                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+            let stream = super::trace::Traced::new(stream, std::sync::Arc::from(address.as_str()));
+            if matches!(t.link, Framing::Tcp { .. }) {
+                tokio_modbus::client::tcp::attach_slave(stream, slave)
+            } else {
+                tokio_modbus::client::rtu::attach_slave(stream, slave)
+            }
+        }
+        Framing::Serial(line) => {
+            let port = super::link::open_serial(line).map_err(|e| format!("cannot open {e}"))?;
+            tokio_modbus::client::rtu::attach_slave(
+                super::trace::Traced::new(port, std::sync::Arc::from(line.port.as_str())),
+                slave,
+            )
+        }
+    })
 }
 
 fn answer<T>(

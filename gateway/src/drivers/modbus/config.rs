@@ -1,6 +1,8 @@
-//! The Modbus driver's config: the `[devices.NAME]` keys of `driver = "modbus-tcp"`, its tags, the
-//! `[simulators.NAME]` keys of `kind = "modbus-tcp"`, and the checks serde cannot express. Each
-//! doc comment is the reference for its key; `configs/gateway.toml` shows them all.
+//! The Modbus driver's config: the `[devices.NAME]` keys of `driver = "modbus-tcp"`,
+//! `"modbus-rtu-tcp"` and `"modbus-rtu"`, their tags, the `[simulators.NAME]` keys of the Modbus
+//! simulators, and the checks serde cannot express (one device's, and those across the devices
+//! that share a link). Each doc comment is the reference for its key; `configs/gateway.toml`
+//! shows them all.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,13 +14,31 @@ use crate::config::validate::{key, name_problem, with, Found, Seg};
 use crate::config::{Access, Dur};
 use crate::drivers::report::{Deadband, Publish};
 
-/// `driver = "modbus-tcp"`.
+/// `driver = "modbus-tcp"`, `"modbus-rtu-tcp"` or `"modbus-rtu"`: one device (one unit id).
+/// Devices naming the same `address` or `port` share one link, which serves them in turn.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModbusTcpDevice {
-    /// `host:port` of the Modbus TCP server or gateway.
+pub struct ModbusDevice {
+    /// Which of the three the `driver` key chose; set by the loader.
+    #[serde(skip)]
+    pub kind: Kind,
+    /// `host:port` of the Modbus TCP server or gateway, or of the serial device server (TCP
+    /// drivers only).
+    #[serde(default)]
     pub address: String,
-    /// Modbus unit identifier (slave address), 0–247; 255 addresses a TCP device directly.
+    /// The serial port of a `modbus-rtu` device, e.g. `/dev/ttyUSB0` (or a stable
+    /// `/dev/serial/by-id/…` name, which survives replugging).
+    pub port: Option<String>,
+    /// Line speed of a `modbus-rtu` port; default 9600.
+    pub baud: Option<u32>,
+    /// `"none"` (default), `"even"` or `"odd"`.
+    pub parity: Option<Parity>,
+    /// 7 or 8 (default).
+    pub data_bits: Option<u8>,
+    /// 1 (default) or 2.
+    pub stop_bits: Option<u8>,
+    /// Modbus unit identifier (slave address), 1–247 on a serial line; over Modbus TCP also 0,
+    /// and 255 to address a TCP device directly.
     #[serde(default = "default_unit_id")]
     pub unit_id: u8,
     /// How often to read every tag.
@@ -90,7 +110,115 @@ pub struct CsvOrigin {
 /// A problem in a CSV file: file, line, column, message.
 pub type CsvProblem = (std::path::PathBuf, usize, usize, String);
 
-impl ModbusTcpDevice {
+/// Which Modbus driver a device uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    #[default]
+    Tcp,
+    RtuOverTcp,
+    Rtu,
+}
+
+impl Kind {
+    pub fn driver(self) -> &'static str {
+        match self {
+            Kind::Tcp => "modbus-tcp",
+            Kind::RtuOverTcp => "modbus-rtu-tcp",
+            Kind::Rtu => "modbus-rtu",
+        }
+    }
+}
+
+/// `parity` of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+/// A serial line's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialLine {
+    pub port: String,
+    pub baud: u32,
+    pub parity: Parity,
+    pub data_bits: u8,
+    pub stop_bits: u8,
+}
+
+impl SerialLine {
+    /// Bits on the wire per character: start, data, parity, stop.
+    pub fn char_bits(&self) -> u32 {
+        1 + u32::from(self.data_bits) + u32::from(self.parity != Parity::None) + u32::from(self.stop_bits)
+    }
+
+    /// The silent interval that ends an RTU frame: 3.5 characters, fixed at 1.75 ms above 19200
+    /// baud (Modbus over serial line, 2.5.1.1).
+    pub fn frame_gap(&self) -> std::time::Duration {
+        if self.baud > 19_200 {
+            return std::time::Duration::from_micros(1750);
+        }
+        std::time::Duration::from_secs_f64(3.5 * f64::from(self.char_bits()) / f64::from(self.baud.max(1)))
+    }
+}
+
+/// How a device's frames reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framing {
+    Tcp { address: String },
+    RtuOverTcp { address: String },
+    Serial(SerialLine),
+}
+
+impl Framing {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Framing::Tcp { .. } => "modbus-tcp",
+            Framing::RtuOverTcp { .. } => "modbus-rtu-tcp",
+            Framing::Serial(_) => "modbus-rtu",
+        }
+    }
+
+    pub fn is_serial(&self) -> bool {
+        matches!(self, Framing::Serial(_))
+    }
+
+    /// The quiet time between two frames on the line.
+    pub fn frame_gap(&self) -> std::time::Duration {
+        match self {
+            Framing::Serial(line) => line.frame_gap(),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl ModbusDevice {
+    /// The device's framing and where it goes.
+    pub fn framing(&self) -> Framing {
+        match self.kind {
+            Kind::Tcp => Framing::Tcp { address: self.address.clone() },
+            Kind::RtuOverTcp => Framing::RtuOverTcp { address: self.address.clone() },
+            Kind::Rtu => Framing::Serial(SerialLine {
+                port: self.port.clone().unwrap_or_default(),
+                baud: self.baud.unwrap_or(9600),
+                parity: self.parity.unwrap_or_default(),
+                data_bits: self.data_bits.unwrap_or(8),
+                stop_bits: self.stop_bits.unwrap_or(1),
+            }),
+        }
+    }
+
+    /// What names the device's link: devices with the same key share one connection.
+    pub fn link_key(&self) -> String {
+        match self.kind {
+            Kind::Rtu => self.port.clone().unwrap_or_default(),
+            Kind::Tcp | Kind::RtuOverTcp => self.address.clone(),
+        }
+    }
+
     /// Reads `tags_file` (relative paths against `base`) and appends its tags. Every problem is
     /// returned, located in the CSV.
     pub fn load_tags_file(&mut self, base: &std::path::Path) -> Vec<CsvProblem> {
@@ -348,14 +476,63 @@ const fn default_sim_step() -> f64 {
     1.0
 }
 
-/// The checks of one `driver = "modbus-tcp"` device; `base` is its key path.
-pub fn validate_device(d: &ModbusTcpDevice, base: Vec<Seg>, found: &mut Found) {
-    match d.address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
-        _ => found.push((
-            with(base.clone(), [key("address")]),
-            format!("address `{}` must be host:port, e.g. \"192.168.1.10:502\"", d.address),
-        )),
+/// The checks of one Modbus device; `base` is its key path.
+pub fn validate_device(d: &ModbusDevice, base: Vec<Seg>, found: &mut Found) {
+    let driver = d.kind.driver();
+    if d.kind == Kind::Rtu {
+        if !d.address.is_empty() {
+            found.push((
+                with(base.clone(), [key("address")]),
+                "a modbus-rtu device names its serial `port`, not an `address` (for a serial device server \
+                 reached over TCP, use driver = \"modbus-rtu-tcp\")"
+                    .into(),
+            ));
+        }
+        match &d.port {
+            Some(p) if !p.is_empty() => {}
+            _ => found.push((base.clone(), "a modbus-rtu device needs `port`, e.g. port = \"/dev/ttyUSB0\"".into())),
+        }
+        if d.baud.is_some_and(|b| !(300..=4_000_000).contains(&b)) {
+            found.push((with(base.clone(), [key("baud")]), "must be between 300 and 4000000".into()));
+        }
+        if d.data_bits.is_some_and(|b| b != 7 && b != 8) {
+            found.push((with(base.clone(), [key("data_bits")]), "must be 7 or 8".into()));
+        }
+        if d.stop_bits.is_some_and(|b| b != 1 && b != 2) {
+            found.push((with(base.clone(), [key("stop_bits")]), "must be 1 or 2".into()));
+        }
+    } else {
+        for (k, set) in [
+            ("port", d.port.is_some()),
+            ("baud", d.baud.is_some()),
+            ("parity", d.parity.is_some()),
+            ("data_bits", d.data_bits.is_some()),
+            ("stop_bits", d.stop_bits.is_some()),
+        ] {
+            if set {
+                found.push((
+                    with(base.clone(), [key(k)]),
+                    format!("`{k}` is a serial line setting: it belongs to driver = \"modbus-rtu\", not \"{driver}\""),
+                ));
+            }
+        }
+        match d.address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+            _ if d.address.is_empty() => found.push((
+                base.clone(),
+                format!("a {driver} device needs `address`, e.g. address = \"192.168.1.10:502\""),
+            )),
+            _ => found.push((
+                with(base.clone(), [key("address")]),
+                format!("address `{}` must be host:port, e.g. \"192.168.1.10:502\"", d.address),
+            )),
+        }
+    }
+    if d.kind != Kind::Tcp && !(1..=247).contains(&d.unit_id) {
+        found.push((
+            with(base.clone(), [key("unit_id")]),
+            "must be 1..247 on a serial line (0 is broadcast, which no slave answers)".into(),
+        ));
     }
     if d.poll.0.is_zero() {
         found.push((with(base.clone(), [key("poll")]), "must be longer than 0s".into()));
@@ -494,5 +671,39 @@ fn area_name(a: Area) -> &'static str {
         Area::Discrete => "discrete",
         Area::Input => "input",
         Area::Holding => "holding",
+    }
+}
+
+/// The checks across the Modbus devices that share a link (one address or port): one framing and
+/// one set of line settings per link. Several devices may name the same unit id: one slave's
+/// register map split into several devices.
+pub fn validate_links<'a>(devices: impl Iterator<Item = (&'a str, &'a ModbusDevice)>, found: &mut Found) {
+    let mut first: std::collections::HashMap<String, (&str, &ModbusDevice)> = std::collections::HashMap::new();
+    for (name, d) in devices {
+        let link = d.link_key();
+        if link.is_empty() {
+            continue;
+        }
+        let base = crate::config::validate::path(&["devices", name]);
+        match first.get(&link) {
+            None => {
+                first.insert(link.clone(), (name, d));
+            }
+            Some((other, o)) if o.kind != d.kind => found.push((
+                with(base, [key("driver")]),
+                format!(
+                    "device `{other}` reaches {link} with driver \"{}\": one link speaks one framing",
+                    o.kind.driver()
+                ),
+            )),
+            Some((other, o)) if o.framing() != d.framing() => found.push((
+                with(base, [key("baud")]),
+                format!(
+                    "device `{other}` sets {link} up differently (baud, parity, data_bits and stop_bits are the \
+                     line's, so every device on it must agree)"
+                ),
+            )),
+            Some(_) => {}
+        }
     }
 }

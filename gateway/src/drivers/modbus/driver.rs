@@ -1,23 +1,26 @@
-//! The Modbus TCP driver: one task per device that polls its tags on a fixed schedule.
+//! A Modbus device: its tags, read plan, schedule, decoding, writes and backoff. The bytes go
+//! through the device's link (`link.rs`), which it may share with other devices on the same line
+//! or gateway.
 //!
 //! "The link failed" and "the device said no" are kept apart (tokio-modbus returns them as the
-//! outer and inner `Result`): a transport error or timeout drops the connection and reconnects with
-//! jittered exponential backoff; a Modbus exception only marks the affected points bad. A merged
-//! request that draws an exception is split into one request per tag from then on, so a single
-//! unmapped register in a gap does not blind its neighbours.
+//! outer and inner `Result`): a timeout or transport error makes the device back off on its own
+//! (the first time it retries at the next poll, then with jittered exponential backoff, skipping
+//! polls meanwhile), so a dead slave is polled less and costs its line only its own timeouts; a
+//! Modbus exception only marks the affected points bad. A merged request that draws an exception
+//! is split into one request per tag from then on, so a single unmapped register in a gap does
+//! not blind its neighbours.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::{self, Instant, MissedTickBehavior};
-use tokio_modbus::client::{Context, Reader, Writer};
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::ExceptionCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::codec::{self, Area, ByteOrder, DataType};
-use super::config::{ModbusTcpDevice, WriteFunction};
+use super::config::{ModbusDevice, WriteFunction};
+use super::link::{Caller, Data, LinkError, LinkHandle, Op};
 use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
 use crate::base::point::{now_ms, Point, Registry, TagKey, Value};
@@ -42,27 +45,12 @@ struct Tag {
     bit: Option<u8>,
 }
 
-/// Data returned by one read.
-enum Data {
-    Bits(Vec<bool>),
-    Words(Vec<u16>),
-}
-
-/// Why a read failed at the link level.
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("timeout after {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Modbus(#[from] tokio_modbus::Error),
-}
-
-pub struct ModbusTcpDriver {
+pub struct ModbusDriver {
     device: Arc<str>,
-    address: String,
-    unit_id: u8,
+    driver: &'static str,
+    link: LinkHandle,
+    caller: Caller,
     poll: Duration,
-    timeout: Duration,
     tags: Vec<Tag>,
     plan: Vec<ReadRequest>,
     stats: Arc<DeviceStats>,
@@ -71,18 +59,16 @@ pub struct ModbusTcpDriver {
     /// Report by exception, if any tag asks for it.
     exceptions: Option<Exceptions>,
     write_function: WriteFunction,
-    request_delay: Duration,
-    connect_delay: Duration,
-    /// When the last request went out, to keep `request_delay` between requests.
-    last_request: std::sync::Mutex<Option<std::time::Instant>>,
-    /// RTU frames (address byte, CRC) over the TCP connection instead of MBAP headers.
-    rtu_over_tcp: bool,
+    /// Failures in a row and when the device may be tried again.
+    failures: u32,
+    next_try: Instant,
 }
 
-impl ModbusTcpDriver {
+impl ModbusDriver {
     pub fn new(
         name: &str,
-        cfg: &ModbusTcpDevice,
+        cfg: &ModbusDevice,
+        link: LinkHandle,
         registry: &Registry,
         stats: Arc<DeviceStats>,
         out: BusSender,
@@ -123,12 +109,19 @@ impl ModbusTcpDriver {
                 (tag.key.id, rule)
             })
             .collect();
-        ModbusTcpDriver {
-            device: Arc::from(name),
-            address: cfg.address.clone(),
-            unit_id: cfg.unit_id,
-            poll: cfg.poll.0,
+        let caller = Caller {
+            unit: cfg.unit_id,
             timeout: cfg.timeout.0,
+            delay: cfg.request_delay.map_or(Duration::ZERO, |d| d.0),
+            connect_delay: cfg.connect_delay.map_or(Duration::ZERO, |d| d.0),
+            stats: stats.clone(),
+        };
+        ModbusDriver {
+            device: Arc::from(name),
+            driver: cfg.kind.driver(),
+            link,
+            caller,
+            poll: cfg.poll.0,
             tags,
             plan,
             stats,
@@ -136,18 +129,9 @@ impl ModbusTcpDriver {
             commands: None,
             exceptions: Exceptions::new(rules),
             write_function: cfg.write_function,
-            request_delay: cfg.request_delay.map_or(Duration::ZERO, |d| d.0),
-            connect_delay: cfg.connect_delay.map_or(Duration::ZERO, |d| d.0),
-            last_request: std::sync::Mutex::new(None),
-            rtu_over_tcp: false,
+            failures: 0,
+            next_try: Instant::now(),
         }
-    }
-
-    /// Speaks Modbus RTU frames over the TCP connection (a serial device server in transparent
-    /// mode) instead of Modbus TCP.
-    pub fn rtu_over_tcp(mut self, on: bool) -> Self {
-        self.rtu_over_tcp = on;
-        self
     }
 
     /// Accepts write commands (from the cloud or the local broker) on this queue.
@@ -157,16 +141,18 @@ impl ModbusTcpDriver {
     }
 
     pub async fn run(self, cancel: CancellationToken) {
-        let driver = if self.rtu_over_tcp { "modbus-rtu-tcp" } else { "modbus-tcp" };
-        let span = tracing::error_span!("driver", device = %self.device, driver);
+        let span = tracing::error_span!("driver", device = %self.device, driver = self.driver);
         self.run_inner(cancel).instrument(span).await;
     }
 
     async fn run_inner(mut self, cancel: CancellationToken) {
-        info!(address = %self.address, tags = self.tags.len(), requests = self.plan.len(), "Polling device.");
-        let mut ctx: Option<Context> = None;
-        let mut failures: u32 = 0;
-        let mut next_connect = Instant::now();
+        info!(
+            link = %self.link.name(),
+            unit = self.caller.unit,
+            tags = self.tags.len(),
+            requests = self.plan.len(),
+            "Polling device."
+        );
         let mut ticker = time::interval(self.poll);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut last_scheduled: Option<Instant> = None;
@@ -176,7 +162,7 @@ impl ModbusTcpDriver {
                 _ = cancel.cancelled() => break,
                 t = ticker.tick() => t,
                 Some(cmd) = recv_command(&mut commands) => {
-                    let result = self.write(&mut ctx, &cmd, &mut failures, &mut next_connect).await;
+                    let result = self.write(&cmd).await;
                     if let Err(e) = &result {
                         warn!(tag = %cmd.tag, error = %e, "Write refused or failed.");
                     } else {
@@ -188,64 +174,41 @@ impl ModbusTcpDriver {
             };
             self.account_schedule(scheduled, last_scheduled);
             last_scheduled = Some(scheduled);
-
-            if ctx.is_none() {
-                if Instant::now() < next_connect {
-                    continue;
-                }
-                match self.connect().await {
-                    Ok(c) => {
-                        self.stats.connects.inc();
-                        info!("Connected.");
-                        ctx = Some(c);
-                    }
-                    Err(e) => {
-                        self.stats.connect_failures.inc();
-                        failures += 1;
-                        let wait = backoff(failures);
-                        warn!(error = %e, retry_in = ?wait, "Cannot connect.");
-                        next_connect = Instant::now() + wait;
-                        let points = self.all_bad(&format!("connect failed: {e}"));
-                        if self.emit(points).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                }
+            if Instant::now() < self.next_try {
+                // Backing off: a dead slave is polled less often, which gives its line back to
+                // the other devices.
+                continue;
             }
-            let Some(c) = ctx.as_mut() else { continue };
-            let (points, link_error) = self.poll_once(c).await;
+            let (points, link_error) = self.poll_once().await;
             if self.emit(points).await.is_err() {
                 break;
             }
-            if let Some(e) = link_error {
-                failures += 1;
-                // The first failure reconnects at the next poll; repeated ones back off.
-                let wait = if failures > 1 { backoff(failures - 1) } else { Duration::ZERO };
-                warn!(error = %e, retry_in = ?wait, "Link failed; reconnecting.");
-                next_connect = Instant::now() + wait;
-                if let Some(mut c) = ctx.take() {
-                    let _ = time::timeout(Duration::from_millis(100), tokio_modbus::client::Client::disconnect(&mut c))
-                        .await;
+            match link_error {
+                Some(e) => {
+                    self.failures += 1;
+                    // The first failure retries at the next poll; repeated ones back off.
+                    let wait = if self.failures > 1 { backoff(self.failures - 1) } else { Duration::ZERO };
+                    if self.failures <= 2 || self.failures % 10 == 0 {
+                        warn!(error = %e, retry_in = ?wait, failures = self.failures, "Device not answering.");
+                    }
+                    self.next_try = Instant::now() + wait;
                 }
-            } else {
-                failures = 0;
+                None => {
+                    if self.failures > 0 {
+                        info!("Device answers again.");
+                    }
+                    self.failures = 0;
+                }
             }
         }
         debug!("Driver stopped.");
     }
 
     /// Writes one tag. Refuses tags that are not `access = "rw"` and values that do not fit the
-    /// tag's type. While the link is down and in backoff the write is refused at once, and a write
-    /// whose link fails backs off like a poll: a burst of writes to an unreachable device costs one
-    /// timeout, not one per write, so it cannot starve polling.
-    async fn write(
-        &self,
-        ctx: &mut Option<Context>,
-        cmd: &WriteCommand,
-        failures: &mut u32,
-        next_connect: &mut Instant,
-    ) -> Result<(), String> {
+    /// tag's type. While the device is backing off the write is refused at once, and a write that
+    /// gets no answer backs off like a poll: a burst of writes to an unreachable device costs one
+    /// timeout, not one per write, so it cannot starve polling or the line.
+    async fn write(&mut self, cmd: &WriteCommand) -> Result<(), String> {
         let tag = self
             .tags
             .iter()
@@ -255,73 +218,47 @@ impl ModbusTcpDriver {
             return Err(format!("tag `{}` is read-only (set access = \"rw\" in its config to allow writes)", cmd.tag));
         }
         // Encode before touching the link, so a value that does not fit is refused cleanly.
-        let (words, coil) = match tag.area {
-            Area::Holding if tag.bit.is_some() => (Vec::new(), coil_value(&cmd.value)?),
-            Area::Holding => (encode_write(tag, &cmd.value)?, false),
-            Area::Coil => (Vec::new(), coil_value(&cmd.value)?),
+        let op = match tag.area {
+            Area::Coil => Op::WriteCoil { address: tag.address, on: coil_value(&cmd.value)? },
+            Area::Holding if tag.bit.is_some() => {
+                // Function 22 changes the one bit in the device itself: no read-modify-write race
+                // with the PLC's own program.
+                let mask = 1u16 << tag.bit.unwrap_or(0);
+                let on = coil_value(&cmd.value)?;
+                Op::MaskWrite { address: tag.address, and: !mask, or: if on { mask } else { 0 } }
+            }
+            Area::Holding => {
+                let words = encode_write(tag, &cmd.value)?;
+                match (self.write_function, words.len()) {
+                    (WriteFunction::Auto | WriteFunction::Single, 1) => {
+                        Op::WriteRegister { address: tag.address, word: words[0] }
+                    }
+                    (WriteFunction::Single, n) => {
+                        return Err(format!(
+                            "write_function = \"single\" writes one register, and a {:?} takes {n}; use \"auto\" or \"multiple\"",
+                            tag.ty
+                        ))
+                    }
+                    _ => Op::WriteRegisters { address: tag.address, words },
+                }
+            }
             Area::Input | Area::Discrete => return Err("input registers and discrete inputs cannot be written".into()),
         };
-        if ctx.is_none() {
-            let now = Instant::now();
-            if now < *next_connect {
-                let wait = next_connect.duration_since(now);
-                return Err(format!("device unreachable; reconnecting in {:.1}s, not written", wait.as_secs_f64()));
-            }
-            match self.connect().await {
-                Ok(c) => {
-                    self.stats.connects.inc();
-                    *ctx = Some(c);
-                }
-                Err(e) => {
-                    self.stats.connect_failures.inc();
-                    *failures += 1;
-                    *next_connect = Instant::now() + backoff(*failures);
-                    return Err(format!("device unreachable: {e}"));
-                }
-            }
+        let now = Instant::now();
+        if now < self.next_try {
+            let wait = self.next_try - now;
+            return Err(format!("device unreachable; retrying in {:.1}s, not written", wait.as_secs_f64()));
         }
-        if self.write_function == WriteFunction::Single && words.len() > 1 {
-            return Err(format!(
-                "write_function = \"single\" writes one register, and a {:?} takes {}; use \"auto\" or \"multiple\"",
-                tag.ty,
-                words.len()
-            ));
-        }
-        let Some(c) = ctx.as_mut() else { return Err("device unreachable".into()) };
-        self.pace().await;
-        let fut = async {
-            match tag.area {
-                Area::Coil => c.write_single_coil(tag.address, coil).await,
-                Area::Holding if tag.bit.is_some() => {
-                    // Function 22 changes the one bit in the device itself: no read-modify-write
-                    // race with the PLC's own program.
-                    let mask = 1u16 << tag.bit.unwrap_or(0);
-                    c.masked_write_register(tag.address, !mask, if coil { mask } else { 0 }).await
-                }
-                Area::Holding => match (self.write_function, words.len()) {
-                    (WriteFunction::Auto | WriteFunction::Single, 1) => {
-                        c.write_single_register(tag.address, words[0]).await
-                    }
-                    _ => c.write_multiple_registers(tag.address, &words).await,
-                },
-                Area::Input | Area::Discrete => Ok(Err(ExceptionCode::IllegalFunction)),
-            }
-        };
-        let link_failed = |ctx: &mut Option<Context>, failures: &mut u32, next_connect: &mut Instant| {
-            *ctx = None;
-            *failures += 1;
-            *next_connect = Instant::now() + backoff(*failures);
-        };
-        match time::timeout(self.timeout, fut).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(exc))) => Err(exception_text(exc)),
-            Ok(Err(e)) => {
-                link_failed(ctx, failures, next_connect);
-                Err(format!("link failed: {e}"))
-            }
-            Err(_) => {
-                link_failed(ctx, failures, next_connect);
-                Err(format!("timeout after {:?}", self.timeout))
+        match self.link.call(&self.caller, op).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(exc)) => Err(exception_text(exc)),
+            Err(e) => {
+                self.failures += 1;
+                self.next_try = Instant::now() + backoff(self.failures);
+                Err(match e {
+                    LinkError::Modbus(e) => format!("link failed: {e}"),
+                    e => e.to_string(),
+                })
             }
         }
     }
@@ -342,19 +279,6 @@ impl ModbusTcpDriver {
         }
     }
 
-    async fn connect(&self) -> Result<Context, String> {
-        let stream = tcp_connect(&self.address, self.timeout).await?;
-        if !self.connect_delay.is_zero() {
-            time::sleep(self.connect_delay).await;
-        }
-        let stream = super::trace::Traced::new(stream, self.device.clone());
-        Ok(if self.rtu_over_tcp {
-            tokio_modbus::client::rtu::attach_slave(stream, Slave(self.unit_id))
-        } else {
-            tokio_modbus::client::tcp::attach_slave(stream, Slave(self.unit_id))
-        })
-    }
-
     async fn emit(&mut self, mut points: Vec<Point>) -> Result<(), ()> {
         let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
         self.stats.points_bad.add(bad);
@@ -368,15 +292,9 @@ impl ModbusTcpDriver {
         self.out.send(batch(points)).await.map_err(|_| ())
     }
 
-    fn all_bad(&self, error: &str) -> Vec<Point> {
-        let error: Arc<str> = Arc::from(error);
-        let ts = now_ms();
-        self.tags.iter().map(|t| Point::bad(t.key.clone(), error.clone(), ts)).collect()
-    }
-
-    /// Reads every request once. Returns the points and, if the link failed, why; after a link
-    /// failure the remaining requests are not sent and their points are bad.
-    async fn poll_once(&mut self, ctx: &mut Context) -> (Vec<Point>, Option<LinkError>) {
+    /// Reads every request once. Returns the points and, if the device or its link did not
+    /// answer, why; after that the remaining requests are not sent and their points are bad.
+    async fn poll_once(&mut self) -> (Vec<Point>, Option<LinkError>) {
         let mut points = Vec::with_capacity(self.tags.len());
         let mut split: Vec<usize> = Vec::new();
         let mut link_error: Option<LinkError> = None;
@@ -385,7 +303,7 @@ impl ModbusTcpDriver {
                 self.bad_points(req, &format!("not read: {e}"), &mut points);
                 continue;
             }
-            match self.read(ctx, req).await {
+            match self.read(req).await {
                 Ok(Ok(data)) => self.decode(req, &data, &mut points),
                 Ok(Err(exc)) if req.tags.len() > 1 => {
                     // A merged range may cover registers the device does not map. Read each tag on
@@ -397,7 +315,7 @@ impl ModbusTcpDriver {
                             self.bad_points(&single, &format!("not read: {e}"), &mut points);
                             continue;
                         }
-                        match self.read(ctx, &single).await {
+                        match self.read(&single).await {
                             Ok(Ok(data)) => self.decode(&single, &data, &mut points),
                             Ok(Err(exc)) => self.bad_points(&single, &exception_text(exc), &mut points),
                             Err(e) => {
@@ -422,38 +340,8 @@ impl ModbusTcpDriver {
         (points, link_error)
     }
 
-    /// Waits out `request_delay` since the last request, then notes this one.
-    async fn pace(&self) {
-        if self.request_delay.is_zero() {
-            return;
-        }
-        let last = *self.last_request.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(wait) = last.and_then(|t| self.request_delay.checked_sub(t.elapsed())) {
-            time::sleep(wait).await;
-        }
-        *self.last_request.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-    }
-
-    async fn read(&self, ctx: &mut Context, req: &ReadRequest) -> Result<Result<Data, ExceptionCode>, LinkError> {
-        self.pace().await;
-        self.stats.requests.inc();
-        let fut = async {
-            Ok::<_, tokio_modbus::Error>(match req.area {
-                Area::Coil => ctx.read_coils(req.start, req.count).await?.map(Data::Bits),
-                Area::Discrete => ctx.read_discrete_inputs(req.start, req.count).await?.map(Data::Bits),
-                Area::Holding => ctx.read_holding_registers(req.start, req.count).await?.map(Data::Words),
-                Area::Input => ctx.read_input_registers(req.start, req.count).await?.map(Data::Words),
-            })
-        };
-        let result = match time::timeout(self.timeout, fut).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(LinkError::Modbus(e)),
-            Err(_) => Err(LinkError::Timeout(self.timeout)),
-        };
-        if !matches!(result, Ok(Ok(_))) {
-            self.stats.request_errors.inc();
-        }
-        result
+    async fn read(&self, req: &ReadRequest) -> Result<Result<Data, ExceptionCode>, LinkError> {
+        self.link.call(&self.caller, Op::Read { area: req.area, start: req.start, count: req.count }).await
     }
 
     fn decode(&self, req: &ReadRequest, data: &Data, out: &mut Vec<Point>) {
@@ -462,11 +350,12 @@ impl ModbusTcpDriver {
             let t = &self.tags[i];
             let at = usize::from(t.address - req.start);
             let value = match data {
-                Data::Bits(bits) => bits.get(at).map(|b| crate::base::point::Value::Bool(*b)),
+                Data::Bits(bits) => bits.get(at).map(|b| Value::Bool(*b)),
                 Data::Words(words) => match t.bit {
-                    Some(b) => words.get(at).map(|w| crate::base::point::Value::Bool(w >> b & 1 == 1)),
+                    Some(b) => words.get(at).map(|w| Value::Bool(w >> b & 1 == 1)),
                     None => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
                 },
+                Data::Written => None,
             };
             out.push(match value {
                 Some(v) => Point::good(t.key.clone(), codec::apply_scale(v, t.scale, t.offset), ts),
@@ -503,18 +392,6 @@ fn encode_write(tag: &Tag, value: &serde_json::Value) -> Result<Vec<u16>, String
         }
     };
     codec::encode(tag.ty, tag.order, value).map_err(|e| e.to_string())
-}
-
-/// A TCP connection to a Modbus device within `timeout`, without Nagle's delay (Modbus is
-/// strictly request/response with small frames: Nagle would only add latency).
-pub(super) async fn tcp_connect(address: &str, timeout: Duration) -> Result<TcpStream, String> {
-    let stream = match time::timeout(timeout, TcpStream::connect(address)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("timeout after {timeout:?}")),
-    };
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    Ok(stream)
 }
 
 /// A coil takes `true`/`false` or `1`/`0`, nothing else.

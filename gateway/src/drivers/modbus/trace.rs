@@ -1,7 +1,14 @@
-//! A hex trace of every Modbus frame a device exchanges, at `debug` level, for commissioning a
-//! device that answers something unexpected (`--log-level debug`, or `RUST_LOG=updraft=debug`).
-//! The transport is wrapped below tokio-modbus, so what is logged is exactly what went over the
-//! wire, MBAP or RTU framing included. Off, it costs one level check per read or write.
+//! The layer under tokio-modbus on every link: a hex trace of every frame at `debug` level, for
+//! commissioning a device that answers something unexpected (`--log-level debug`, or
+//! `RUST_LOG=updraft=debug`), and a drained line before each request.
+//!
+//! The trace is taken below tokio-modbus, so what is logged is exactly what went over the wire,
+//! MBAP or RTU framing included. Off, it costs one level check per read or write.
+//!
+//! Draining: a slave that answers after its timeout leaves its late reply in the socket or the
+//! serial driver's buffer, where tokio-modbus would take it for the answer to the next request
+//! (to another slave, or the same slave's next read: stale data with a good quality). So before a
+//! request goes out, whatever is already waiting is read and thrown away (and traced as such).
 
 use std::fmt::Write as _;
 use std::io;
@@ -16,12 +23,29 @@ use tracing::{debug, enabled, Level};
 #[derive(Debug)]
 pub struct Traced<S> {
     inner: S,
-    device: Arc<str>,
+    link: Arc<str>,
 }
 
 impl<S> Traced<S> {
-    pub fn new(inner: S, device: Arc<str>) -> Self {
-        Traced { inner, device }
+    pub fn new(inner: S, link: Arc<str>) -> Self {
+        Traced { inner, link }
+    }
+}
+
+impl<S: AsyncRead + Unpin> Traced<S> {
+    /// Reads and discards whatever the peer has already sent, without waiting for more.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        let mut scratch = [0u8; 256];
+        loop {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    debug!(link = %self.link, "Modbus stale rx discarded {}", hex(rb.filled()));
+                }
+                // Nothing waiting, the end of the stream, or an error the next read will report.
+                _ => break,
+            }
+        }
     }
 }
 
@@ -41,18 +65,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Traced<S> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before && enabled!(Level::DEBUG) {
-            debug!(device = %self.device, "Modbus rx {}", hex(&buf.filled()[before..]));
+            debug!(link = %self.link, "Modbus rx {}", hex(&buf.filled()[before..]));
         }
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Traced<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Traced<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        // Requests and answers strictly alternate, so nothing can be due before this write.
+        self.drain(cx);
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
             if n > 0 && enabled!(Level::DEBUG) {
-                debug!(device = %self.device, "Modbus tx {}", hex(&data[..n]));
+                debug!(link = %self.link, "Modbus tx {}", hex(&data[..n]));
             }
         }
         r
@@ -100,16 +126,21 @@ mod tests {
             rt.block_on(async {
                 let (a, mut b) = tokio::io::duplex(64);
                 let mut t = Traced::new(a, Arc::from("press"));
+                // A late reply to an earlier request is waiting when the next request goes out.
+                b.write_all(&[0x09, 0x09]).await.unwrap();
+                tokio::task::yield_now().await;
                 t.write_all(&[0x00, 0x01, 0x00, 0x00, 0x00, 0x06, 0x01, 0x03]).await.unwrap();
                 let mut got = [0u8; 8];
                 b.read_exact(&mut got).await.unwrap();
                 b.write_all(&[0x01, 0x83, 0x02]).await.unwrap();
                 let mut back = [0u8; 3];
                 t.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, [0x01, 0x83, 0x02], "the stale bytes were not taken for the answer");
             });
         });
         let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains("Modbus tx 00 01 00 00 00 06 01 03") && text.contains("device=press"), "{text}");
+        assert!(text.contains("Modbus tx 00 01 00 00 00 06 01 03") && text.contains("link=press"), "{text}");
         assert!(text.contains("Modbus rx 01 83 02"), "{text}");
+        assert!(text.contains("Modbus stale rx discarded 09 09"), "{text}");
     }
 }
