@@ -31,7 +31,7 @@ struct Ctx {
 
 #[derive(Serialize)]
 struct PointView<'a> {
-    value: Option<Value>,
+    value: Option<&'a Value>,
     ts: i64,
     quality: Quality,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,7 +40,7 @@ struct PointView<'a> {
 
 impl<'a> From<&'a Point> for PointView<'a> {
     fn from(p: &'a Point) -> Self {
-        PointView { value: p.value, ts: p.ts, quality: p.quality, error: p.error.as_deref() }
+        PointView { value: p.value.as_ref(), ts: p.ts, quality: p.quality, error: p.error.as_deref() }
     }
 }
 

@@ -106,22 +106,25 @@ enum ModbusCommand {
     Read {
         #[command(flatten)]
         target: ModbusTarget,
-        /// How many values (registers or bits without --type).
+        /// How many values (registers or bits without --type; a string's length in registers).
         #[arg(long, default_value_t = 10)]
         count: u16,
-        /// bool | u16 | i16 | u32 | i32 | f32 | u64 | i64 | f64
+        /// bool | u16 | i16 | u32 | i32 | f32 | u64 | i64 | f64 | string
         #[arg(long = "type", value_name = "TYPE")]
         data_type: Option<String>,
         /// ABCD | CDAB | BADC | DCBA
         #[arg(long, default_value = "ABCD")]
         order: String,
     },
-    /// Write one value (a number, or true/false for a coil).
+    /// Write one value (a number, true/false for a coil, or text with --type string).
     Write {
         #[command(flatten)]
         target: ModbusTarget,
         #[arg(long = "type", value_name = "TYPE", default_value = "u16")]
         data_type: String,
+        /// A string's field size in registers (NUL-padded); default: just enough for the text.
+        #[arg(long)]
+        length: Option<u16>,
         #[arg(long, default_value = "ABCD")]
         order: String,
         /// The value.
@@ -280,10 +283,10 @@ fn modbus(command: ModbusCommand) -> Result<String, String> {
             let order = from_name("order", &order)?;
             rt.block_on(commission::read(&t, count, ty, order))
         }
-        ModbusCommand::Write { target: t, data_type, order, value } => {
+        ModbusCommand::Write { target: t, data_type, length, order, value } => {
             let t = target(t)?;
             let (ty, order) = (from_name("type", &data_type)?, from_name("order", &order)?);
-            rt.block_on(commission::write(&t, ty, order, &value)).map(|s| s + "\n")
+            rt.block_on(commission::write(&t, ty, order, length, &value)).map(|s| s + "\n")
         }
     }
 }

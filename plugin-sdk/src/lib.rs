@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 pub mod helpers;
 
-/// Generated bindings of the `updraft:plugin@0.1.0` world. Plugin authors do not need them; the
+/// Generated bindings of the `updraft:plugin@0.2.0` world. Plugin authors do not need them; the
 /// [`export!`] macro wires a [`Plugin`] to them.
 #[doc(hidden)]
 pub mod bindings {
@@ -27,24 +27,36 @@ use bindings::updraft::plugin::types as wt;
 /// Unix time in milliseconds.
 pub type Timestamp = i64;
 
-/// A reading's value.
+/// A reading's value. Later worlds may add kinds, so a `match` needs a `_` arm.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Value {
     Bool(bool),
     Int(i64),
     UInt(u64),
     Float(f64),
+    /// Text: a serial number, a recipe name, a status message.
+    String(String),
 }
 
 impl Value {
-    /// The value as a number (`true` is 1).
+    /// The value as a number (`true` is 1); `None` for text.
     pub fn as_f64(&self) -> Option<f64> {
         Some(match self {
             Value::Bool(b) => f64::from(u8::from(*b)),
             Value::Int(i) => *i as f64,
             Value::UInt(u) => *u as f64,
             Value::Float(f) => *f,
+            Value::String(_) => return None,
         })
+    }
+
+    /// The value as text, if it is text.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -211,6 +223,7 @@ fn to_wit_value(v: Value) -> wt::Value {
         Value::Int(i) => wt::Value::Int(i),
         Value::UInt(u) => wt::Value::Uint(u),
         Value::Float(f) => wt::Value::Float(f),
+        Value::String(s) => wt::Value::Text(s),
     }
 }
 
@@ -220,6 +233,7 @@ fn from_wit_value(v: wt::Value) -> Value {
         wt::Value::Int(i) => Value::Int(i),
         wt::Value::Uint(u) => Value::UInt(u),
         wt::Value::Float(f) => Value::Float(f),
+        wt::Value::Text(s) => Value::String(s),
     }
 }
 

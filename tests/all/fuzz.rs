@@ -156,6 +156,15 @@ fn fuzz_the_modbus_value_codec() {
         let (ty, order) = (types[*t as usize % types.len()], orders[*o as usize % orders.len()]);
         let regs: Vec<u16> =
             input[2..].chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])).collect();
+        // Text: any registers decode (never panic); what fits is written back and reads the same.
+        let text_order = if *o % 2 == 0 { ByteOrder::ABCD } else { ByteOrder::BADC };
+        if let Value::String(t) = updraft::drivers::modbus::codec::decode_string(text_order, &regs) {
+            let n = u16::try_from(regs.len()).unwrap_or(u16::MAX);
+            if let Ok(words) = updraft::drivers::modbus::codec::encode_string(text_order, &t, n) {
+                let again = updraft::drivers::modbus::codec::decode_string(text_order, &words);
+                assert_eq!(again, Value::String(t.clone()), "{regs:?}");
+            }
+        }
         // A device's answer: any registers, any length.
         if let Some(v) = decode(ty, order, &regs) {
             // What was read can be written back to the same place.
@@ -191,6 +200,7 @@ fn fuzz_the_buffer_record_decoder() {
         Point::good(k.clone(), Value::Int(-5), 1),
         Point::good(k.clone(), Value::UInt(u64::MAX), 2),
         Point::good(k.clone(), Value::Bool(true), 3),
+        Point::good(k.clone(), Value::String("PUMP-A7 蓝".into()), 3),
         Point::bad(k.clone(), "timeout after 1s".into(), 4),
         Point::message(m, b"{\"raw\":1}".to_vec().into(), 5),
     ];

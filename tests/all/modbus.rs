@@ -563,3 +563,65 @@ tags = [{{ name = "v", area = "holding", address = 4 }}]
     assert_eq!(v.expect("read over RTU framing").value, Some(updraft::base::point::Value::UInt(1234)));
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A string register end to end: read from the device, it reaches the local broker, the HTTP API
+/// and the cloud as text; a text command writes it back, NUL-padded, in the tag's byte layout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_string_register_reaches_mqtt_the_api_and_the_cloud_and_is_written() {
+    let cloud = updraft_tests::cloud::Mosquitto::start().await;
+    let mut up = updraft_tests::cloud::CloudClient::connect(cloud.addr, "parks/#").await;
+    let fixture = ModbusFixture::default();
+    // "PUMP-A7 " and a NUL, high byte first, written out by hand.
+    fixture.set_holding(0, &[0x5055, 0x4D50, 0x2D41, 0x3720, 0x0000]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.press]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [
+  {{ name = "serial", area = "holding", address = 0, type = "string", length = 5 }},
+  {{ name = "recipe", area = "holding", address = 10, type = "string", length = 4, order = "BADC", access = "rw" }},
+]
+
+[north.cloud]
+type = "mqtt"
+url = "mqtt://{}"
+topic = "parks/{{gateway}}/{{device}}"
+batch = {{ max_points = 10, max_wait = "100ms" }}
+"#,
+        header("gw-text"),
+        cloud.addr
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    let v = sub.wait_for("updraft/press/serial", WAIT, |v| v["quality"] == "good").await.expect("text on MQTT");
+    assert_eq!(v["value"], "PUMP-A7", "trailing space and NUL trimmed");
+
+    let (status, body) = updraft_tests::http_get(gw.api_addr.unwrap(), "/api/v1/values/press").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""value":"PUMP-A7""#), "the API shows the text: {body}");
+
+    let got = up
+        .wait_for("parks/gw-text/press", WAIT, |p| {
+            updraft_tests::cloud::tag_values(p, "serial").contains(&json!("PUMP-A7"))
+        })
+        .await;
+    assert!(got.is_some(), "the cloud receives the text through the disk buffer");
+
+    sub.client.publish("updraft/press/recipe/set", QoS::AtLeastOnce, false, r#""AB-7""#).await.unwrap();
+    let r = sub.wait_for("updraft/press/recipe/set/reply", WAIT, |_| true).await.expect("reply");
+    assert_eq!(r["ok"], true, "{r}");
+    let regs: Vec<Option<u16>> = (10..14).map(|a| fixture.holding(a)).collect();
+    assert_eq!(regs, [Some(0x4241), Some(0x372D), Some(0), Some(0)], "low byte first, NUL-padded");
+    assert!(sub.wait_for("updraft/press/recipe", WAIT, |v| v["value"] == "AB-7").await.is_some());
+
+    // Text that does not fit is refused, not cut; a number is not text.
+    for bad in [r#""TOO-LONG-NAME""#, "42"] {
+        sub.client.publish("updraft/press/recipe/set", QoS::AtLeastOnce, false, bad).await.unwrap();
+        let r = sub.wait_for("updraft/press/recipe/set/reply", WAIT, |_| true).await.expect("reply");
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+    }
+    assert_eq!(fixture.holding(10), Some(0x4241), "the refused writes changed nothing");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -357,3 +357,43 @@ fn the_plugin_cache_is_private_and_foreign_entries_are_refused() {
     assert!(!engine.load(&wasm).unwrap().warm, "a world-writable entry is refused and recompiled");
     assert_eq!(mode(&entry), 0o600, "and rewritten privately");
 }
+
+/// Plugins built for the first world (`updraft:plugin@0.1.0`, before text values existed) keep
+/// loading beside current ones and are never handed a text point; a current plugin receives it.
+/// The 0.1.0 build of the `scale` example is kept in `tests/fixtures/plugins-0.1/`.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_built_for_0_1_keep_working_and_never_see_text() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[700]);
+    // "PUMP-A7", high byte first.
+    fixture.set_holding(10, &[0x5055, 0x4D50, 0x2D41, 0x3700]);
+    let addr = fixture.serve().await;
+    let old = updraft_tests::test_file("fixtures/plugins-0.1/scale.wasm");
+    let plugin = |name: &str, wasm: &std::path::Path| {
+        format!(
+            "[plugins.{name}]\nwasm = \"{}\"\nsubscribe = [\"press/*\"]\nconfig = {{ factor = 0.1, offset = -40.0 }}\n\
+             [plugins.{name}.outputs]\ndefault = \"updraft/{name}/{{device}}/{{tag}}\"\n\n",
+            wasm.display()
+        )
+    };
+    let toml = format!(
+        "{}[devices.press]\ndriver = \"modbus-tcp\"\naddress = \"{addr}\"\npoll = \"100ms\"\ntags = [\n\
+         {{ name = \"temperature\", area = \"holding\", address = 0 }},\n\
+         {{ name = \"serial\", area = \"holding\", address = 10, type = \"string\", length = 4 }},\n]\n\n{}{}",
+        header("gw-worlds"),
+        plugin("old", &old),
+        plugin("new", &plugin_wasm("scale"))
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    for world in ["old", "new"] {
+        let v = sub.wait_for(&format!("updraft/{world}/press/temperature"), WAIT, |_| true).await;
+        assert_eq!(v.unwrap_or_else(|| panic!("{world} plugin output"))["value"], 30.0, "{world}");
+    }
+    let text = sub.wait_for("updraft/new/press/serial", WAIT, |_| true).await.expect("the 0.2.0 plugin gets text");
+    assert_eq!(text["value"], "PUMP-A7", "scale passes text through unchanged");
+    let all = sub.collect(Duration::from_millis(500), Duration::from_secs(2)).await;
+    assert!(!all.contains_key("updraft/old/press/serial"), "the 0.1.0 plugin never saw the text point");
+    assert_eq!(gw.metrics.plugin("old").traps.get(), 0);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

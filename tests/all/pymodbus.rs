@@ -140,6 +140,7 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
         .enumerate()
         .map(|(i, (_, ty, order, value))| json!({"area": "holding", "address": i * 4, "type": ty, "order": order, "value": value}))
         .chain([json!({"area": "input", "address": 10, "type": "i16", "order": "ABCD", "value": -5})])
+        .chain([json!({"area": "holding", "address": 100, "type": "string", "order": "ABCD", "value": "PUMP-A7"})])
         .collect();
     let spec = json!({
         "registers": registers,
@@ -155,6 +156,7 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
         );
     }
     tags += "  { name = \"in-i16\", area = \"input\", address = 10, type = \"i16\" },\n";
+    tags += "  { name = \"text\", area = \"holding\", address = 100, type = \"string\", length = 4 },\n";
     tags += "  { name = \"coil-3\", area = \"coil\", address = 3 },\n";
     tags += "  { name = \"coil-2\", area = \"coil\", address = 2 },\n";
     tags += "  { name = \"di-9\", area = \"discrete\", address = 9 },\n";
@@ -168,6 +170,7 @@ async fn values_from_a_pymodbus_server_decode_exactly() {
     let mut expected: Vec<(String, Value)> = cases.into_iter().map(|(n, _, _, v)| (n.to_owned(), v)).collect();
     expected.extend([
         ("in-i16".to_owned(), json!(-5)),
+        ("text".to_owned(), json!("PUMP-A7")),
         ("coil-3".to_owned(), json!(true)),
         ("coil-2".to_owned(), json!(false)),
         ("di-9".to_owned(), json!(true)),

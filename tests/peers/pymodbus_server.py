@@ -39,6 +39,7 @@ TYPES = {
     "u64": M.DATATYPE.UINT64,
     "i64": M.DATATYPE.INT64,
     "f64": M.DATATYPE.FLOAT64,
+    "string": M.DATATYPE.STRING,
 }
 # Word order as pymodbus names it, and whether the bytes inside each word are swapped.
 ORDERS = {

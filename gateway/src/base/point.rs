@@ -14,26 +14,35 @@ use serde::{Serialize, Serializer};
 use super::topic::TOPIC_PREFIX;
 
 /// A decoded value. `F32` is kept apart from `Float` so that an `f32` register reading of `0.1`
-/// prints as `0.1` and not as the `f64` widening `0.10000000149011612`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// prints as `0.1` and not as the `f64` widening `0.10000000149011612`. A `String` (a device's
+/// serial number, recipe name or status text) is shared, so fanning a point out to every
+/// consumer never copies its text.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     Bool(bool),
     Int(i64),
     UInt(u64),
     F32(f32),
     Float(f64),
+    String(Arc<str>),
 }
 
 impl Value {
-    /// The value as `f64`, for scaling and for comparisons in tests.
-    pub fn as_f64(&self) -> f64 {
-        match *self {
+    /// The value as a number, for scaling, deadbands and comparisons in tests; `None` for text.
+    pub fn number(&self) -> Option<f64> {
+        Some(match *self {
             Value::Bool(b) => f64::from(u8::from(b)),
             Value::Int(i) => i as f64,
             Value::UInt(u) => u as f64,
             Value::F32(f) => f64::from(f),
             Value::Float(f) => f,
-        }
+            Value::String(_) => return None,
+        })
+    }
+
+    /// The value as `f64`; text is NaN (it has no numeric reading).
+    pub fn as_f64(&self) -> f64 {
+        self.number().unwrap_or(f64::NAN)
     }
 }
 
@@ -49,6 +58,7 @@ impl Serialize for Value {
             Value::Float(f) if !f.is_finite() => s.serialize_none(),
             Value::F32(f) => s.serialize_f32(f),
             Value::Float(f) => s.serialize_f64(f),
+            Value::String(ref t) => s.serialize_str(t),
         }
     }
 }
@@ -189,13 +199,14 @@ impl Point {
     pub fn write_json(&self, out: &mut Vec<u8>) {
         #[derive(Serialize)]
         struct Payload<'a> {
-            value: Option<Value>,
+            value: Option<&'a Value>,
             ts: i64,
             quality: Quality,
             #[serde(skip_serializing_if = "Option::is_none")]
             error: Option<&'a str>,
         }
-        let payload = Payload { value: self.value, ts: self.ts, quality: self.quality, error: self.error.as_deref() };
+        let payload =
+            Payload { value: self.value.as_ref(), ts: self.ts, quality: self.quality, error: self.error.as_deref() };
         // Serializing this struct into memory cannot fail: every field is a number, string or enum.
         let _ = serde_json::to_writer(out, &payload);
     }

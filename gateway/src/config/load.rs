@@ -481,6 +481,22 @@ tags = [
     }
 
     #[test]
+    fn string_tags_need_a_length_and_a_text_order() {
+        let text = GOOD.replace(
+            "{ name = \"running\", area = \"coil\", address = 0, type = \"bool\" },",
+            "{ name = \"running\", area = \"coil\", address = 0, type = \"bool\" },\n  \
+             { name = \"a\", area = \"holding\", address = 10, type = \"string\" },\n  \
+             { name = \"b\", area = \"holding\", address = 20, type = \"string\", length = 4, order = \"CDAB\" },\n  \
+             { name = \"c\", area = \"holding\", address = 30, length = 4 },",
+        );
+        let p = problems(&text);
+        assert!(p.iter().any(|l| l.contains("a string needs `length`")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("a string's order is \"ABCD\"")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("`length` is for type = \"string\"")), "{p:?}");
+        assert_eq!(p.len(), 3, "{p:?}");
+    }
+
+    #[test]
     fn unknown_driver_is_named() {
         let p = problems(&GOOD.replace("\"modbus-tcp\"", "\"modbus-tpc\""));
         assert!(p[0].starts_with("t.toml:6:10: unknown driver `modbus-tpc`"), "{p:?}");

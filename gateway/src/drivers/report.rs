@@ -123,8 +123,10 @@ impl Exceptions {
                 }
             };
             if publish {
-                self.last
-                    .insert(p.key.id, Last { value: p.value, quality: p.quality, error: p.error.clone(), at: now });
+                self.last.insert(
+                    p.key.id,
+                    Last { value: p.value.clone(), quality: p.quality, error: p.error.clone(), at: now },
+                );
             }
             publish
         });
@@ -134,7 +136,8 @@ impl Exceptions {
 /// Whether a reading moved past the deadband from the last published one.
 fn changed(last: Option<&Value>, new: Option<&Value>, deadband: Option<Deadband>) -> bool {
     let (Some(last), Some(new)) = (last, new) else { return last.is_some() != new.is_some() };
-    let numeric = |v: &Value| !matches!(v, Value::Bool(_));
+    // Booleans and text change or do not; only numbers have a deadband.
+    let numeric = |v: &Value| !matches!(v, Value::Bool(_) | Value::String(_));
     match deadband {
         Some(band) if numeric(last) && numeric(new) => {
             let (a, b) = (last.as_f64(), new.as_f64());

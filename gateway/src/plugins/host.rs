@@ -23,10 +23,20 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 use crate::base::point::Registry;
 
+/// The current world, `updraft:plugin@0.2.0`.
 mod wit {
     wasmtime::component::bindgen!({
         world: "updraft-plugin",
         path: "../plugin-sdk/wit",
+    });
+}
+
+/// The first world, `updraft:plugin@0.1.0` (no text values), for plugins built before 0.2.0.
+/// Both are linked: their imports have different versioned names, so a component picks its own.
+mod wit01 {
+    wasmtime::component::bindgen!({
+        world: "updraft-plugin",
+        path: "../plugin-sdk/wit-0.1.0",
     });
 }
 
@@ -110,11 +120,19 @@ impl PluginEngine {
         };
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         wit::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
+        wit01::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(invalid)?;
         forbid_waiting(&mut linker).map_err(invalid)?;
         let pre = linker.instantiate_pre(&component).map_err(invalid)?;
-        let pre = wit::UpdraftPluginPre::new(pre).map_err(invalid)?;
-        debug!(path = %path.display(), warm, elapsed = ?started.elapsed(), "Plugin loaded.");
+        // The world version is the one whose `plugin` interface the component exports.
+        let pre = match wit::UpdraftPluginPre::new(pre.clone()) {
+            Ok(p) => Pre::V2(p),
+            Err(e2) => match wit01::UpdraftPluginPre::new(pre) {
+                Ok(p) => Pre::V1(p),
+                Err(_) => return Err(invalid(e2.context("it exports neither updraft:plugin@0.2.0 nor @0.1.0"))),
+            },
+        };
+        debug!(path = %path.display(), warm, world = pre.version(), elapsed = ?started.elapsed(), "Plugin loaded.");
         Ok(LoadedPlugin { engine: self.engine.clone(), pre, warm, load_time: started.elapsed() })
     }
 }
@@ -310,9 +328,29 @@ impl TagView {
 }
 
 /// A compiled, linked plugin from which instances are made.
+/// A component ready to instantiate, with the world version it was built for.
+enum Pre {
+    V2(wit::UpdraftPluginPre<HostState>),
+    V1(wit01::UpdraftPluginPre<HostState>),
+}
+
+impl Pre {
+    fn version(&self) -> &'static str {
+        match self {
+            Pre::V2(_) => "0.2.0",
+            Pre::V1(_) => "0.1.0",
+        }
+    }
+}
+
+enum Bindings {
+    V2(wit::UpdraftPlugin),
+    V1(wit01::UpdraftPlugin),
+}
+
 pub struct LoadedPlugin {
     engine: Engine,
-    pre: wit::UpdraftPluginPre<HostState>,
+    pre: Pre,
     /// Whether it came from the compiled cache.
     pub warm: bool,
     pub load_time: Duration,
@@ -413,7 +451,7 @@ pub enum CallFailure {
 /// A live instance with its own store: memory, limits and state.
 pub struct PluginInstance {
     store: Store<HostState>,
-    bindings: wit::UpdraftPlugin,
+    bindings: Bindings,
     call_timeout: Duration,
     /// Set by a trap: wasmtime refuses further calls into a trapped instance.
     poisoned: bool,
@@ -450,11 +488,23 @@ impl LoadedPlugin {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(call_timeout));
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| classify(&e, None))?;
+        let bindings = match &self.pre {
+            Pre::V2(pre) => pre.instantiate(&mut store).map(Bindings::V2),
+            Pre::V1(pre) => pre.instantiate(&mut store).map(Bindings::V1),
+        }
+        .map_err(|e| classify(&e, None))?;
         let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: false };
         let now = (now_nanos() / 1_000_000) as i64;
-        inst.call(now, |b, s| b.updraft_plugin_plugin().call_init(s, config_json)).map(|_| ())?;
+        inst.call(now, |b, s| match b {
+            Bindings::V2(b) => b.updraft_plugin_plugin().call_init(s, config_json),
+            Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v01::error)),
+        })?;
         Ok(inst)
+    }
+
+    /// The world version the plugin was built for.
+    pub fn world(&self) -> &'static str {
+        self.pre.version()
     }
 }
 
@@ -469,11 +519,20 @@ fn deadline_ticks(timeout: Duration) -> u64 {
 impl PluginInstance {
     /// Calls `on-batch`; `now` (Unix ms) is also what the plugin's clocks read during the call.
     pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Emits, CallFailure> {
-        self.call(now, |b, s| b.updraft_plugin_plugin().call_on_batch(s, batch, now))
+        self.call(now, |b, s| match b {
+            Bindings::V2(b) => b.updraft_plugin_plugin().call_on_batch(s, batch, now),
+            Bindings::V1(b) => {
+                let old = v01::batch(batch);
+                Ok(b.updraft_plugin_plugin().call_on_batch(s, &old, now)?.map(v01::emits).map_err(v01::error))
+            }
+        })
     }
 
     pub fn on_tick(&mut self, now: i64) -> Result<Emits, CallFailure> {
-        self.call(now, |b, s| b.updraft_plugin_plugin().call_on_tick(s, now))
+        self.call(now, |b, s| match b {
+            Bindings::V2(b) => b.updraft_plugin_plugin().call_on_tick(s, now),
+            Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_on_tick(s, now)?.map(v01::emits).map_err(v01::error)),
+        })
     }
 
     /// Whether a trap has made the instance unusable (the runner then recreates it).
@@ -484,7 +543,7 @@ impl PluginInstance {
     fn call<T>(
         &mut self,
         now_ms: i64,
-        f: impl FnOnce(&wit::UpdraftPlugin, &mut Store<HostState>) -> wasmtime::Result<Result<T, PluginError>>,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<Result<T, PluginError>>,
     ) -> Result<T, CallFailure> {
         if self.is_poisoned() {
             return Err(CallFailure::Trap { kind: "poisoned", reason: "instance trapped earlier".into() });
@@ -532,4 +591,97 @@ fn classify(e: &wasmtime::Error, logged: Option<String>) -> CallFailure {
         None => text,
     };
     CallFailure::Trap { kind, reason }
+}
+
+/// The 0.1.0 world's imports are the 0.2.0 ones under older names.
+impl wit01::updraft::plugin::types::Host for HostState {}
+
+impl wit01::updraft::plugin::tags::Host for HostState {
+    fn describe(&mut self, id: u32) -> Option<wit01::updraft::plugin::tags::TagInfo> {
+        let t = wit_tags::Host::describe(self, id)?;
+        Some(wit01::updraft::plugin::tags::TagInfo { id: t.id, device: t.device, tag: t.tag, unit: t.unit })
+    }
+}
+
+impl wit01::updraft::plugin::log::Host for HostState {
+    fn log(&mut self, level: wit01::updraft::plugin::log::Level, message: String) {
+        use wit01::updraft::plugin::log::Level as L;
+        let level = match level {
+            L::Trace => wit_log::Level::Trace,
+            L::Debug => wit_log::Level::Debug,
+            L::Info => wit_log::Level::Info,
+            L::Warn => wit_log::Level::Warn,
+            L::Error => wit_log::Level::Error,
+        };
+        wit_log::Host::log(self, level, message);
+    }
+}
+
+/// Conversions between the current world's types and the 0.1.0 world's: a batch loses its text
+/// points (a 0.1.0 plugin cannot receive them), emits convert one to one.
+mod v01 {
+    use super::wit01::updraft::plugin::types as old;
+    use super::{Batch, Emit, Emits, Message, PluginError, WitQuality, WitValue};
+
+    pub fn batch(b: &Batch) -> old::Batch {
+        let points = b
+            .points
+            .iter()
+            .filter_map(|p| {
+                let value = match &p.value {
+                    None => None,
+                    Some(WitValue::Boolean(v)) => Some(old::Value::Boolean(*v)),
+                    Some(WitValue::Int(v)) => Some(old::Value::Int(*v)),
+                    Some(WitValue::Uint(v)) => Some(old::Value::Uint(*v)),
+                    Some(WitValue::Float(v)) => Some(old::Value::Float(*v)),
+                    Some(WitValue::Text(_)) => return None,
+                };
+                Some(old::DataPoint { tag: p.tag, value, quality: quality_to(p.quality), ts: p.ts })
+            })
+            .collect();
+        old::Batch { seq: b.seq, points }
+    }
+
+    fn quality_to(q: WitQuality) -> old::Quality {
+        match q {
+            WitQuality::Good => old::Quality::Good,
+            WitQuality::Bad => old::Quality::Bad,
+        }
+    }
+
+    pub fn emits(e: old::Emits) -> Emits {
+        let points = e
+            .points
+            .into_iter()
+            .map(|p| Emit {
+                output: p.output,
+                device: p.device,
+                tag: p.tag,
+                value: p.value.map(|v| match v {
+                    old::Value::Boolean(v) => WitValue::Boolean(v),
+                    old::Value::Int(v) => WitValue::Int(v),
+                    old::Value::Uint(v) => WitValue::Uint(v),
+                    old::Value::Float(v) => WitValue::Float(v),
+                }),
+                quality: match p.quality {
+                    old::Quality::Good => WitQuality::Good,
+                    old::Quality::Bad => WitQuality::Bad,
+                },
+                ts: p.ts,
+            })
+            .collect();
+        let messages = e
+            .messages
+            .into_iter()
+            .map(|m| Message { output: m.output, subject: m.subject, payload: m.payload })
+            .collect();
+        Emits { points, messages }
+    }
+
+    pub fn error(e: old::PluginError) -> PluginError {
+        match e {
+            old::PluginError::InvalidConfig(m) => PluginError::InvalidConfig(m),
+            old::PluginError::Internal(m) => PluginError::Internal(m),
+        }
+    }
 }

@@ -194,6 +194,7 @@ fn to_wit(v: &Json) -> Option<WitValue> {
             (None, Some(u)) => WitValue::Uint(u),
             _ => WitValue::Float(n.as_f64().unwrap_or(f64::NAN)),
         }),
+        Json::String(t) => Some(WitValue::Text(t.clone())),
         _ => None,
     }
 }
@@ -204,6 +205,7 @@ fn plain(e: Emit) -> Emitted {
         Some(WitValue::Int(i)) => Json::from(i),
         Some(WitValue::Uint(u)) => Json::from(u),
         Some(WitValue::Float(f)) => serde_json::Number::from_f64(f).map(Json::Number).unwrap_or(Json::Null),
+        Some(WitValue::Text(t)) => Json::String(t),
         None => Json::Null,
     };
     Emitted {

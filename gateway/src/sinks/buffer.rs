@@ -497,7 +497,7 @@ mod tests {
         let records = store.read_from(store.acked(), usize::MAX).unwrap();
         records
             .iter()
-            .map(|(_, r)| match codec::decode(r).unwrap()[0].value {
+            .map(|(_, r)| match codec::decode(r).unwrap()[0].value.clone() {
                 Some(Value::Int(v)) => v,
                 other => panic!("{other:?}"),
             })

@@ -15,6 +15,9 @@
 //! two bytes per record while the clocks agree. Records written before it existed end after the
 //! points and are aged by their points' timestamps.
 //!
+//! Text values are stored length-prefixed (`varint len, UTF-8 bytes`), so numbers pay nothing
+//! for them.
+//!
 //! A float that is a short decimal (21.7, 0.125) is stored as its integer mantissa and exponent
 //! (`217`, 1) — exactly, checked by converting back — because scaled register values nearly always
 //! are; anything else keeps its 8 raw bytes.
@@ -36,6 +39,9 @@ const F32: u8 = 5;
 const F64: u8 = 6;
 const DECIMAL: u8 = 7;
 const MESSAGE: u8 = 8;
+/// UTF-8 text, length-prefixed. Text is rare beside numbers (a serial number, a recipe name) and
+/// changes seldom, so it is stored as is rather than interned.
+const TEXT: u8 = 9;
 const BAD: u8 = 0x80;
 
 const POW10: [f64; 8] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7];
@@ -205,6 +211,10 @@ pub fn encode<'a>(
         } else {
             match p.value {
                 None => body.push(NONE | bad),
+                Some(Value::String(ref t)) => {
+                    body.push(TEXT | bad);
+                    put_bytes(&mut body, t.as_bytes());
+                }
                 Some(Value::Bool(b)) => body.push(if b { TRUE } else { FALSE } | bad),
                 Some(Value::Int(i)) => {
                     body.push(INT | bad);
@@ -329,6 +339,7 @@ pub fn decode_record(record: &[u8]) -> Option<(Vec<Decoded>, Option<i64>)> {
                 payload = Some(r.bytes()?);
                 None
             }
+            TEXT => Some(Value::String(String::from_utf8(r.bytes()?).ok()?.into())),
             _ => return None,
         };
         let error = if quality == Quality::Bad {
@@ -366,6 +377,8 @@ mod tests {
             Point::good(k.clone(), Value::Int(-5), 1),
             Point::good(k.clone(), Value::UInt(u64::MAX), 2),
             Point::good(k.clone(), Value::Bool(true), 3),
+            Point::good(k.clone(), Value::String("Recipe 7 — 蓝色".into()), 4),
+            Point::good(k.clone(), Value::String("".into()), 5),
             Point::bad(k.clone(), "timeout after 1s".into(), 4),
             Point::message(m, bytes::Bytes::from_static(b"{\"raw\":1}"), 5),
         ];
@@ -379,7 +392,7 @@ mod tests {
             assert_eq!(d.quality, p.quality);
             assert_eq!(d.error.as_deref(), p.error.as_deref());
             assert_eq!(d.payload.as_deref(), p.payload.as_deref());
-            match (d.value, p.value) {
+            match (&d.value, &p.value) {
                 (Some(Value::Float(a)), Some(Value::Float(b))) => assert_eq!(a.to_bits(), b.to_bits()),
                 (a, b) => assert_eq!(a, b),
             }
@@ -387,7 +400,7 @@ mod tests {
         let entries = dict.entries();
         let entries = entries.read().unwrap();
         assert_eq!(&*entries[back[0].id as usize].tag, "temperature");
-        assert_eq!(&*entries[back[8].id as usize].topic, "updraft/derived/boiler-1/tb");
+        assert_eq!(&*entries[back[10].id as usize].topic, "updraft/derived/boiler-1/tb");
     }
 
     #[test]
@@ -401,7 +414,7 @@ mod tests {
         // The previous format ended after the points: without the last byte here.
         out.pop();
         let (back, buffered_at) = decode_record(&out).unwrap();
-        assert_eq!((back.len(), back[0].value, buffered_at), (1, Some(Value::Int(7)), None));
+        assert_eq!((back.len(), back[0].value.clone(), buffered_at), (1, Some(Value::Int(7)), None));
     }
 
     #[test]

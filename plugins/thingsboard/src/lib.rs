@@ -31,7 +31,9 @@ fn to_json(v: &Option<Value>) -> Json {
         Some(Value::Int(i)) => json!(i),
         Some(Value::UInt(u)) => json!(u),
         Some(Value::Float(f)) => json!(f),
-        None => Json::Null,
+        Some(Value::String(s)) => json!(s),
+        // A value kind from a later SDK than this plugin knows.
+        Some(_) | None => Json::Null,
     }
 }
 

@@ -43,13 +43,16 @@ pub enum DataType {
     U64,
     I64,
     F64,
+    /// Text of `length` registers, two bytes each (`decode_string`, `encode_string`).
+    String,
 }
 
 impl DataType {
     /// How many 16-bit registers one value takes (1 for `bool`, which reads one bit or register).
+    /// A string's size is its tag's `length`; 1 here is only its smallest.
     pub fn registers(self) -> u16 {
         match self {
-            DataType::Bool | DataType::U16 | DataType::I16 => 1,
+            DataType::Bool | DataType::U16 | DataType::I16 | DataType::String => 1,
             DataType::U32 | DataType::I32 | DataType::F32 => 2,
             DataType::U64 | DataType::I64 | DataType::F64 => 4,
         }
@@ -94,6 +97,10 @@ pub enum EncodeError {
     OutOfRange { value: f64, ty: DataType },
     #[error("value must be a number or a boolean")]
     NotANumber,
+    #[error("text of {bytes} bytes does not fit {registers} registers ({} bytes)", 2 * u32::from(*registers))]
+    TooLong { bytes: usize, registers: u16 },
+    #[error("a string register takes text")]
+    NotText,
 }
 
 /// Decodes `ty.registers()` registers from the front of `regs`. The caller guarantees the length;
@@ -110,6 +117,7 @@ pub fn decode(ty: DataType, order: ByteOrder, regs: &[u16]) -> Option<Value> {
         order.transform(bytes);
     }
     Some(match ty {
+        DataType::String => return None,
         DataType::Bool => Value::Bool(regs[0] != 0),
         DataType::U16 => Value::UInt(u64::from(regs[0])),
         DataType::I16 => Value::Int(i64::from(regs[0] as i16)),
@@ -125,6 +133,7 @@ pub fn decode(ty: DataType, order: ByteOrder, regs: &[u16]) -> Option<Value> {
 /// Encodes a value into registers in wire order.
 pub fn encode(ty: DataType, order: ByteOrder, value: Value) -> Result<Vec<u16>, EncodeError> {
     let mut bytes: Vec<u8> = match ty {
+        DataType::String => return Err(EncodeError::NotText),
         DataType::Bool => return Ok(vec![u16::from(value.as_f64() != 0.0)]),
         DataType::U16 => (int_in_range(value, ty, 0.0, f64::from(u16::MAX))? as u16).to_be_bytes().to_vec(),
         DataType::I16 => {
@@ -173,6 +182,35 @@ pub fn encode(ty: DataType, order: ByteOrder, value: Value) -> Result<Vec<u16>, 
     };
     if bytes.len() > 2 {
         order.transform(&mut bytes);
+    }
+    Ok(bytes.chunks_exact(2).map(|w| u16::from_be_bytes([w[0], w[1]])).collect())
+}
+
+/// Decodes text from registers: two bytes per register, the first character in the high byte
+/// (`ABCD`, the common layout) or in the low byte (`BADC`). The text ends at the first NUL;
+/// trailing spaces (the padding of fixed-width fields) are trimmed; bytes that are not UTF-8
+/// become U+FFFD rather than failing the read.
+pub fn decode_string(order: ByteOrder, regs: &[u16]) -> Value {
+    let mut bytes: Vec<u8> = regs.iter().flat_map(|r| r.to_be_bytes()).collect();
+    if order == ByteOrder::BADC {
+        ByteOrder::BADC.transform(&mut bytes);
+    }
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let text = String::from_utf8_lossy(&bytes[..end]);
+    Value::String(text.trim_end_matches(' ').into())
+}
+
+/// Encodes text into exactly `registers` registers, NUL-padded, in the layout `decode_string`
+/// reads. Text longer than the registers hold is refused, never cut.
+pub fn encode_string(order: ByteOrder, text: &str, registers: u16) -> Result<Vec<u16>, EncodeError> {
+    let room = 2 * usize::from(registers);
+    if text.len() > room {
+        return Err(EncodeError::TooLong { bytes: text.len(), registers });
+    }
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.resize(room, 0);
+    if order == ByteOrder::BADC {
+        ByteOrder::BADC.transform(&mut bytes);
     }
     Ok(bytes.chunks_exact(2).map(|w| u16::from_be_bytes([w[0], w[1]])).collect())
 }
@@ -259,8 +297,8 @@ mod tests {
             (DataType::I32, ByteOrder::DCBA, [0xFEFF, 0xFFFF], Value::Int(-2)),
         ];
         for (ty, order, regs, value) in cases {
-            assert_eq!(decode(*ty, *order, regs), Some(*value), "decode {ty:?} {order:?}");
-            assert_eq!(encode(*ty, *order, *value).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
+            assert_eq!(decode(*ty, *order, regs), Some(value.clone()), "decode {ty:?} {order:?}");
+            assert_eq!(encode(*ty, *order, value.clone()).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
         }
     }
 
@@ -280,8 +318,8 @@ mod tests {
             (DataType::F64, ByteOrder::DCBA, [0, 0, 0, 0xF8BF], Value::Float(-1.5)),
         ];
         for (ty, order, regs, value) in cases {
-            assert_eq!(decode(*ty, *order, regs), Some(*value), "decode {ty:?} {order:?}");
-            assert_eq!(encode(*ty, *order, *value).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
+            assert_eq!(decode(*ty, *order, regs), Some(value.clone()), "decode {ty:?} {order:?}");
+            assert_eq!(encode(*ty, *order, value.clone()).unwrap(), regs.to_vec(), "encode {ty:?} {order:?}");
         }
     }
 
@@ -318,6 +356,28 @@ mod tests {
     }
 
     #[test]
+    fn golden_string_vectors() {
+        // "AB-7" in 3 registers: 0x4142 0x2D37 0x0000, first character in the high byte.
+        let abcd = [0x4142, 0x2D37, 0x0000];
+        assert_eq!(decode_string(ByteOrder::ABCD, &abcd), Value::String("AB-7".into()));
+        assert_eq!(encode_string(ByteOrder::ABCD, "AB-7", 3).unwrap(), abcd);
+        // Low byte first: the same text with each register's bytes swapped.
+        let badc = [0x4241, 0x372D, 0x0000];
+        assert_eq!(decode_string(ByteOrder::BADC, &badc), Value::String("AB-7".into()));
+        assert_eq!(encode_string(ByteOrder::BADC, "AB-7", 3).unwrap(), badc);
+        // Space padding is trimmed, and the text ends at the first NUL whatever follows it.
+        assert_eq!(decode_string(ByteOrder::ABCD, &[0x4F4B, 0x2020]), Value::String("OK".into()));
+        assert_eq!(decode_string(ByteOrder::ABCD, &[0x4F00, 0x5858]), Value::String("O".into()));
+        // UTF-8 survives; bytes that are not UTF-8 read as U+FFFD instead of failing.
+        let words = encode_string(ByteOrder::ABCD, "温度", 3).unwrap();
+        assert_eq!(decode_string(ByteOrder::ABCD, &words), Value::String("温度".into()));
+        assert_eq!(decode_string(ByteOrder::ABCD, &[0xFF41]), Value::String("\u{FFFD}A".into()));
+        // Too long is refused, not cut; an empty string clears the field.
+        assert_eq!(encode_string(ByteOrder::ABCD, "ABCDE", 2), Err(EncodeError::TooLong { bytes: 5, registers: 2 }));
+        assert_eq!(encode_string(ByteOrder::ABCD, "", 2).unwrap(), [0, 0]);
+    }
+
+    #[test]
     fn out_of_range_writes_are_refused() {
         assert!(encode(DataType::U16, ByteOrder::ABCD, Value::Int(70_000)).is_err());
         assert!(encode(DataType::I16, ByteOrder::ABCD, Value::Int(-40_000)).is_err());
@@ -347,8 +407,8 @@ mod tests {
             (DataType::F64, Value::Float(std::f64::consts::PI)),
         ];
         for order in [ByteOrder::ABCD, ByteOrder::CDAB, ByteOrder::BADC, ByteOrder::DCBA] {
-            for (ty, v) in values {
-                let regs = encode(ty, order, v).unwrap();
+            for (ty, v) in values.clone() {
+                let regs = encode(ty, order, v.clone()).unwrap();
                 assert_eq!(regs.len(), ty.registers() as usize);
                 assert_eq!(decode(ty, order, &regs), Some(v), "{ty:?} {order:?}");
             }

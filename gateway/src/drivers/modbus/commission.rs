@@ -82,8 +82,11 @@ pub async fn read(t: &Target, count: u16, ty: Option<DataType>, order: ByteOrder
             }
         }
         Area::Holding | Area::Input => {
-            let words = ty.map_or(0, DataType::registers);
-            let n = count.max(1).saturating_mul(words.max(1));
+            let words = match ty {
+                Some(DataType::String) | None => 1,
+                Some(ty) => ty.registers(),
+            };
+            let n = count.max(1).saturating_mul(words);
             let call = async {
                 if t.area == Area::Holding {
                     ctx.read_holding_registers(t.start, n).await
@@ -93,6 +96,11 @@ pub async fn read(t: &Target, count: u16, ty: Option<DataType>, order: ByteOrder
             };
             let regs = answer(tokio::time::timeout(t.timeout, call).await, t.timeout)?;
             match ty {
+                Some(DataType::String) => {
+                    let hex: Vec<String> = regs.iter().map(|w| format!("{w:04x}")).collect();
+                    let text = codec::decode_string(order, &regs);
+                    let _ = writeln!(out, "{:>5}  {}  {}", t.start, hex.join(" "), show(&text));
+                }
                 Some(ty) => {
                     for (i, chunk) in regs.chunks(usize::from(ty.registers())).enumerate() {
                         let at = u32::from(t.start) + (i * usize::from(ty.registers())) as u32;
@@ -149,10 +157,20 @@ fn side_by_side(out: &mut String, start: u16, regs: &[u16]) {
     }
 }
 
-/// Writes `value` (JSON: a number or a boolean) at the target, encoded as `ty` in `order`.
-pub async fn write(t: &Target, ty: DataType, order: ByteOrder, value: &str) -> Result<String, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(value).map_err(|_| format!("`{value}` is not a number or true/false"))?;
+/// Writes `value` (JSON: a number or a boolean; for a string, the text as is) at the target,
+/// encoded as `ty` in `order`; a string fills `length` registers (default: just enough).
+pub async fn write(
+    t: &Target,
+    ty: DataType,
+    order: ByteOrder,
+    length: Option<u16>,
+    value: &str,
+) -> Result<String, String> {
+    let v: serde_json::Value = if ty == DataType::String {
+        serde_json::Value::String(value.to_owned())
+    } else {
+        serde_json::from_str(value).map_err(|_| format!("`{value}` is not a number or true/false"))?
+    };
     let mut ctx = connect(t).await?;
     match t.area {
         Area::Coil => {
@@ -161,6 +179,13 @@ pub async fn write(t: &Target, ty: DataType, order: ByteOrder, value: &str) -> R
         }
         Area::Holding => {
             let value = match &v {
+                serde_json::Value::String(text) => {
+                    let n = length.unwrap_or(u16::try_from(text.len().div_ceil(2)).unwrap_or(u16::MAX).max(1));
+                    let words = codec::encode_string(order, text, n).map_err(|e| e.to_string())?;
+                    let call = ctx.write_multiple_registers(t.start, &words);
+                    answer(tokio::time::timeout(t.timeout, call).await, t.timeout)?;
+                    return Ok(format!("wrote {value:?} at {} ({:?}, {n} registers)", t.start, t.area));
+                }
                 serde_json::Value::Bool(b) => Value::Bool(*b),
                 serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64()) {
                     (Some(i), _) => Value::Int(i),

@@ -336,8 +336,13 @@ pub struct ModbusTag {
     /// 0-based register (or bit) offset.
     pub address: u16,
     /// Defaults to `bool` for coils and discrete inputs (and for a `bit`), `u16` for registers.
+    /// `string` is text of `length` registers.
     #[serde(rename = "type")]
     pub data_type: Option<DataType>,
+    /// A `string`'s size in registers (two characters each); the text ends at the first NUL and
+    /// trailing spaces are trimmed. Its `order` is `"ABCD"` (first character in the high byte, the
+    /// default) or `"BADC"` (in the low byte).
+    pub length: Option<u16>,
     /// One bit (0 = least significant … 15) of a holding or input register, read as a bool and
     /// written with a masked write (function 22), which leaves the other bits alone.
     pub bit: Option<u8>,
@@ -359,6 +364,14 @@ pub struct ModbusTag {
 impl ModbusTag {
     pub fn data_type(&self) -> DataType {
         self.data_type.unwrap_or(if self.area.is_bit() || self.bit.is_some() { DataType::Bool } else { DataType::U16 })
+    }
+
+    /// How many registers (or bits) the tag spans.
+    pub fn registers(&self) -> u16 {
+        match self.data_type() {
+            DataType::String => self.length.unwrap_or(1).max(1),
+            ty => ty.registers(),
+        }
     }
 
     /// The 0-based offset on the wire, given the device's `address_base`.
@@ -455,6 +468,10 @@ pub struct SimRegister {
     /// Largest change per update of a `random-walk`.
     #[serde(default = "default_sim_step")]
     pub step: f64,
+    /// The text of a `type = "string"` register (constant).
+    pub text: Option<String>,
+    /// A string's size in registers.
+    pub length: Option<u16>,
 }
 
 impl SimRegister {
@@ -604,7 +621,35 @@ pub fn validate_device(d: &ModbusDevice, base: Vec<Seg>, found: &mut Found) {
                 format!("area `{}` holds single bits: use type = \"bool\" or a register area", area_name(t.area)),
             ));
         }
-        if u32::from(wire) + u32::from(ty.registers()) > 65536 {
+        if ty == DataType::String {
+            match t.length {
+                None => found.push((
+                    with(tp.clone(), [key("type")]),
+                    "a string needs `length`, its size in registers (two characters each)".into(),
+                )),
+                Some(n) if n == 0 || n > d.max_read_registers.min(123) => found.push((
+                    with(tp.clone(), [key("length")]),
+                    format!("must be 1..{} registers (one read, one write)", d.max_read_registers.min(123)),
+                )),
+                Some(_) => {}
+            }
+            if t.area.is_bit() {
+                found.push((with(tp.clone(), [key("type")]), "a string lives in holding or input registers".into()));
+            }
+            if t.order.is_some_and(|o| !matches!(o, ByteOrder::ABCD | ByteOrder::BADC)) {
+                found.push((
+                    with(tp.clone(), [key("order")]),
+                    "a string's order is \"ABCD\" (first character in the high byte) or \"BADC\" (in the low byte)"
+                        .into(),
+                ));
+            }
+            if t.scale.is_some() || t.offset.is_some() || t.deadband.is_some() {
+                found.push((with(tp.clone(), [key("type")]), "a string has no scale, offset or deadband".into()));
+            }
+        } else if t.length.is_some() {
+            found.push((with(tp.clone(), [key("length")]), "`length` is for type = \"string\"".into()));
+        }
+        if u32::from(wire) + u32::from(t.registers()) > 65536 {
             found.push((
                 with(tp.clone(), [key("address")]),
                 format!("a {ty:?} at {} runs past address 65535", t.address).to_lowercase(),
@@ -644,10 +689,31 @@ pub fn validate_simulator(s: &ModbusSimulator, base: Vec<Seg>, found: &mut Found
                 format!("area `{}` holds single bits: use type = \"bool\"", area_name(r.area)),
             ));
         }
-        if u32::from(r.address) + u32::from(ty.registers()) > 65536 {
+        let size = if ty == DataType::String { r.length.unwrap_or(1).max(1) } else { ty.registers() };
+        if ty == DataType::String {
+            let text = r.text.as_deref().unwrap_or_default();
+            match r.length {
+                Some(n) if (1..=123).contains(&n) && text.len() <= 2 * usize::from(n) => {}
+                Some(n) if (1..=123).contains(&n) => found.push((
+                    with(rp.clone(), [key("text")]),
+                    format!("{} bytes do not fit length = {n} registers ({} bytes)", text.len(), 2 * n),
+                )),
+                _ => found.push((
+                    with(rp.clone(), [key("length")]),
+                    "a string register needs length = 1..123 (registers, two characters each)".into(),
+                )),
+            }
+            if r.wave != Wave::Constant || r.area.is_bit() {
+                found
+                    .push((with(rp.clone(), [key("type")]), "a string is a constant holding or input register".into()));
+            }
+        } else if r.text.is_some() || r.length.is_some() {
+            found.push((with(rp.clone(), [key("text")]), "`text` and `length` are for type = \"string\"".into()));
+        }
+        if u32::from(r.address) + u32::from(size) > 65536 {
             found.push((with(rp.clone(), [key("address")]), "runs past address 65535".into()));
         }
-        for a in 0..ty.registers() {
+        for a in 0..size {
             if !used.insert((r.area, r.address.wrapping_add(a))) {
                 found.push((
                     with(rp.clone(), [key("address")]),

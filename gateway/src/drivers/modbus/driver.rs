@@ -43,6 +43,8 @@ struct Tag {
     offset: Option<f64>,
     /// A single bit of a register.
     bit: Option<u8>,
+    /// Registers (or bits) the tag spans.
+    len: u16,
 }
 
 pub struct ModbusDriver {
@@ -83,16 +85,18 @@ impl ModbusDriver {
                 // Checked by the config's validation; a bad one cannot get here.
                 address: t.wire_address(cfg.address_base).unwrap_or(t.address),
                 ty: t.data_type(),
-                order: t.order.unwrap_or(cfg.order),
+                // The device's default order is for its 32/64-bit numbers, not its text.
+                order: match t.data_type() {
+                    DataType::String => t.order.unwrap_or_default(),
+                    _ => t.order.unwrap_or(cfg.order),
+                },
                 scale: t.scale,
                 offset: t.offset,
                 bit: t.bit,
+                len: if t.area.is_bit() { 1 } else { t.registers() },
             })
             .collect();
-        let spans: Vec<Span> = tags
-            .iter()
-            .map(|t| Span { area: t.area, address: t.address, len: if t.area.is_bit() { 1 } else { t.ty.registers() } })
-            .collect();
+        let spans: Vec<Span> = tags.iter().map(|t| Span { area: t.area, address: t.address, len: t.len }).collect();
         let limits =
             Limits { max_gap: cfg.max_read_gap, max_registers: cfg.max_read_registers, max_bits: cfg.max_read_bits };
         let mut plan = planner::plan(&spans, limits);
@@ -351,9 +355,12 @@ impl ModbusDriver {
             let at = usize::from(t.address - req.start);
             let value = match data {
                 Data::Bits(bits) => bits.get(at).map(|b| Value::Bool(*b)),
-                Data::Words(words) => match t.bit {
-                    Some(b) => words.get(at).map(|w| Value::Bool(w >> b & 1 == 1)),
-                    None => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
+                Data::Words(words) => match (t.bit, t.ty) {
+                    (Some(b), _) => words.get(at).map(|w| Value::Bool(w >> b & 1 == 1)),
+                    (None, DataType::String) => {
+                        words.get(at..at + usize::from(t.len)).map(|w| codec::decode_string(t.order, w))
+                    }
+                    (None, _) => words.get(at..).and_then(|w| codec::decode(t.ty, t.order, w)),
                 },
                 Data::Written => None,
             };
@@ -377,6 +384,12 @@ impl ModbusDriver {
 /// exactly (a u64 or i64 keeps every bit, no trip through f64); anything else goes through the
 /// inverse scale as a float, range-checked by the codec.
 fn encode_write(tag: &Tag, value: &serde_json::Value) -> Result<Vec<u16>, String> {
+    if tag.ty == DataType::String {
+        let serde_json::Value::String(text) = value else {
+            return Err(format!("a string tag takes text (a JSON string), not {value}"));
+        };
+        return codec::encode_string(tag.order, text, tag.len).map_err(|e| e.to_string());
+    }
     let n = match value {
         serde_json::Value::Number(n) => n,
         serde_json::Value::Bool(b) => &serde_json::Number::from(u8::from(*b)),
@@ -417,12 +430,7 @@ fn split_request(req: &ReadRequest, tags: &[Tag]) -> Vec<ReadRequest> {
         .iter()
         .map(|&i| {
             let t = &tags[i];
-            ReadRequest {
-                area: t.area,
-                start: t.address,
-                count: if t.area.is_bit() { 1 } else { t.ty.registers() },
-                tags: vec![i],
-            }
+            ReadRequest { area: t.area, start: t.address, count: t.len, tags: vec![i] }
         })
         .collect()
 }

@@ -86,6 +86,15 @@ impl Memory {
             return;
         }
         let ty = r.data_type();
+        if ty == DataType::String {
+            let text = r.text.as_deref().unwrap_or_default();
+            if let Ok(words) = codec::encode_string(r.order, text, r.length.unwrap_or(1)) {
+                for (i, w) in words.into_iter().enumerate() {
+                    self.words.insert((r.area, r.address + i as u16), w);
+                }
+            }
+            return;
+        }
         let v = match ty {
             DataType::F32 | DataType::F64 => Value::Float(value),
             DataType::Bool => Value::Bool(value != 0.0),
