@@ -442,3 +442,39 @@ pub async fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A virtual serial line: two pseudo-terminals joined by socat, `gw` for the gateway and `dev`
+/// for the slaves. Bytes cross at memory speed whatever the baud rate.
+pub struct SerialPair {
+    child: std::process::Child,
+    pub gw: String,
+    pub dev: String,
+}
+
+impl SerialPair {
+    pub fn new(dir: &std::path::Path) -> Self {
+        let (gw, dev) = (dir.join("gw"), dir.join("dev"));
+        let child = std::process::Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", gw.display()))
+            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat starts (apt-get install socat; tests/run.sh does)");
+        for _ in 0..100 {
+            if gw.exists() && dev.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gw.exists() && dev.exists(), "socat made the pty pair");
+        SerialPair { child, gw: gw.display().to_string(), dev: dev.display().to_string() }
+    }
+}
+
+impl Drop for SerialPair {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

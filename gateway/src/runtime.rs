@@ -44,7 +44,7 @@ pub struct Gateway {
     pub broker_tls_addr: Option<SocketAddr>,
     /// Where the HTTP API listens, if enabled.
     pub api_addr: Option<SocketAddr>,
-    /// Bound address of each simulator.
+    /// Bound address of each TCP simulator.
     pub simulators: BTreeMap<String, SocketAddr>,
     pub values: Arc<CurrentValues>,
     pub metrics: Arc<Metrics>,
@@ -63,7 +63,9 @@ pub async fn start_simulators(
 ) -> std::io::Result<BTreeMap<String, SocketAddr>> {
     let mut out = BTreeMap::new();
     for (name, sim) in &config.simulators {
-        out.insert(name.clone(), sim.start(name, cancel.child_token()).await?);
+        if let Some(addr) = sim.start(name, cancel.child_token()).await? {
+            out.insert(name.clone(), addr);
+        }
     }
     Ok(out)
 }

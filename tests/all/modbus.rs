@@ -625,3 +625,57 @@ batch = {{ max_points = 10, max_wait = "100ms" }}
     assert_eq!(fixture.holding(10), Some(0x4241), "the refused writes changed nothing");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The built-in simulator on a serial port (`kind = "modbus-rtu"`), polled by the RTU driver over
+/// a virtual serial pair: it answers as its own unit and keeps silent for another one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_serial_simulator_answers_its_unit_and_keeps_silent_for_others() {
+    let dir = updraft_tests::TempDir::new("sim-serial");
+    let line = updraft_tests::SerialPair::new(dir.path());
+    let toml = format!(
+        r#"{h}[simulators.plc]
+kind = "modbus-rtu"
+port = "{dev}"
+baud = 19200
+unit_id = 3
+registers = [
+  {{ area = "holding", address = 0, type = "i16", value = -12 }},
+  {{ area = "holding", address = 4, type = "string", length = 3, text = "RTU" }},
+]
+
+[devices.plc]
+driver = "modbus-rtu"
+port = "{gw}"
+baud = 19200
+unit_id = 3
+poll = "100ms"
+tags = [
+  {{ name = "t", area = "holding", address = 0, type = "i16", access = "rw" }},
+  {{ name = "name", area = "holding", address = 4, type = "string", length = 3 }},
+]
+
+[devices.other]
+driver = "modbus-rtu"
+port = "{gw}"
+baud = 19200
+unit_id = 4
+poll = "100ms"
+timeout = "200ms"
+tags = [{{ name = "t", area = "holding", address = 0 }}]
+"#,
+        h = header("gw-sim-serial"),
+        dev = line.dev,
+        gw = line.gw
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    let v = sub.wait_for("updraft/plc/t", WAIT, |v| v["quality"] == "good").await.expect("unit 3 answers");
+    assert_eq!(v["value"], -12);
+    assert_eq!(sub.wait_for("updraft/plc/name", WAIT, |v| v["quality"] == "good").await.unwrap()["value"], "RTU");
+    let o = sub.wait_for("updraft/other/t", WAIT, |v| v["quality"] == "bad").await.expect("unit 4 is silent");
+    assert!(o["error"].as_str().unwrap().contains("timeout"), "{o}");
+    sub.client.publish("updraft/plc/t/set", QoS::AtLeastOnce, false, "7").await.unwrap();
+    assert_eq!(sub.wait_for("updraft/plc/t/set/reply", WAIT, |_| true).await.unwrap()["ok"], true);
+    assert!(sub.wait_for("updraft/plc/t", WAIT, |v| v["value"] == 7).await.is_some(), "the write reads back");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

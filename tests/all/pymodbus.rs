@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use updraft_tests::{header, python, start_gateway, test_file, Subscriber, TempDir};
+use updraft_tests::{header, python, start_gateway, test_file, SerialPair, Subscriber, TempDir};
 
 /// A running pymodbus server and what it printed (`CONNECT`, `RX UNIT SECONDS`).
 struct Peer(Child, Arc<Mutex<Vec<String>>>);
@@ -65,42 +65,6 @@ fn start_pymodbus_framed(spec: &Value, mode: &str) -> (Peer, u16) {
     });
     rx.recv_timeout(Duration::from_secs(30)).expect("pymodbus server is ready");
     (Peer(child, lines), port)
-}
-
-/// A virtual serial line: two pseudo-terminals joined by socat, `gw` for the gateway and `dev`
-/// for the slaves. Bytes cross at memory speed whatever the baud rate.
-struct SerialPair {
-    child: Child,
-    gw: String,
-    dev: String,
-}
-
-impl SerialPair {
-    fn new(dir: &std::path::Path) -> Self {
-        let (gw, dev) = (dir.join("gw"), dir.join("dev"));
-        let child = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", gw.display()))
-            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat starts (apt-get install socat; tests/run.sh does)");
-        for _ in 0..100 {
-            if gw.exists() && dev.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(gw.exists() && dev.exists(), "socat made the pty pair");
-        SerialPair { child, gw: gw.display().to_string(), dev: dev.display().to_string() }
-    }
-}
-
-impl Drop for SerialPair {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Intervals between successive times, in milliseconds: (mean, standard deviation, max).

@@ -5,15 +5,16 @@
 //! gateway process, its peak RSS, and the share of polls that started on schedule.
 //! Run it with `bash tests/bench/poll.sh` (builds release binaries first).
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+#[path = "common.rs"]
+mod common;
+use common::{cpu_seconds, free_ports, metrics, status_kb, updraft, wait_port};
 
 struct Args {
     devices: usize,
@@ -45,54 +46,6 @@ fn parse_args() -> Args {
     a
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    // Hold all listeners until every port is chosen so none repeats.
-    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // Linux reports in USER_HZ, 100 on every mainstream build.
-    ticks / 100.0
-}
-
-fn status_kb(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn metrics(api: SocketAddr) -> HashMap<String, f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(api).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    let mut out: HashMap<String, f64> = HashMap::new();
-    for line in body.lines().filter(|l| l.starts_with("updraft_")) {
-        let (name_labels, value) = line.rsplit_once(' ').unwrap();
-        let name = name_labels.split('{').next().unwrap().to_owned();
-        *out.entry(name).or_default() += value.parse::<f64>().unwrap_or(0.0);
-    }
-    out
-}
-
 /// Connects a new subscriber to `updraft/#` and counts the distinct retained topics it receives.
 async fn late_subscriber_retained(port: u16, qos: QoS) -> usize {
     let mut opts = MqttOptions::new(format!("bench-late-{}", qos as u8), "127.0.0.1", port);
@@ -112,20 +65,8 @@ async fn late_subscriber_retained(port: u16, qos: QoS) -> usize {
     seen.len()
 }
 
-fn wait_port(addr: SocketAddr) {
-    let t = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "{addr} never came up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn main() {
     let a = parse_args();
-    let bin = std::env::var("UPDRAFT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/updraft"));
-    assert!(bin.exists(), "{} is missing: run `cargo build --release -p updraft-gateway`", bin.display());
     let dir = std::env::temp_dir().join(format!("updraft-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
@@ -161,23 +102,9 @@ fn main() {
     std::fs::write(dir.join("sim.toml"), sim).unwrap();
     std::fs::write(dir.join("gw.toml"), gw).unwrap();
 
-    let _sim = Proc(
-        Command::new(&bin)
-            .args(["simulate", "--log-level", "warn", "-c"])
-            .arg(dir.join("sim.toml"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _sim = updraft("simulate", &dir.join("sim.toml"));
     wait_port(SocketAddr::from(([127, 0, 0, 1], ports[a.devices - 1])));
-    let gateway = Proc(
-        Command::new(&bin)
-            .args(["run", "--log-level", "warn", "-c"])
-            .arg(dir.join("gw.toml"))
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let gateway = updraft("run", &dir.join("gw.toml"));
     let pid = gateway.0.id();
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     wait_port(api);

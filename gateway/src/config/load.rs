@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::validate::{self, Seg};
 use super::{Config, DeviceConfig, NorthConfig, SimulatorConfig};
-use crate::drivers::modbus::config::{Kind as ModbusKind, ModbusDevice};
+use crate::drivers::modbus::config::{Kind as ModbusKind, ModbusDevice, ModbusSimulator};
 
 /// One problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,8 +98,14 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     });
     let simulators =
         loc.named_tables(simulators, "simulators", "kind", SimulatorConfig::KINDS, |loc, kind, v| match kind {
-            "modbus-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusTcp),
-            "modbus-rtu-tcp" => loc.deserialize(v).map(SimulatorConfig::ModbusRtuTcp),
+            "modbus-tcp" | "modbus-rtu-tcp" | "modbus-rtu" => {
+                let kind = match kind {
+                    "modbus-rtu-tcp" => ModbusKind::RtuOverTcp,
+                    "modbus-rtu" => ModbusKind::Rtu,
+                    _ => ModbusKind::Tcp,
+                };
+                loc.deserialize(v).map(|s| SimulatorConfig::Modbus(ModbusSimulator { kind, ..s }))
+            }
             _ => None,
         });
 

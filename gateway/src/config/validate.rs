@@ -170,8 +170,7 @@ pub fn validate(config: &Config) -> Found {
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("simulator name `{name}` {p}")));
         }
-        let listen = sim.listen();
-        if listen.port() != 0 {
+        if let Some(listen) = sim.listen().filter(|l| l.port() != 0) {
             if let Some(other) = listens.insert(listen, name) {
                 found.push((
                     with(base.clone(), [key("listen")]),

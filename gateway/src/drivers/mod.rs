@@ -123,36 +123,32 @@ impl DeviceConfig {
 /// One built-in simulator; the variant is chosen by the table's `kind` key.
 #[derive(Debug, Clone)]
 pub enum SimulatorConfig {
-    ModbusTcp(modbus::ModbusSimulator),
-    /// The same simulator speaking Modbus RTU frames over TCP.
-    ModbusRtuTcp(modbus::ModbusSimulator),
+    /// `modbus-tcp`, `modbus-rtu-tcp` and `modbus-rtu` (on a serial port).
+    Modbus(modbus::ModbusSimulator),
 }
 
 impl SimulatorConfig {
     /// The `kind` values, for the loader's messages.
-    pub const KINDS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp"];
+    pub const KINDS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu"];
 
-    /// Where it listens (port 0: a free port).
-    pub fn listen(&self) -> SocketAddr {
+    /// Where it listens, if on TCP (port 0: a free port).
+    pub fn listen(&self) -> Option<SocketAddr> {
         match self {
-            SimulatorConfig::ModbusTcp(s) | SimulatorConfig::ModbusRtuTcp(s) => s.listen,
+            SimulatorConfig::Modbus(s) => s.listen,
         }
     }
 
     /// The simulator's own checks; `base` is its key path.
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
-            SimulatorConfig::ModbusTcp(s) | SimulatorConfig::ModbusRtuTcp(s) => {
-                modbus::config::validate_simulator(s, base, found)
-            }
+            SimulatorConfig::Modbus(s) => modbus::config::validate_simulator(s, base, found),
         }
     }
 
-    /// Starts it and returns the bound address.
-    pub async fn start(&self, name: &str, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
+    /// Starts it and returns the bound address (none for a serial port).
+    pub async fn start(&self, name: &str, cancel: CancellationToken) -> std::io::Result<Option<SocketAddr>> {
         match self {
-            SimulatorConfig::ModbusTcp(s) => modbus::simulator::start(name, s, false, cancel).await,
-            SimulatorConfig::ModbusRtuTcp(s) => modbus::simulator::start(name, s, true, cancel).await,
+            SimulatorConfig::Modbus(s) => modbus::simulator::start(name, s, cancel).await,
         }
     }
 }

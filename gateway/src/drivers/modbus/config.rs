@@ -139,7 +139,7 @@ pub enum Parity {
     Odd,
 }
 
-/// A serial line's settings.
+/// A serial line's settings (`Default`: no port, 9600 8N1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SerialLine {
     pub port: String,
@@ -147,6 +147,12 @@ pub struct SerialLine {
     pub parity: Parity,
     pub data_bits: u8,
     pub stop_bits: u8,
+}
+
+impl Default for SerialLine {
+    fn default() -> Self {
+        SerialLine { port: String::new(), baud: 9600, parity: Parity::None, data_bits: 8, stop_bits: 1 }
+    }
 }
 
 impl SerialLine {
@@ -416,11 +422,24 @@ pub fn wire_address(area: Area, address: u16, base: u8) -> Result<u16, String> {
     Ok(n - 1)
 }
 
-/// `kind = "modbus-tcp"`: a Modbus TCP server with registers that follow waveforms.
+/// `kind = "modbus-tcp"`, `"modbus-rtu-tcp"` or `"modbus-rtu"`: a Modbus slave with registers
+/// that follow waveforms, on a TCP `listen` address or, for `modbus-rtu`, a serial `port`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusSimulator {
-    pub listen: SocketAddr,
+    /// Which framing the `kind` key chose; set by the loader.
+    #[serde(skip)]
+    pub kind: Kind,
+    /// Where a TCP simulator listens (port 0: any free port).
+    pub listen: Option<SocketAddr>,
+    /// The serial port of a `modbus-rtu` simulator (one end of a virtual pair, or a real port
+    /// wired to the gateway's).
+    pub port: Option<String>,
+    /// Its line speed; default 9600 (8N1).
+    pub baud: Option<u32>,
+    /// The unit id a `modbus-rtu` simulator answers as; requests to other units get no answer,
+    /// as on a shared line. Default 1.
+    pub unit_id: Option<u8>,
     /// How often waveforms advance.
     #[serde(default = "default_sim_update")]
     pub update: Dur,
@@ -676,6 +695,26 @@ pub fn validate_device(d: &ModbusDevice, base: Vec<Seg>, found: &mut Found) {
 /// The checks of one `kind = "modbus-tcp"` simulator (its name and listen address are checked with
 /// the others').
 pub fn validate_simulator(s: &ModbusSimulator, base: Vec<Seg>, found: &mut Found) {
+    if s.kind == Kind::Rtu {
+        if s.port.as_deref().is_none_or(str::is_empty) {
+            found.push((base.clone(), "a modbus-rtu simulator needs `port`".into()));
+        }
+        if s.listen.is_some() {
+            found.push((with(base.clone(), [key("listen")]), "a modbus-rtu simulator serves a serial `port`".into()));
+        }
+        if s.unit_id.is_some_and(|u| !(1..=247).contains(&u)) {
+            found.push((with(base.clone(), [key("unit_id")]), "must be 1..247".into()));
+        }
+    } else {
+        if s.listen.is_none() {
+            found.push((base.clone(), "a TCP simulator needs `listen`, e.g. listen = \"127.0.0.1:5020\"".into()));
+        }
+        for (k, set) in [("port", s.port.is_some()), ("baud", s.baud.is_some()), ("unit_id", s.unit_id.is_some())] {
+            if set {
+                found.push((with(base.clone(), [key(k)]), format!("`{k}` is for kind = \"modbus-rtu\"")));
+            }
+        }
+    }
     if s.update.0.is_zero() {
         found.push((with(base.clone(), [key("update")]), "must be longer than 0s".into()));
     }

@@ -1,4 +1,6 @@
-//! The built-in Modbus TCP simulator: registers that follow waveforms, served by tokio-modbus.
+//! The built-in Modbus simulator: registers that follow waveforms, served by tokio-modbus over
+//! Modbus TCP, RTU over TCP, or RTU on a serial port (one slave on the line, silent to other
+//! unit ids).
 //!
 //! It powers the demo (live data with no hardware), lets park IT commission a config before the
 //! equipment is wired (`updraft simulate`), and serves as the Modbus peer in benchmarks. Clients may
@@ -18,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::codec::{self, Area, DataType};
-use super::config::{ModbusSimulator, SimRegister, Wave};
+use super::config::{Kind, ModbusSimulator, SerialLine, SimRegister, Wave};
 use crate::base::point::Value;
 
 /// The register memory of one simulated device. Sparse, so a simulator of a hundred devices costs
@@ -215,19 +217,26 @@ fn wave_value(r: &SimRegister, t: f64, walk: &mut f64) -> f64 {
     }
 }
 
-/// Binds the simulator's listener and serves it until `cancel`. Returns the bound address, which
-/// differs from the configured one when that asks for port 0.
-/// Starts a simulator; `rtu` makes it speak Modbus RTU frames over TCP (a serial device server).
+/// Starts a simulator and serves it until `cancel`. Returns the bound address of a TCP simulator,
+/// which differs from the configured one when that asks for port 0.
 pub async fn start(
     name: &str,
     cfg: &ModbusSimulator,
-    rtu: bool,
     cancel: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("simulator `{name}` cannot listen on {}: {e}", cfg.listen))
-    })?;
-    let addr = listener.local_addr()?;
+) -> std::io::Result<Option<SocketAddr>> {
+    // Open the endpoint first, so a taken port fails start-up before anything runs.
+    let endpoint = match (&cfg.kind, cfg.listen, &cfg.port) {
+        (Kind::Rtu, _, Some(port)) => {
+            let line = SerialLine { port: port.clone(), baud: cfg.baud.unwrap_or(9600), ..SerialLine::default() };
+            let serial = super::link::open_serial(&line)
+                .map_err(|e| std::io::Error::other(format!("simulator `{name}` cannot open {e}")))?;
+            Endpoint::Serial(serial)
+        }
+        (_, Some(listen), _) => Endpoint::Tcp(TcpListener::bind(listen).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("simulator `{name}` cannot listen on {listen}: {e}"))
+        })?),
+        _ => return Err(std::io::Error::other(format!("simulator `{name}` has no listen address or port"))),
+    };
     let memory = Arc::new(Mutex::new(Memory { strict: cfg.strict, ..Memory::default() }));
     let registers = cfg.registers.clone();
     let mut walks: Vec<f64> = registers.iter().map(|r| r.value.clamp(r.min, r.max)).collect();
@@ -265,14 +274,61 @@ pub async fn start(
         .instrument(span.clone()),
     );
     let service = SimService(memory);
-    if rtu {
+    let listener = match endpoint {
+        Endpoint::Serial(serial) => {
+            let unit = cfg.unit_id.unwrap_or(1);
+            let server = tokio_modbus::server::rtu::Server::new(serial);
+            let service = OneUnit { unit, inner: service };
+            let port = cfg.port.clone().unwrap_or_default();
+            info!(simulator = %name, %port, unit, "Modbus RTU simulator serving its serial port.");
+            tokio::spawn(
+                async move {
+                    if let Err(e) = server.serve_until(service, async move { cancel.cancelled().await }).await {
+                        warn!(error = %e, "Simulator stopped.");
+                    }
+                }
+                .instrument(span),
+            );
+            return Ok(None);
+        }
+        Endpoint::Tcp(l) => l,
+    };
+    let addr = listener.local_addr()?;
+    if cfg.kind == Kind::RtuOverTcp {
         tokio::spawn(async move { serve!(rtu_over_tcp, listener, service, cancel) }.instrument(span));
         info!(simulator = %name, %addr, "Modbus RTU-over-TCP simulator listening.");
-        return Ok(addr);
+        return Ok(Some(addr));
     }
     tokio::spawn(async move { serve!(tcp, listener, service, cancel) }.instrument(span));
     info!(simulator = %name, %addr, "Modbus simulator listening.");
-    Ok(addr)
+    Ok(Some(addr))
+}
+
+enum Endpoint {
+    Tcp(TcpListener),
+    Serial(tokio_serial::SerialStream),
+}
+
+/// One slave on a serial line: answers its own unit id and keeps silent for the others, as a
+/// real slave does (an answer to another unit's request would collide with that unit's).
+#[derive(Clone)]
+struct OneUnit {
+    unit: u8,
+    inner: SimService,
+}
+
+impl Service for OneUnit {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = future::Ready<Result<Option<Response>, ExceptionCode>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        if req.slave != self.unit {
+            return future::ready(Ok(None));
+        }
+        future::ready(self.inner.call(req.request).into_inner().map(Some))
+    }
 }
 
 #[cfg(test)]
