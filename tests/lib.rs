@@ -445,6 +445,65 @@ pub async fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -
 
 /// A virtual serial line: two pseudo-terminals joined by socat, `gw` for the gateway and `dev`
 /// for the slaves. Bytes cross at memory speed whatever the baud rate.
+/// A Python test peer (`tests/peers/*.py`) as a child process: started, waited for until it
+/// prints `READY`, its output lines kept for the test, killed when dropped.
+pub struct PythonPeer {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl PythonPeer {
+    pub fn start(script: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(python())
+            .arg(test_file(&format!("peers/{script}")))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.trim() == "READY" {
+                    let _ = tx.send(());
+                }
+                seen.lock().unwrap().push(line.trim().to_owned());
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{script} is ready"));
+        PythonPeer { child, lines }
+    }
+
+    /// Sends one command line to its standard input.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "{line}").and_then(|()| stdin.flush()).expect("the peer reads its stdin");
+    }
+
+    /// Every line it printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until it has printed `line`.
+    pub async fn printed(&self, line: &str, within: Duration) -> bool {
+        eventually(within, || self.lines.lock().unwrap().iter().any(|l| l == line).then_some(())).await.is_some()
+    }
+}
+
+impl Drop for PythonPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct SerialPair {
     child: std::process::Child,
     pub gw: String,

@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: ModbusCommand,
     },
+    /// OPC-UA tools: browse a server's address space, trust a server's certificate.
+    Opcua {
+        #[command(subcommand)]
+        command: OpcuaCommand,
+    },
     /// Plugin tools for authors.
     Plugin {
         #[command(subcommand)]
@@ -133,6 +138,36 @@ enum ModbusCommand {
 }
 
 #[derive(Subcommand)]
+enum OpcuaCommand {
+    /// Print a server's address space as a tree (NodeIds, data types, access), or with --toml as
+    /// tag lines to paste into a device.
+    Browse {
+        /// The server, `opc.tcp://host:port`.
+        endpoint: String,
+        /// Start here instead of the Objects folder (`ns=2;s=Line3`).
+        #[arg(long)]
+        node: Option<String>,
+        /// Levels below the start node.
+        #[arg(long, default_value_t = 4)]
+        depth: u32,
+        /// Print `tags = [...]` lines for the variables found.
+        #[arg(long)]
+        toml: bool,
+        /// Use this config's certificate folders (`DATA_DIR/pki`) instead of a temporary one.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Trust a server certificate the gateway refused: moves it from `pki/rejected` to
+    /// `pki/trusted`. Without NAME, lists both folders.
+    Trust {
+        /// The certificate's file name in `pki/rejected`, or a unique part of it.
+        name: Option<String>,
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum PluginCommand {
     /// Run a built plugin against fixture files (JSON steps with expectations, or CSV points) in the
     /// gateway's own sandbox with a controlled clock.
@@ -201,16 +236,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Modbus { command } => match modbus(command) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Modbus { command } => print_result(modbus(command)),
+        Command::Opcua { command } => print_result(opcua(command, &cli.log_level)),
         Command::Plugin { command: PluginCommand::Test { wasm, fixtures } } => {
             let mut failed = 0;
             for f in &fixtures {
@@ -241,6 +268,20 @@ fn main() -> ExitCode {
         Command::Simulate { config } => {
             telemetry::init(cli.log_format, &cli.log_level);
             report(run(config, true))
+        }
+    }
+}
+
+/// A tool's output on stdout, or its error on stderr with a failing exit code.
+fn print_result(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -287,6 +328,40 @@ fn modbus(command: ModbusCommand) -> Result<String, String> {
             let t = target(t)?;
             let (ty, order) = (from_name("type", &data_type)?, from_name("order", &order)?);
             rt.block_on(commission::write(&t, ty, order, length, &value)).map(|s| s + "\n")
+        }
+    }
+}
+
+fn opcua(command: OpcuaCommand, log_level: &str) -> Result<String, String> {
+    use updraft::drivers::opcua::{browse, pki};
+    let pki_of = |config: &std::path::Path| -> Result<PathBuf, String> {
+        let c = config::load(config).map_err(|e| e.to_string())?;
+        Ok(c.gateway.data_dir.join("pki"))
+    };
+    match command {
+        OpcuaCommand::Browse { endpoint, node, depth, toml, config } => {
+            // async-opcua reports connection trouble through its log; show warnings by default.
+            telemetry::init(LogFormat::Human, log_level);
+            let pki = match config {
+                Some(c) => pki_of(&c)?,
+                None => std::env::temp_dir().join("updraft-browse-pki"),
+            };
+            let opts =
+                browse::Options { endpoint, node, depth, toml, pki, timeout: std::time::Duration::from_secs(10) };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            rt.block_on(browse::run(&opts))
+        }
+        OpcuaCommand::Trust { name: None, config } => {
+            let dir = pki_of(&config)?;
+            let (rejected, trusted) = pki::list(&dir);
+            let mut out = format!("{}\n", dir.display());
+            out += &format!("rejected ({}): {}\n", rejected.len(), rejected.join(", "));
+            out += &format!("trusted ({}): {}\n", trusted.len(), trusted.join(", "));
+            Ok(out)
+        }
+        OpcuaCommand::Trust { name: Some(name), config } => {
+            let to = pki::trust(&pki_of(&config)?, &name)?;
+            Ok(format!("trusted: {}\nThe gateway connects at its next try (within a minute).\n", to.display()))
         }
     }
 }

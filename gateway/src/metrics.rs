@@ -25,6 +25,10 @@ pub struct DeviceStats {
     pub request_errors: Counter,
     pub connects: Counter,
     pub connect_failures: Counter,
+    /// Subscriptions recreated by the data-flow watchdog (OPC-UA).
+    pub resubscribes: Counter,
+    /// Points lost inside the driver before the bus (counted, never silent).
+    pub points_dropped: Counter,
 }
 
 /// Batches and points a hub consumer could not take.
@@ -77,7 +81,7 @@ impl Metrics {
         let mut out = String::new();
         let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
         type Series = (&'static str, &'static str, fn(&DeviceStats) -> u64);
-        let series: [Series; 9] = [
+        let series: [Series; 11] = [
             ("updraft_polls_total", "Polls started.", |s| s.polls.get()),
             ("updraft_polls_late_total", "Polls that started more than a tenth of their period late.", |s| {
                 s.polls_late.get()
@@ -93,6 +97,12 @@ impl Metrics {
             }),
             ("updraft_connects_total", "Connections established to devices.", |s| s.connects.get()),
             ("updraft_connect_failures_total", "Failed connection attempts to devices.", |s| s.connect_failures.get()),
+            (
+                "updraft_resubscribes_total",
+                "Subscriptions recreated after staying silent past their keep-alive.",
+                |s| s.resubscribes.get(),
+            ),
+            ("updraft_driver_dropped_points_total", "Points a driver lost before the bus.", |s| s.points_dropped.get()),
         ];
         for (name, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");

@@ -146,7 +146,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
 
     let mut drivers = JoinSet::new();
-    let mut shared = crate::drivers::Shared::new(config.devices.values());
+    let mut shared = crate::drivers::Shared::new(&config);
     for (name, device) in &config.devices {
         let commands = write_rxs.remove(name);
         drivers.spawn(device.task(

@@ -1,9 +1,11 @@
 //! The black-box test binary: every test drives a real gateway over real loopback sockets.
 
+mod asyncua;
 mod broker;
 mod fuzz;
 mod modbus;
 mod north;
+mod opcua;
 mod plugins;
 mod pymodbus;
 mod security;

@@ -2,35 +2,25 @@
 //! `convert_to_registers` in every type and byte order must come out of Updraft unchanged, over
 //! Modbus TCP, RTU over TCP and RTU on a (virtual) serial line shared by several slaves.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use rumqttc::QoS;
 use serde_json::{json, Value};
-use updraft_tests::{header, python, start_gateway, test_file, SerialPair, Subscriber, TempDir};
+use updraft_tests::{header, start_gateway, PythonPeer, SerialPair, Subscriber, TempDir};
 
 /// A running pymodbus server and what it printed (`CONNECT`, `RX UNIT SECONDS`).
-struct Peer(Child, Arc<Mutex<Vec<String>>>);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+struct Peer(PythonPeer);
 
 impl Peer {
     fn connects(&self) -> usize {
-        self.1.lock().unwrap().iter().filter(|l| *l == "CONNECT").count()
+        self.0.lines().iter().filter(|l| *l == "CONNECT").count()
     }
 
     /// When the server received each request to `unit`, in seconds of a monotonic clock.
     fn requests(&self, unit: u8) -> Vec<f64> {
         let prefix = format!("RX {unit} ");
-        let lines = self.1.lock().unwrap();
-        lines.iter().filter_map(|l| l.strip_prefix(&prefix)?.parse().ok()).collect()
+        self.0.lines().iter().filter_map(|l| l.strip_prefix(&prefix)?.parse().ok()).collect()
     }
 }
 
@@ -42,29 +32,8 @@ fn start_pymodbus(spec: &Value) -> (Peer, u16) {
 /// "serial:DEVICE:BAUD" (RTU on a serial port).
 fn start_pymodbus_framed(spec: &Value, mode: &str) -> (Peer, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(python())
-        .arg(test_file("peers/pymodbus_server.py"))
-        .arg(port.to_string())
-        .arg(spec.to_string())
-        .arg(mode)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let seen = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.trim() == "READY" {
-                let _ = tx.send(());
-            }
-            seen.lock().unwrap().push(line.trim().to_owned());
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30)).expect("pymodbus server is ready");
-    (Peer(child, lines), port)
+    let peer = PythonPeer::start("pymodbus_server.py", &[&port.to_string(), &spec.to_string(), mode]);
+    (Peer(peer), port)
 }
 
 /// Intervals between successive times, in milliseconds: (mean, standard deviation, max).

@@ -78,12 +78,13 @@ pub fn updraft_bin() -> PathBuf {
     bin
 }
 
-/// Starts `updraft SUBCOMMAND --log-level warn -c CONFIG`, its warnings on our stderr.
+/// Starts `updraft SUBCOMMAND --log-level warn -c CONFIG`. The gateway's warnings go to our
+/// stderr; a simulator's are dropped (it warns of every connection the benchmark's end cuts).
 pub fn updraft(subcommand: &str, config: &Path) -> Proc {
     let child = Command::new(updraft_bin())
         .args([subcommand, "--log-level", "warn", "-c"])
         .arg(config)
-        .stderr(Stdio::inherit())
+        .stderr(if subcommand == "simulate" { Stdio::null() } else { Stdio::inherit() })
         .spawn()
         .unwrap();
     Proc(child)

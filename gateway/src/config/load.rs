@@ -94,6 +94,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
             };
             loc.deserialize(v).map(|d| DeviceConfig::Modbus(ModbusDevice { kind, ..d }))
         }
+        "opcua" => loc.deserialize(v).map(DeviceConfig::Opcua),
         _ => None,
     });
     let simulators =
@@ -106,6 +107,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
                 };
                 loc.deserialize(v).map(|s| SimulatorConfig::Modbus(ModbusSimulator { kind, ..s }))
             }
+            "opcua" => loc.deserialize(v).map(SimulatorConfig::Opcua),
             _ => None,
         });
 
@@ -422,7 +424,7 @@ tags = [
     #[test]
     fn contract_example_parses() {
         let c = parse(GOOD, Path::new("t.toml")).unwrap();
-        let DeviceConfig::Modbus(d) = &c.devices["boiler-1"];
+        let DeviceConfig::Modbus(d) = &c.devices["boiler-1"] else { panic!("a Modbus device") };
         assert_eq!(d.tags.len(), 2);
         assert_eq!(d.unit_id, 1);
     }

@@ -7,7 +7,9 @@
 //! `driver` dispatch (`config/load.rs`).
 
 pub mod modbus;
+pub mod opcua;
 pub mod report;
+pub mod wave;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,21 +28,29 @@ pub enum DeviceConfig {
     /// `modbus-tcp`, `modbus-rtu-tcp` (RTU frames over TCP, for serial device servers) and
     /// `modbus-rtu` (a serial port): one driver, three framings (`ModbusDevice::kind`).
     Modbus(modbus::ModbusDevice),
+    /// `opcua`: one server, one session.
+    Opcua(opcua::OpcuaDevice),
 }
 
-/// What the drivers' tasks share at run time: the links that several devices use.
-#[derive(Debug, Default)]
+/// What the drivers' tasks share at run time: the links that several devices use, and the
+/// gateway's identity as an OPC-UA client.
+#[derive(Debug)]
 pub struct Shared {
     modbus: modbus::Links,
+    opcua: opcua::Context,
 }
 
 impl Shared {
     /// Notes which devices share what, before any task starts.
-    pub fn new<'a>(devices: impl Iterator<Item = &'a DeviceConfig>) -> Self {
-        let mut shared = Shared::default();
-        for d in devices {
+    pub fn new(config: &crate::config::Config) -> Self {
+        let mut shared = Shared {
+            modbus: modbus::Links::default(),
+            opcua: opcua::Context::new(&config.gateway.data_dir, &config.gateway.id),
+        };
+        for d in config.devices.values() {
             match d {
                 DeviceConfig::Modbus(d) => shared.modbus.count(d),
+                DeviceConfig::Opcua(_) => {}
             }
         }
         shared
@@ -49,20 +59,22 @@ impl Shared {
 
 /// The checks across devices (those sharing a link must agree).
 pub fn validate_all(devices: &std::collections::BTreeMap<String, DeviceConfig>, found: &mut Found) {
-    let modbus = devices.iter().map(|(n, d)| match d {
-        DeviceConfig::Modbus(d) => (n.as_str(), d),
+    let modbus = devices.iter().filter_map(|(n, d)| match d {
+        DeviceConfig::Modbus(d) => Some((n.as_str(), d)),
+        DeviceConfig::Opcua(_) => None,
     });
     modbus::config::validate_links(modbus, found);
 }
 
 impl DeviceConfig {
     /// The `driver` values, for the loader's messages.
-    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu"];
+    pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu", "opcua"];
 
     /// The names of the device's tags.
     pub fn tag_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {
             DeviceConfig::Modbus(d) => Box::new(d.tags.iter().map(|t| t.name.as_str())),
+            DeviceConfig::Opcua(d) => Box::new(d.tags.iter().map(|t| t.name.as_str())),
         }
     }
 
@@ -70,6 +82,7 @@ impl DeviceConfig {
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
             DeviceConfig::Modbus(d) => modbus::config::validate_device(d, base, found),
+            DeviceConfig::Opcua(d) => opcua::config::validate_device(d, base, found),
         }
     }
 
@@ -78,6 +91,7 @@ impl DeviceConfig {
     pub fn load_files(&mut self, base: &std::path::Path) -> Vec<modbus::config::CsvProblem> {
         match self {
             DeviceConfig::Modbus(d) => d.load_tags_file(base),
+            DeviceConfig::Opcua(_) => Vec::new(),
         }
     }
 
@@ -116,6 +130,13 @@ impl DeviceConfig {
                 }
                 Box::pin(driver.run(cancel))
             }
+            DeviceConfig::Opcua(d) => {
+                let mut driver = opcua::OpcuaDriver::new(name, d, shared.opcua.clone(), registry, stats, out);
+                if let Some(rx) = commands {
+                    driver = driver.with_commands(rx);
+                }
+                Box::pin(driver.run(cancel))
+            }
         }
     }
 }
@@ -125,16 +146,19 @@ impl DeviceConfig {
 pub enum SimulatorConfig {
     /// `modbus-tcp`, `modbus-rtu-tcp` and `modbus-rtu` (on a serial port).
     Modbus(modbus::ModbusSimulator),
+    /// `opcua`: an OPC-UA server.
+    Opcua(opcua::OpcuaSimulator),
 }
 
 impl SimulatorConfig {
     /// The `kind` values, for the loader's messages.
-    pub const KINDS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu"];
+    pub const KINDS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu", "opcua"];
 
     /// Where it listens, if on TCP (port 0: a free port).
     pub fn listen(&self) -> Option<SocketAddr> {
         match self {
             SimulatorConfig::Modbus(s) => s.listen,
+            SimulatorConfig::Opcua(s) => Some(s.listen),
         }
     }
 
@@ -142,6 +166,7 @@ impl SimulatorConfig {
     pub fn validate(&self, base: Vec<Seg>, found: &mut Found) {
         match self {
             SimulatorConfig::Modbus(s) => modbus::config::validate_simulator(s, base, found),
+            SimulatorConfig::Opcua(s) => opcua::config::validate_simulator(s, base, found),
         }
     }
 
@@ -149,6 +174,7 @@ impl SimulatorConfig {
     pub async fn start(&self, name: &str, cancel: CancellationToken) -> std::io::Result<Option<SocketAddr>> {
         match self {
             SimulatorConfig::Modbus(s) => modbus::simulator::start(name, s, cancel).await,
+            SimulatorConfig::Opcua(s) => opcua::simulator::start(name, s, cancel).await.map(|s| Some(s.addr)),
         }
     }
 }
@@ -164,6 +190,34 @@ pub struct WriteCommand {
 
 pub type WriteTx = mpsc::Sender<WriteCommand>;
 pub type WriteRx = mpsc::Receiver<WriteCommand>;
+
+/// The next write command, or never if the driver takes none.
+pub(crate) async fn recv_command(rx: &mut Option<WriteRx>) -> Option<WriteCommand> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands one read's points to the bus, as every driver does: counted good and bad, filtered by
+/// report by exception, and sent as one batch. `Err` when the bus has closed (shutdown).
+pub(crate) async fn emit(
+    mut points: Vec<crate::base::point::Point>,
+    stats: &DeviceStats,
+    exceptions: &mut Option<report::Exceptions>,
+    out: &BusSender,
+) -> Result<(), ()> {
+    let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
+    stats.points_bad.add(bad);
+    stats.points_good.add(points.len() as u64 - bad);
+    if let Some(x) = exceptions {
+        x.filter(&mut points, std::time::Instant::now());
+    }
+    if points.is_empty() {
+        return Ok(());
+    }
+    out.send(crate::hub::batch(points)).await.map_err(|_| ())
+}
 
 /// Queues a write of `device`'s `tag` and returns where its result will arrive. Refuses at once
 /// (rather than waiting) when the device is unknown or its queue is full, so a flood of commands

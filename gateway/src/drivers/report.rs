@@ -11,6 +11,9 @@ use serde::{Deserialize, Deserializer};
 use crate::base::point::{Point, Quality, Value};
 use crate::config::Dur;
 
+/// A device's or a tag's `publish`, `deadband` and `heartbeat` keys.
+pub type Keys = (Option<Publish>, Option<Deadband>, Option<Dur>);
+
 /// When a tag's reading is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -73,10 +76,7 @@ pub struct Rule {
 impl Rule {
     /// Combines a tag's keys with its device's. Setting a deadband or heartbeat (on either) means
     /// on-change unless `publish` says otherwise.
-    pub fn resolve(
-        device: (Option<Publish>, Option<Deadband>, Option<Dur>),
-        tag: (Option<Publish>, Option<Deadband>, Option<Dur>),
-    ) -> Rule {
+    pub fn resolve(device: Keys, tag: Keys) -> Rule {
         let deadband = tag.1.or(device.1);
         let heartbeat = tag.2.or(device.2).map(|d| d.0);
         let publish = tag.0.or(device.0).unwrap_or(if deadband.is_some() || heartbeat.is_some() {
@@ -104,6 +104,12 @@ pub struct Exceptions {
 impl Exceptions {
     /// `rules` by registry id; tags that publish always may be left out. `None` when no tag
     /// reports by exception, so the common case costs nothing.
+    /// The filter for a device's tags, each tag's keys over the device's (`(publish, deadband,
+    /// heartbeat)`, by registry id).
+    pub fn for_tags(device: Keys, tags: impl Iterator<Item = (u32, Keys)>) -> Option<Exceptions> {
+        Exceptions::new(tags.map(|(id, keys)| (id, Rule::resolve(device, keys))).collect())
+    }
+
     pub fn new(rules: HashMap<u32, Rule>) -> Option<Exceptions> {
         let rules: HashMap<u32, Rule> = rules.into_iter().filter(|(_, r)| r.on_change).collect();
         (!rules.is_empty()).then(|| Exceptions { rules, last: HashMap::new() })

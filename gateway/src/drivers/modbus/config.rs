@@ -13,6 +13,8 @@ use super::codec::{Area, ByteOrder, DataType};
 use crate::config::validate::{key, name_problem, with, Found, Seg};
 use crate::config::{Access, Dur};
 use crate::drivers::report::{Deadband, Publish};
+use crate::drivers::wave::Shape;
+pub use crate::drivers::wave::Wave;
 
 /// `driver = "modbus-tcp"`, `"modbus-rtu-tcp"` or `"modbus-rtu"`: one device (one unit id).
 /// Devices naming the same `address` or `port` share one link, which serves them in turn.
@@ -453,16 +455,6 @@ const fn default_sim_update() -> Dur {
     Dur::from_millis(100)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Wave {
-    Constant,
-    Ramp,
-    Sine,
-    Square,
-    RandomWalk,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimRegister {
@@ -472,20 +464,20 @@ pub struct SimRegister {
     pub data_type: Option<DataType>,
     #[serde(default)]
     pub order: ByteOrder,
-    #[serde(default = "default_wave")]
+    #[serde(default = "crate::drivers::wave::default_wave")]
     pub wave: Wave,
     /// The value of a `constant` register (and the start of a `random-walk`).
     #[serde(default)]
     pub value: f64,
     #[serde(default)]
     pub min: f64,
-    #[serde(default = "default_sim_max")]
+    #[serde(default = "crate::drivers::wave::default_max")]
     pub max: f64,
     /// Period of `ramp`, `sine` and `square`.
-    #[serde(default = "default_sim_period")]
+    #[serde(default = "crate::drivers::wave::default_period")]
     pub period: Dur,
     /// Largest change per update of a `random-walk`.
-    #[serde(default = "default_sim_step")]
+    #[serde(default = "crate::drivers::wave::default_step")]
     pub step: f64,
     /// The text of a `type = "string"` register (constant).
     pub text: Option<String>,
@@ -494,22 +486,20 @@ pub struct SimRegister {
 }
 
 impl SimRegister {
+    pub fn shape(&self) -> Shape {
+        Shape {
+            wave: self.wave,
+            value: self.value,
+            min: self.min,
+            max: self.max,
+            period: self.period.0,
+            step: self.step,
+        }
+    }
+
     pub fn data_type(&self) -> DataType {
         self.data_type.unwrap_or(if self.area.is_bit() { DataType::Bool } else { DataType::U16 })
     }
-}
-
-const fn default_wave() -> Wave {
-    Wave::Constant
-}
-const fn default_sim_max() -> f64 {
-    100.0
-}
-const fn default_sim_period() -> Dur {
-    Dur::from_millis(60_000)
-}
-const fn default_sim_step() -> f64 {
-    1.0
 }
 
 /// The checks of one Modbus device; `base` is its key path.

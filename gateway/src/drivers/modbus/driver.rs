@@ -25,9 +25,9 @@ use super::planner::{self, Limits, ReadRequest, Span};
 use crate::backoff::backoff;
 use crate::base::point::{now_ms, Point, Registry, TagKey, Value};
 use crate::config::Access;
-use crate::drivers::report::{Exceptions, Rule};
-use crate::drivers::{WriteCommand, WriteRx};
-use crate::hub::{batch, BusSender};
+use crate::drivers::report::Exceptions;
+use crate::drivers::{recv_command, WriteCommand, WriteRx};
+use crate::hub::BusSender;
 use crate::metrics::DeviceStats;
 
 /// A tag ready for decoding.
@@ -103,16 +103,10 @@ impl ModbusDriver {
         if cfg.single_register_reads {
             plan = plan.iter().flat_map(|r| split_request(r, &tags)).collect();
         }
-        let rules = cfg
-            .tags
-            .iter()
-            .zip(&tags)
-            .map(|(t, tag)| {
-                let rule =
-                    Rule::resolve((cfg.publish, cfg.deadband, cfg.heartbeat), (t.publish, t.deadband, t.heartbeat));
-                (tag.key.id, rule)
-            })
-            .collect();
+        let exceptions = Exceptions::for_tags(
+            (cfg.publish, cfg.deadband, cfg.heartbeat),
+            cfg.tags.iter().zip(&tags).map(|(t, tag)| (tag.key.id, (t.publish, t.deadband, t.heartbeat))),
+        );
         let caller = Caller {
             unit: cfg.unit_id,
             timeout: cfg.timeout.0,
@@ -131,7 +125,7 @@ impl ModbusDriver {
             stats,
             out,
             commands: None,
-            exceptions: Exceptions::new(rules),
+            exceptions,
             write_function: cfg.write_function,
             failures: 0,
             next_try: Instant::now(),
@@ -283,17 +277,8 @@ impl ModbusDriver {
         }
     }
 
-    async fn emit(&mut self, mut points: Vec<Point>) -> Result<(), ()> {
-        let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
-        self.stats.points_bad.add(bad);
-        self.stats.points_good.add(points.len() as u64 - bad);
-        if let Some(x) = &mut self.exceptions {
-            x.filter(&mut points, std::time::Instant::now());
-        }
-        if points.is_empty() {
-            return Ok(());
-        }
-        self.out.send(batch(points)).await.map_err(|_| ())
+    async fn emit(&mut self, points: Vec<Point>) -> Result<(), ()> {
+        crate::drivers::emit(points, &self.stats, &mut self.exceptions, &self.out).await
     }
 
     /// Reads every request once. Returns the points and, if the device or its link did not
@@ -414,14 +399,6 @@ pub(super) fn coil_value(value: &serde_json::Value) -> Result<bool, String> {
         serde_json::Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
         serde_json::Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
         other => Err(format!("a coil takes true, false, 1 or 0, not {other}")),
-    }
-}
-
-/// The next command, or never if the driver takes no commands.
-async fn recv_command(rx: &mut Option<WriteRx>) -> Option<WriteCommand> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

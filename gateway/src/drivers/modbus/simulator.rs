@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use super::codec::{self, Area, DataType};
-use super::config::{Kind, ModbusSimulator, SerialLine, SimRegister, Wave};
+use super::config::{Kind, ModbusSimulator, SerialLine, SimRegister};
 use crate::base::point::Value;
+use crate::drivers::wave::{Shape, Wave};
 
 /// The register memory of one simulated device. Sparse, so a simulator of a hundred devices costs
 /// only the registers it defines.
@@ -192,31 +193,6 @@ impl Service for SimService {
     }
 }
 
-/// The value of a waveform register `t` seconds after start; `walk` carries random-walk state.
-fn wave_value(r: &SimRegister, t: f64, walk: &mut f64) -> f64 {
-    let period = r.period.0.as_secs_f64().max(1e-3);
-    let phase = (t / period).fract();
-    match r.wave {
-        Wave::Constant => r.value,
-        Wave::Ramp => r.min + (r.max - r.min) * phase,
-        Wave::Sine => {
-            let mid = (r.min + r.max) / 2.0;
-            mid + (r.max - r.min) / 2.0 * (std::f64::consts::TAU * phase).sin()
-        }
-        Wave::Square => {
-            if phase < 0.5 {
-                r.max
-            } else {
-                r.min
-            }
-        }
-        Wave::RandomWalk => {
-            *walk = (*walk + r.step * (2.0 * fastrand::f64() - 1.0)).clamp(r.min, r.max);
-            *walk
-        }
-    }
-}
-
 /// Starts a simulator and serves it until `cancel`. Returns the bound address of a TCP simulator,
 /// which differs from the configured one when that asks for port 0.
 pub async fn start(
@@ -239,12 +215,12 @@ pub async fn start(
     };
     let memory = Arc::new(Mutex::new(Memory { strict: cfg.strict, ..Memory::default() }));
     let registers = cfg.registers.clone();
-    let mut walks: Vec<f64> = registers.iter().map(|r| r.value.clamp(r.min, r.max)).collect();
+    let shapes: Vec<Shape> = registers.iter().map(SimRegister::shape).collect();
+    let mut walks: Vec<f64> = shapes.iter().map(Shape::start).collect();
     {
         let mut m = memory.lock().unwrap_or_else(|e| e.into_inner());
-        for (r, w) in registers.iter().zip(walks.iter_mut()) {
-            let v = if r.wave == Wave::RandomWalk { *w } else { wave_value(r, 0.0, w) };
-            m.set(r, v);
+        for (r, v) in registers.iter().zip(&walks) {
+            m.set(r, *v);
         }
     }
     let span = tracing::info_span!("simulator", simulator = %name);
@@ -263,10 +239,9 @@ pub async fn start(
             while c.run_until_cancelled(tick.tick()).await.is_some() {
                 let t = start.elapsed().as_secs_f64();
                 let mut m = mem.lock().unwrap_or_else(|e| e.into_inner());
-                for (r, w) in registers.iter().zip(walks.iter_mut()) {
+                for ((r, shape), w) in registers.iter().zip(&shapes).zip(walks.iter_mut()) {
                     if r.wave != Wave::Constant {
-                        let v = wave_value(r, t, w);
-                        m.set(r, v);
+                        m.set(r, shape.at(t, w));
                     }
                 }
             }
