@@ -12,9 +12,14 @@ pub enum LogFormat {
 /// disconnect at error level, which would bury the gateway's own messages and alarm operators, so
 /// it is silenced by default (`RUST_LOG=rumqttd=info` brings it back); the failures that matter,
 /// such as a listener that cannot bind, are detected and reported by the gateway itself.
+/// async-opcua narrates sessions at info level and warns that the client config lists no endpoints
+/// (the driver picks them itself); its warnings and errors stay.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},rumqttd=off,tokio_modbus=warn")));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{level},rumqttd=off,tokio_modbus=warn,opcua_client=warn,opcua_server=warn,opcua_core=warn,opcua_client::config=error"
+        ))
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

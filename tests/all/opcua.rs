@@ -31,7 +31,15 @@ async fn start_sim(
     listen: Option<std::net::SocketAddr>,
     secure: Option<&std::path::Path>,
 ) -> (Started, CancellationToken) {
-    let mut cfg: OpcuaSimulator = toml::from_str(VARIABLES).unwrap();
+    start_sim_with(listen, secure, "").await
+}
+
+async fn start_sim_with(
+    listen: Option<std::net::SocketAddr>,
+    secure: Option<&std::path::Path>,
+    extra: &str,
+) -> (Started, CancellationToken) {
+    let mut cfg: OpcuaSimulator = toml::from_str(&format!("{extra}\n{VARIABLES}")).unwrap();
     if let Some(l) = listen {
         cfg.listen = l;
     }
@@ -295,5 +303,53 @@ async fn browse_toml_pasted_into_a_config_passes_check_and_runs() {
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/press/+", QoS::AtMostOnce).await;
     let v = latest(&mut sub, &["updraft/press/Line3.Recipe".to_owned(), "updraft/press/Line3.Speed".to_owned()]).await;
     assert_eq!(v["updraft/press/Line3.Recipe"]["value"], "AB-7");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A user name and a password from a file, over Aes256_Sha256_RsaPss, with the server's certificate
+/// trusted on first use (opt-in): the right password reads, a wrong one is refused with the
+/// server's reason and only that device's points are bad.
+#[tokio::test]
+async fn a_user_logs_in_with_a_password_file_and_a_wrong_password_is_refused() {
+    let sim_pki = updraft_tests::TempDir::new("sim-pki-user");
+    let users = r#"users = [{ name = "operator", password = "s3cret" }]"#;
+    let (sim, _stop) = start_sim_with(None, Some(sim_pki.path()), users).await;
+    let dir = updraft_tests::TempDir::new("passwords");
+    std::fs::write(dir.path().join("good"), "s3cret\n").unwrap();
+    std::fs::write(dir.path().join("bad"), "guess\n").unwrap();
+    let endpoint = format!("opc.tcp://{}/", sim.addr);
+    let device = |name: &str, file: &str| {
+        format!(
+            r#"[devices.{name}]
+driver = "opcua"
+endpoint = "{endpoint}"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+trust_on_first_use = true
+username = "operator"
+password_file = "{}"
+tags = [{{ name = "recipe", node = "ns=2;s=Line3.Recipe" }}]
+"#,
+            dir.path().join(file).display()
+        )
+    };
+    let toml = format!("{}{}{}", header("gw-opc-user"), device("good", "good"), device("bad", "bad"));
+    let (gw, gw_dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/+/recipe", QoS::AtMostOnce).await;
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let ok = sub
+        .wait_for("updraft/good/recipe", Duration::from_secs(60), |v| {
+            *last.borrow_mut() = v.clone();
+            v["quality"] == "good"
+        })
+        .await;
+    assert_eq!(ok.unwrap_or_else(|| panic!("the right password reads; last: {}", last.borrow()))["value"], "AB-7");
+    let mut late = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/bad/recipe", QoS::AtMostOnce).await;
+    let refused = late.wait_for("updraft/bad/recipe", WAIT, |v| v["quality"] == "bad").await.expect("refused");
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused the session: Bad"), "the server's reason: {refused}");
+    println!("wrong password: {error}");
+    let (rejected, trusted) = updraft::drivers::opcua::pki::list(&gw_dir.path().join("data/pki"));
+    assert_eq!((rejected.len(), trusted.len()), (0, 1), "trusted on first use");
     gw.shutdown(Duration::from_secs(2)).await;
 }

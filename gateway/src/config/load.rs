@@ -457,6 +457,26 @@ tags = [
     }
 
     #[test]
+    fn opcua_devices_are_checked_where_the_operator_wrote_them() {
+        let text = "[gateway]\nid = \"gw\"\n[devices.press]\ndriver = \"opcua\"\nendpoint = \"http://plc:4840\"\n\
+                    security_policy = \"Basic256Sha256\"\nusername = \"op\"\n\
+                    tags = [\n  { name = \"a\", node = \"ns=2;s=Line3.Speed\" },\n  { name = \"a\", node = \"Line3.Speed\" },\n]\n";
+        let p = problems(text);
+        let has = |at: &str, what: &str| p.iter().any(|l| l.starts_with(at) && l.contains(what));
+        assert!(has("t.toml:5:12:", "not an OPC-UA endpoint; write opc.tcp://host:port"), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("security_policy and security_mode go together")), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("`username` and `password_file` go together")), "{p:?}");
+        assert!(has("t.toml:10:12:", "appears twice"), "{p:?}");
+        assert!(has("t.toml:10:24:", "is not a NodeId; write ns=<index>;s=<name>"), "{p:?}");
+        let sim = "[gateway]\nid = \"gw\"\n[simulators.s]\nkind = \"opcua\"\nlisten = \"127.0.0.1:0\"\nvariables = [{ name = \"v\", type = \"f128\" }]\n";
+        let p = problems(sim);
+        assert!(p.iter().any(|l| l.starts_with("t.toml:6:35:") && l.contains("did you mean `f32`?")), "{p:?}");
+        let ok = "[gateway]\nid = \"gw\"\n[devices.press]\ndriver = \"opcua\"\nendpoint = \"opc.tcp://plc:4840\"\n\
+                  tags = [{ name = \"speed\", node = \"ns=2;s=Line3.Speed\", access = \"rw\" }]\n";
+        assert!(parse(ok, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
     fn serial_lines_are_checked_per_device_and_across_the_devices_on_them() {
         let dev = |name: &str, extra: &str| {
             format!(

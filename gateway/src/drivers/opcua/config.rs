@@ -255,18 +255,29 @@ pub struct OpcuaSimulator {
     /// beside the unsecured one, with a certificate made on first start in `pki_dir`.
     #[serde(default)]
     pub secure: bool,
-    /// Where a secure simulator keeps its certificate and trusts clients; default
-    /// `DATA_DIR/simulators/NAME/pki`.
+    /// Where a secure simulator keeps its certificate and trusts clients; default a folder in
+    /// the system's temporary directory.
     pub pki_dir: Option<PathBuf>,
+    /// User names and passwords it accepts besides anonymous logins (a simulator's accounts,
+    /// for commissioning a gateway's `username` and `password_file`; not for production).
+    #[serde(default)]
+    pub users: Vec<SimUser>,
     pub variables: Vec<SimVariable>,
+}
+
+/// A login a simulator accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimUser {
+    pub name: String,
+    pub password: String,
 }
 
 /// One simulated variable, `ns=2;s=NAME`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimVariable {
-    /// Its string NodeId in the simulator's namespace, e.g. `Line3.Speed`; dots make folders
-    /// when browsing.
+    /// Its string NodeId in the simulator's namespace, e.g. `Line3.Speed`.
     pub name: String,
     /// `bool`, `i16`, `i32`, `i64`, `u16`, `u32`, `u64`, `f32`, `f64` (default) or `string`.
     #[serde(rename = "type", default)]

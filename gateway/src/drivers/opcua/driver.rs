@@ -387,7 +387,12 @@ impl OpcuaDriver {
                         lost_failures += 1;
                         self.stats.connect_failures.inc();
                         if lost_failures <= 2 || lost_failures % 10 == 0 {
-                            warn!(status = %code, failures = lost_failures, "OPC-UA reconnect failed; retrying.");
+                            warn!(status = %code, failures = lost_failures, "OPC-UA session could not be opened; retrying.");
+                        }
+                        if lost_failures == 1 {
+                            // Never connected, or the server refuses now (a wrong password, an
+                            // untrusted certificate): say why on every tag.
+                            self.all_bad(&format!("the server refused the session: {code}")).await;
                         }
                     }
                     Some(Event::Ended(code)) => {

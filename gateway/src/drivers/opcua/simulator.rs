@@ -13,7 +13,7 @@ use opcua::crypto::SecurityPolicy;
 use opcua::server::address_space::Variable;
 use opcua::server::diagnostics::NamespaceMetadata;
 use opcua::server::node_manager::memory::{simple_node_manager, SimpleNodeManager};
-use opcua::server::{ServerBuilder, ServerEndpoint, ServerHandle, ANONYMOUS_USER_TOKEN_ID};
+use opcua::server::{ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, ANONYMOUS_USER_TOKEN_ID};
 use opcua::types::{
     DataValue, DateTime, MessageSecurityMode, NodeId, ObjectId, StatusCode, TimestampsToReturn, VariableId, Variant,
 };
@@ -84,6 +84,8 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
     })?;
     let addr = listener.local_addr()?;
     let pki = cfg.pki_dir.clone().unwrap_or_else(|| default_pki(name));
+    let mut tokens = vec![ANONYMOUS_USER_TOKEN_ID.to_owned()];
+    tokens.extend(cfg.users.iter().map(|u| format!("user-{}", u.name)));
     let mut builder = ServerBuilder::new()
         .application_name(format!("Updraft simulator {name}"))
         .application_uri(format!("urn:updraft:simulator:{name}"))
@@ -99,7 +101,7 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         .token(cancel.clone())
         // Session and subscription counts, readable by any client under Server/ServerDiagnostics.
         .diagnostics_enabled(true)
-        .add_endpoint("none", ServerEndpoint::new_none("/", &[ANONYMOUS_USER_TOKEN_ID.to_owned()]))
+        .add_endpoint("none", ServerEndpoint::new_none("/", &tokens))
         .default_endpoint("none")
         .discovery_urls(vec!["/".to_owned()])
         .with_node_manager(simple_node_manager(
@@ -112,9 +114,14 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
             ("basic256sha256-encrypt", SecurityPolicy::Basic256Sha256, MessageSecurityMode::SignAndEncrypt),
             ("aes256-encrypt", SecurityPolicy::Aes256Sha256RsaPss, MessageSecurityMode::SignAndEncrypt),
         ] {
-            builder =
-                builder.add_endpoint(id, ServerEndpoint::new("/", policy, mode, &[ANONYMOUS_USER_TOKEN_ID.to_owned()]));
+            builder = builder.add_endpoint(id, ServerEndpoint::new("/", policy, mode, &tokens));
         }
+    }
+    for u in &cfg.users {
+        builder = builder.add_user_token(
+            format!("user-{}", u.name),
+            ServerUserToken::user_pass(u.name.as_str(), u.password.as_str()),
+        );
     }
     let (server, handle) = builder.build().map_err(|e| std::io::Error::other(format!("simulator `{name}`: {e}")))?;
     let namespace = handle
