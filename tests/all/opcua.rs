@@ -250,7 +250,9 @@ async fn sign_and_encrypt_works_once_the_server_certificate_is_trusted() {
     updraft::drivers::opcua::pki::trust(&pki, &rejected[0]).unwrap();
     let ok = sub.wait_for("updraft/press/speed", Duration::from_secs(60), |v| v["quality"] == "good").await;
     assert!(ok.is_some(), "connected once trusted");
-    assert!(pki.join("own/cert.der").exists(), "the gateway made its own application certificate");
+    let own = std::fs::read(pki.join("own/cert.der")).expect("the gateway made its own application certificate");
+    let own = opcua::crypto::X509::from_der(&own).unwrap();
+    assert!(own.is_application_uri_valid("urn:updraft:gw-opc-secure").is_ok(), "its URI names the gateway");
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -351,5 +353,52 @@ tags = [{{ name = "recipe", node = "ns=2;s=Line3.Recipe" }}]
     println!("wrong password: {error}");
     let (rejected, trusted) = updraft::drivers::opcua::pki::list(&gw_dir.path().join("data/pki"));
     assert_eq!((rejected.len(), trusted.len()), (0, 1), "trusted on first use");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// An X.509 user identity: the gateway signs with the user's key; a certificate the server does
+/// not know is refused.
+#[tokio::test]
+async fn an_x509_user_certificate_logs_in() {
+    let keys = updraft_tests::TempDir::new("x509-user");
+    for name in ["operator", "stranger"] {
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .args(["-keyout", &format!("{name}.key"), "-outform", "DER", "-out", &format!("{name}.der")])
+            .current_dir(keys.path())
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let sim_pki = updraft_tests::TempDir::new("sim-pki-x509");
+    let users =
+        format!(r#"users = [{{ name = "operator", certificate = "{}" }}]"#, keys.path().join("operator.der").display());
+    let (sim, _stop) = start_sim_with(None, Some(sim_pki.path()), &users).await;
+    let endpoint = format!("opc.tcp://{}/", sim.addr);
+    let device = |name: &str| {
+        format!(
+            r#"[devices.{name}]
+driver = "opcua"
+endpoint = "{endpoint}"
+security_policy = "Basic256Sha256"
+security_mode = "SignAndEncrypt"
+trust_on_first_use = true
+user_certificate = "{}"
+user_private_key = "{}"
+tags = [{{ name = "recipe", node = "ns=2;s=Line3.Recipe" }}]
+"#,
+            keys.path().join(format!("{name}.der")).display(),
+            keys.path().join(format!("{name}.key")).display()
+        )
+    };
+    let toml = format!("{}{}{}", header("gw-opc-x509"), device("operator"), device("stranger"));
+    let (gw, _dir) = start_gateway(&toml).await;
+    let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/operator/recipe", QoS::AtMostOnce).await;
+    let ok = sub.wait_for("updraft/operator/recipe", Duration::from_secs(60), |v| v["quality"] == "good").await;
+    assert_eq!(ok.expect("the known certificate reads")["value"], "AB-7");
+    let mut late = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/stranger/recipe", QoS::AtMostOnce).await;
+    let refused = late.wait_for("updraft/stranger/recipe", WAIT, |v| v["quality"] == "bad").await.expect("refused");
+    assert!(refused["error"].as_str().unwrap_or_default().contains("refused the session: Bad"), "{refused}");
     gw.shutdown(Duration::from_secs(2)).await;
 }

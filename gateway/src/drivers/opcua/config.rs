@@ -265,12 +265,13 @@ pub struct OpcuaSimulator {
     pub variables: Vec<SimVariable>,
 }
 
-/// A login a simulator accepts.
+/// A login a simulator accepts: a password, or an X.509 user certificate (`.der` or `.pem`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimUser {
     pub name: String,
-    pub password: String,
+    pub password: Option<String>,
+    pub certificate: Option<PathBuf>,
 }
 
 /// One simulated variable, `ns=2;s=NAME`.
@@ -345,6 +346,14 @@ pub fn validate_simulator(s: &OpcuaSimulator, base: Vec<Seg>, found: &mut Found)
     }
     if s.variables.is_empty() {
         found.push((with(base.clone(), [key("variables")]), "a simulator needs at least one variable".into()));
+    }
+    for (i, u) in s.users.iter().enumerate() {
+        if u.password.is_some() == u.certificate.is_some() {
+            found.push((
+                with(base.clone(), [key("users"), Seg::Index(i)]),
+                "a user has a `password` or a `certificate`".into(),
+            ));
+        }
     }
     let mut names = std::collections::HashSet::new();
     for (i, v) in s.variables.iter().enumerate() {

@@ -118,11 +118,14 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         }
     }
     for u in &cfg.users {
-        builder = builder.add_user_token(
-            format!("user-{}", u.name),
-            ServerUserToken::user_pass(u.name.as_str(), u.password.as_str()),
-        );
+        let token = match (&u.password, &u.certificate) {
+            (Some(p), _) => ServerUserToken::user_pass(u.name.as_str(), p.as_str()),
+            (None, Some(cert)) => ServerUserToken::x509(u.name.as_str(), cert),
+            (None, None) => continue,
+        };
+        builder = builder.add_user_token(format!("user-{}", u.name), token);
     }
+
     let (server, handle) = builder.build().map_err(|e| std::io::Error::other(format!("simulator `{name}`: {e}")))?;
     let namespace = handle
         .get_namespace_index(&cfg.namespace)
