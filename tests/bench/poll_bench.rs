@@ -6,8 +6,8 @@
 //! Run it with `bash tests/bench/poll.sh` (builds release binaries first).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -44,6 +44,17 @@ fn parse_args() -> Args {
         }
     }
     a
+}
+
+/// Appends, for each point in a local (one point) or cloud (`points` array) message, how long ago
+/// the gateway read it, in milliseconds.
+fn latencies(payload: &[u8], out: &mut Vec<i64>) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else { return };
+    match v.get("points").and_then(|p| p.as_array()) {
+        Some(points) => out.extend(points.iter().filter_map(|p| p["ts"].as_i64()).map(|ts| now - ts)),
+        None => out.extend(v["ts"].as_i64().map(|ts| now - ts)),
+    }
 }
 
 /// Connects a new subscriber to `updraft/#` and counts the distinct retained topics it receives.
@@ -110,8 +121,13 @@ fn main() {
     wait_port(api);
 
     let delivered = Arc::new(AtomicU64::new(0));
+    // Gateway `ts` (the read) → arrival, in ms, for points arriving during the window.
+    let measuring = Arc::new(AtomicBool::new(false));
+    let local_lat = Arc::new(Mutex::new(Vec::new()));
+    let cloud_lat = Arc::new(Mutex::new(Vec::new()));
     if a.subscribe {
         let delivered = delivered.clone();
+        let (measuring, lat) = (measuring.clone(), local_lat.clone());
         rt.spawn(async move {
             let mut opts = MqttOptions::new("bench-subscriber", "127.0.0.1", broker_port);
             opts.set_keep_alive(Duration::from_secs(30));
@@ -120,8 +136,30 @@ fn main() {
             client.subscribe("updraft/#", QoS::AtMostOnce).await.unwrap();
             loop {
                 match ev.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(_))) => {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
                         delivered.fetch_add(1, Ordering::Relaxed);
+                        if measuring.load(Ordering::Relaxed) {
+                            latencies(&p.payload, &mut lat.lock().unwrap());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+    if let Some(c) = &cloud {
+        let (measuring, lat, addr) = (measuring.clone(), cloud_lat.clone(), c.addr);
+        rt.spawn(async move {
+            let mut opts = MqttOptions::new("bench-cloud-subscriber", addr.ip().to_string(), addr.port());
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_max_packet_size(8 << 20, 8 << 20);
+            let (client, mut ev) = AsyncClient::new(opts, 1024);
+            client.subscribe("bench/#", QoS::AtMostOnce).await.unwrap();
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) if measuring.load(Ordering::Relaxed) => {
+                        latencies(&p.payload, &mut lat.lock().unwrap());
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -131,9 +169,11 @@ fn main() {
     }
 
     std::thread::sleep(Duration::from_secs(a.warmup));
+    measuring.store(true, Ordering::Relaxed);
     let (m0, c0, d0, t0) = (metrics(api), cpu_seconds(pid), delivered.load(Ordering::Relaxed), Instant::now());
     std::thread::sleep(Duration::from_secs(a.seconds));
     let (m1, c1, d1, t1) = (metrics(api), cpu_seconds(pid), delivered.load(Ordering::Relaxed), Instant::now());
+    measuring.store(false, Ordering::Relaxed);
     let secs = (t1 - t0).as_secs_f64();
     let diff = |k: &str| m1.get(k).copied().unwrap_or(0.0) - m0.get(k).copied().unwrap_or(0.0);
     let points = diff("updraft_points_good_total") + diff("updraft_points_bad_total");
@@ -161,6 +201,21 @@ fn main() {
             "  points to the cloud    {:>12.0} /s  acknowledged by mosquitto; {:.0} pending at the end",
             diff("updraft_north_delivered_points_total") / secs,
             m1.get("updraft_north_pending_points").copied().unwrap_or(0.0)
+        );
+    }
+    for (what, lat) in [("local MQTT", &local_lat), ("cloud", &cloud_lat)] {
+        let mut v = lat.lock().unwrap().clone();
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_unstable();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        println!(
+            "  read → {what:<10}     {:>12} ms p50, {} ms p99, {} ms max  ({} points)",
+            at(0.5),
+            at(0.99),
+            v[v.len() - 1],
+            v.len()
         );
     }
     println!(

@@ -561,7 +561,7 @@ on_full = "drop-oldest"
         let c = parse(&format!("{GOOD}{sink}"), Path::new("t.toml")).unwrap();
         let super::super::NorthConfig::Mqtt(m) = &c.north["cloud"] else { panic!("an mqtt sink") };
         assert_eq!(m.buffer.max_bytes.0, 1 << 30);
-        assert_eq!(m.batch.max_wait.0, std::time::Duration::from_secs(1));
+        assert_eq!(m.batch.max_wait.unwrap().0, std::time::Duration::from_secs(1));
 
         let p = problems(&format!("{GOOD}{}", sink.replace("\"mqtt\"", "\"mqqt\"")));
         assert!(p[0].starts_with("t.toml:14:8: unknown type `mqqt`") && p[0].contains("did you mean `mqtt`?"), "{p:?}");

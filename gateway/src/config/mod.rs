@@ -506,29 +506,28 @@ const fn default_http_timeout() -> Dur {
     Dur::from_millis(10_000)
 }
 
-/// How points are grouped into messages: one message per device (per rendered topic) per batch.
+/// How points are grouped into messages: by default one message per device (per rendered
+/// topic) per poll, sent as soon as the poll is read.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NorthBatch {
     /// Most points in one message.
     #[serde(default = "default_north_points")]
     pub max_points: usize,
-    /// Longest a point waits for its message to fill.
-    #[serde(default = "default_north_wait")]
-    pub max_wait: Dur,
+    /// Merge several polls into fewer, larger messages: a message waits at most this long for
+    /// more points. Unset (default), each poll's points leave as soon as the poll is complete.
+    #[serde(default)]
+    pub max_wait: Option<Dur>,
 }
 
 impl Default for NorthBatch {
     fn default() -> Self {
-        NorthBatch { max_points: default_north_points(), max_wait: default_north_wait() }
+        NorthBatch { max_points: default_north_points(), max_wait: None }
     }
 }
 
 const fn default_north_points() -> usize {
     500
-}
-const fn default_north_wait() -> Dur {
-    Dur::from_millis(1000)
 }
 
 /// The store-and-forward buffer on disk, under `{data_dir}/north/{name}`.

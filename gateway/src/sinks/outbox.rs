@@ -2,7 +2,9 @@
 //! acknowledgements become the buffer's acknowledged position.
 //!
 //! Points are grouped by destination (the rendered topic or URL: one per device by default) into
-//! messages of at most `max_points`, sent when full or `max_wait` after their first point. A record
+//! messages of at most `max_points`. By default a message is sealed when the buffer record that
+//! filled it ends (a record is one poll of one device), so fresh data leaves at once; with
+//! `max_wait`, groups stay open across records until full or `max_wait` after their first point. A record
 //! is acknowledged once every message holding one of its points is, and only in order, so the
 //! acknowledged position never passes a point the cloud has not confirmed. Messages of one group
 //! leave in order, so each device's points arrive in the order they were read.
@@ -88,7 +90,8 @@ pub struct Outbox {
     /// built again instead of sent.
     poison: std::collections::HashSet<(u64, String)>,
     max_points: usize,
-    max_wait: Duration,
+    /// `None`: seal every group at the end of the record that filled it.
+    max_wait: Option<Duration>,
     max_age_ms: i64,
     /// Store offset of the next record to read.
     cursor: u64,
@@ -114,7 +117,7 @@ impl Outbox {
             max_bytes: usize::MAX,
             poison: Default::default(),
             max_points: batch.max_points.max(1),
-            max_wait: batch.max_wait.0,
+            max_wait: batch.max_wait.map(|d| d.0),
             max_age_ms: max_age.as_millis().min(i64::MAX as u128) as i64,
             cursor,
             records: VecDeque::new(),
@@ -225,7 +228,7 @@ impl Outbox {
         let mut due: Vec<(String, Instant)> = self
             .groups
             .iter()
-            .filter(|(_, g)| all || now.duration_since(g.since) >= self.max_wait)
+            .filter(|(_, g)| all || self.max_wait.is_some_and(|w| now.duration_since(g.since) >= w))
             .map(|(k, g)| (k.clone(), g.since))
             .collect();
         due.sort_by_key(|(_, since)| *since);
@@ -238,7 +241,8 @@ impl Outbox {
 
     /// When the oldest partial group falls due.
     pub fn deadline(&self) -> Option<Instant> {
-        self.groups.values().map(|g| g.since + self.max_wait).min()
+        let wait = self.max_wait?;
+        self.groups.values().map(|g| g.since + wait).min()
     }
 
     /// Waits until there may be something to send: new data, or a partial message falling due.
@@ -400,6 +404,10 @@ impl Outbox {
                 }
             }
             self.records.push_back(rec);
+            if self.max_wait.is_none() && !self.groups.is_empty() {
+                // The poll is complete: its messages leave now, oldest group first.
+                self.flush_due(true);
+            }
         }
         drop(entries);
         // Records with nothing to send (all expired, say) settle at once.
@@ -511,7 +519,7 @@ mod tests {
     #[test]
     fn a_quiet_device_leaves_on_time_while_a_backlog_drains() {
         let shared = backlog();
-        let batch = NorthBatch { max_points: 500, max_wait: Dur::from_millis(100) };
+        let batch = NorthBatch { max_points: 500, max_wait: Some(Dur::from_millis(100)) };
         let mut outbox =
             Outbox::new(shared.clone(), "gw", &x_device(), &batch, Duration::from_secs(100 * 365 * 24 * 3600));
         let start = Instant::now();
@@ -536,6 +544,44 @@ mod tests {
         assert!(shared.ack_to.load(Ordering::Acquire) > 0, "records were acknowledged along the way");
     }
 
+    /// Default batching: a poll's points leave as one message per device the moment its record is
+    /// read, never waiting for the next poll; a poll larger than `max_points` is split.
+    #[test]
+    fn by_default_each_poll_leaves_at_once_as_its_own_message() {
+        let dir = crate::sinks::scratch_dir("per-poll");
+        let opts =
+            NorthBuffer { max_bytes: Bytes(64 << 20), flush_interval: Dur::from_millis(10), ..NorthBuffer::default() };
+        let (shared, dict) = buffer::open("t", &dir, &opts, Arc::new(SinkStats::default())).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let t = buffer::spawn("t", rx, vec![Source::parse("*/*").unwrap()], shared.clone(), dict).unwrap();
+        let r = Registry::default();
+        let a: Vec<_> = (0..3).map(|i| r.intern("a", &format!("t{i}"))).collect();
+        let b: Vec<_> = (0..7).map(|i| r.intern("b", &format!("t{i}"))).collect();
+        for poll in 0..2i64 {
+            tx.blocking_send(crate::hub::batch(
+                a.iter().map(|k| Point::good(k.clone(), Value::Int(poll), 0)).collect(),
+            ))
+            .unwrap();
+            tx.blocking_send(crate::hub::batch(
+                b.iter().map(|k| Point::good(k.clone(), Value::Int(poll), 0)).collect(),
+            ))
+            .unwrap();
+        }
+        drop(tx);
+        t.join().unwrap();
+        let batch = NorthBatch { max_points: 5, max_wait: None };
+        let mut outbox = Outbox::new(shared, "gw", &x_device(), &batch, Duration::from_secs(3600 * 24 * 365));
+        assert_eq!(outbox.deadline(), None, "nothing ever waits for a clock");
+        let sent: Vec<(String, u64)> =
+            std::iter::from_fn(|| outbox.next_message()).map(|m| (m.target, m.points)).collect();
+        let want = |t: &str, n: u64| (t.to_owned(), n);
+        assert_eq!(
+            sent,
+            [want("x/a", 3), want("x/b", 5), want("x/b", 2), want("x/a", 3), want("x/b", 5), want("x/b", 2)],
+            "one message per device per poll, in poll order, split at max_points"
+        );
+    }
+
     #[test]
     fn a_record_dropped_at_the_cap_while_in_flight_is_counted_once() {
         let dir = crate::sinks::scratch_dir("inflight");
@@ -556,7 +602,7 @@ mod tests {
             t.join().unwrap();
         };
         feed(dict, 0, 100);
-        let batch = NorthBatch { max_points: 100, max_wait: Dur::from_millis(0) };
+        let batch = NorthBatch { max_points: 100, max_wait: Some(Dur::from_millis(0)) };
         let mut outbox = Outbox::new(shared.clone(), "gw", &x_device(), &batch, Duration::from_secs(3600 * 24 * 365));
         let in_flight: Vec<Message> = std::iter::from_fn(|| outbox.next_message()).take(50).collect();
         assert_eq!(in_flight.len(), 50);
@@ -604,7 +650,7 @@ mod tests {
         reopen(&dir);
         let stats = Arc::new(SinkStats::default());
         let (shared, _dict) = buffer::open("t", &dir, &opts, stats.clone()).unwrap();
-        let batch = NorthBatch { max_points: 1000, max_wait: Dur::from_millis(0) };
+        let batch = NorthBatch { max_points: 1000, max_wait: Some(Dur::from_millis(0)) };
         let mut outbox = Outbox::new(shared, "gw", &x_device(), &batch, max_age);
         while let Some(m) = outbox.next_message() {
             outbox.done(m.token);
