@@ -49,6 +49,9 @@ pub struct Gateway {
     pub values: Arc<CurrentValues>,
     pub metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    /// The built-in simulators stop after the drivers, so no driver sees its device vanish (and
+    /// logs it) during an orderly shutdown.
+    simulators_cancel: CancellationToken,
     drivers: JoinSet<()>,
     hub: tokio::task::JoinHandle<()>,
     publisher: Option<std::thread::JoinHandle<()>>,
@@ -76,7 +79,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     std::fs::create_dir_all(&config.gateway.data_dir)
         .map_err(|source| StartError::DataDir { path: config.gateway.data_dir.clone(), source })?;
 
-    let simulators = start_simulators(&config, &cancel).await?;
+    let simulators_cancel = CancellationToken::new();
+    let simulators = start_simulators(&config, &simulators_cancel).await?;
 
     let mut hub = Hub::new(metrics.clone());
     let values = hub.values();
@@ -169,6 +173,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         values,
         metrics,
         cancel,
+        simulators_cancel,
         drivers,
         hub,
         publisher,
@@ -207,6 +212,7 @@ impl Gateway {
         self.cancel.cancel();
         let drain = async {
             while self.drivers.join_next().await.is_some() {}
+            self.simulators_cancel.cancel();
             let _ = (&mut self.hub).await;
             for p in self.plugins.drain(..) {
                 let _ = tokio::task::spawn_blocking(move || p.join()).await;
@@ -219,7 +225,9 @@ impl Gateway {
                 let _ = tokio::task::spawn_blocking(move || s.join()).await;
             }
         };
-        if tokio::time::timeout(grace, drain).await.is_err() {
+        let finished = tokio::time::timeout(grace, drain).await;
+        self.simulators_cancel.cancel();
+        if finished.is_err() {
             warn!(?grace, "Shutdown grace period expired; exiting with work in flight.");
             self.drivers.abort_all();
             self.hub.abort();

@@ -20,7 +20,9 @@ pub fn init(format: LogFormat, level: &str) {
             "{level},rumqttd=off,tokio_modbus=warn,opcua_client=warn,opcua_server=warn,opcua_core=warn,opcua_client::config=error"
         ))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: in a file or the journal the escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),

@@ -178,6 +178,10 @@ impl ModbusDriver {
                 continue;
             }
             let (points, link_error) = self.poll_once().await;
+            if cancel.is_cancelled() {
+                // Shutting down: the link may have stopped under this poll; nothing to report.
+                break;
+            }
             if self.emit(points).await.is_err() {
                 break;
             }

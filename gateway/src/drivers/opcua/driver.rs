@@ -429,8 +429,11 @@ impl OpcuaDriver {
                 }
             }
         };
-        // Close the session on the server, so a restart never leaves one behind to time out.
-        let _ = time::timeout(Duration::from_secs(1), session.disconnect()).await;
+        // Close the session on the server, so a restart never leaves one behind to time out
+        // (without a connection there is nothing to close, and trying only logs a warning).
+        if connected {
+            let _ = time::timeout(Duration::from_secs(1), session.disconnect()).await;
+        }
         pump.abort();
         if !stop {
             self.all_bad("session ended").await;

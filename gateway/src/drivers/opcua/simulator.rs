@@ -93,9 +93,9 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         .host(addr.ip().to_string())
         .port(addr.port())
         .pki_dir(pki)
-        // A secure endpoint needs a certificate; an unsecured one does not, and making one costs
-        // an RSA key generation.
-        .create_sample_keypair(cfg.secure)
+        // Always a certificate: async-opcua logs an error for a server without one, even when
+        // all its endpoints are unsecured, and the key generation happens once per pki folder.
+        .create_sample_keypair(true)
         // Clients are trusted: a simulator is for commissioning, not a security boundary.
         .trust_client_certs(true)
         .token(cancel.clone())
