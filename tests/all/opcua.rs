@@ -247,7 +247,24 @@ async fn sign_and_encrypt_works_once_the_server_certificate_is_trusted() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(sub.wait_for("updraft/press/speed", Duration::from_secs(1), |v| v["quality"] == "good").await.is_none());
 
-    updraft::drivers::opcua::pki::trust(&pki, &rejected[0]).unwrap();
+    // The operator's way: list what waits, then trust it by a part of its name.
+    let config = dir.path().join("updraft.toml");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(updraft_tests::cloud::updraft_bin())
+            .args(["opcua", "trust"])
+            .args(args)
+            .arg("-c")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let listed = cli(&[]);
+    assert!(listed.contains(&format!("rejected (1): {}", rejected[0])), "{listed}");
+    let thumbprint = rejected[0].rsplit_once('[').map_or(rejected[0].as_str(), |(_, t)| t.trim_end_matches("].der"));
+    let trusted = cli(&[thumbprint]);
+    assert!(trusted.contains("trusted: ") && trusted.contains("pki/trusted/"), "{trusted}");
     let ok = sub.wait_for("updraft/press/speed", Duration::from_secs(60), |v| v["quality"] == "good").await;
     assert!(ok.is_some(), "connected once trusted");
     let own = std::fs::read(pki.join("own/cert.der")).expect("the gateway made its own application certificate");
