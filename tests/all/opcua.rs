@@ -325,7 +325,7 @@ async fn browse_toml_pasted_into_a_config_passes_check_and_runs() {
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
-/// A user name and a password from a file, over Aes256_Sha256_RsaPss, with the server's certificate
+/// A user name and a password from a file, over SignAndEncrypt channels, with the server's certificate
 /// trusted on first use (opt-in): the right password reads, a wrong one is refused with the
 /// server's reason and only that device's points are bad.
 #[tokio::test]
@@ -337,12 +337,14 @@ async fn a_user_logs_in_with_a_password_file_and_a_wrong_password_is_refused() {
     std::fs::write(dir.path().join("good"), "s3cret\n").unwrap();
     std::fs::write(dir.path().join("bad"), "guess\n").unwrap();
     let endpoint = format!("opc.tcp://{}/", sim.addr);
+    // Two policies: the right password over Aes256_Sha256_RsaPss, the wrong one over Basic256Sha256.
     let device = |name: &str, file: &str| {
+        let policy = if name == "good" { "Aes256_Sha256_RsaPss" } else { "Basic256Sha256" };
         format!(
             r#"[devices.{name}]
 driver = "opcua"
 endpoint = "{endpoint}"
-security_policy = "Basic256Sha256"
+security_policy = "{policy}"
 security_mode = "SignAndEncrypt"
 trust_on_first_use = true
 username = "operator"
