@@ -400,7 +400,7 @@ async fn an_x509_user_certificate_logs_in() {
             r#"[devices.{name}]
 driver = "opcua"
 endpoint = "{endpoint}"
-security_policy = "Basic256Sha256"
+security_policy = "Aes128_Sha256_RsaOaep"
 security_mode = "SignAndEncrypt"
 trust_on_first_use = true
 user_certificate = "{}"

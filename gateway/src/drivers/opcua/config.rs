@@ -251,8 +251,8 @@ pub struct OpcuaSimulator {
     /// How often waveforms advance.
     #[serde(default = "default_sim_update")]
     pub update: Dur,
-    /// Offer a Basic256Sha256 and an Aes256_Sha256_RsaPss endpoint (Sign and SignAndEncrypt)
-    /// beside the unsecured one, with a certificate made on first start in `pki_dir`.
+    /// Offer Basic256Sha256 (Sign and SignAndEncrypt), Aes128_Sha256_RsaOaep and
+    /// Aes256_Sha256_RsaPss (SignAndEncrypt) endpoints beside the unsecured one.
     #[serde(default)]
     pub secure: bool,
     /// Where a secure simulator keeps its certificate and trusts clients; default a folder in

@@ -112,6 +112,7 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         for (id, policy, mode) in [
             ("basic256sha256-sign", SecurityPolicy::Basic256Sha256, MessageSecurityMode::Sign),
             ("basic256sha256-encrypt", SecurityPolicy::Basic256Sha256, MessageSecurityMode::SignAndEncrypt),
+            ("aes128-encrypt", SecurityPolicy::Aes128Sha256RsaOaep, MessageSecurityMode::SignAndEncrypt),
             ("aes256-encrypt", SecurityPolicy::Aes256Sha256RsaPss, MessageSecurityMode::SignAndEncrypt),
         ] {
             builder = builder.add_endpoint(id, ServerEndpoint::new("/", policy, mode, &tokens));
