@@ -326,6 +326,22 @@ impl Subscriber {
     }
 
     /// Collects the latest payload per topic until `quiet` passes with no message, or `max` elapses.
+    /// The latest good value of each of `topics`, waiting (at most `within`) until all have one.
+    pub async fn latest_good(&mut self, topics: &[&str], within: Duration) -> HashMap<String, serde_json::Value> {
+        let mut seen = HashMap::new();
+        let start = std::time::Instant::now();
+        while topics.iter().any(|t| !seen.contains_key(*t)) {
+            let missing: Vec<&&str> = topics.iter().filter(|t| !seen.contains_key(**t)).collect();
+            assert!(start.elapsed() < within, "still missing after {within:?}: {missing:?}");
+            for (topic, v) in self.collect(Duration::from_millis(200), Duration::from_secs(1)).await {
+                if v["quality"] == "good" {
+                    seen.insert(topic, v);
+                }
+            }
+        }
+        seen
+    }
+
     pub async fn collect(&mut self, quiet: Duration, max: Duration) -> HashMap<String, serde_json::Value> {
         let mut out = HashMap::new();
         let deadline = tokio::time::Instant::now() + max;

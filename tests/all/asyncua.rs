@@ -14,25 +14,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The latest good value of each topic, waiting until all have one.
-async fn latest(sub: &mut Subscriber, topics: &[&str]) -> std::collections::HashMap<String, serde_json::Value> {
-    let mut seen = std::collections::HashMap::new();
-    let start = std::time::Instant::now();
-    while topics.iter().any(|t| !seen.contains_key(*t)) {
-        assert!(
-            start.elapsed() < WAIT,
-            "missing: {:?}",
-            topics.iter().filter(|t| !seen.contains_key(**t)).collect::<Vec<_>>()
-        );
-        for (topic, v) in sub.collect(Duration::from_millis(200), Duration::from_secs(1)).await {
-            if v["quality"] == "good" {
-                seen.insert(topic, v);
-            }
-        }
-    }
-    seen
-}
-
 #[tokio::test]
 async fn an_asyncua_server_reaches_the_bus_and_the_cloud_and_survives_its_restart() {
     let port = free_port();
@@ -69,7 +50,7 @@ batch = {{ max_points = 50, max_wait = "100ms" }}
     let topics = ["temperature", "count", "running", "name", "calibrated", "setpoint", "big"]
         .map(|t| format!("updraft/press/{t}"));
     let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let v = latest(&mut sub, &topics).await;
+    let v = sub.latest_good(&topics, WAIT).await;
     assert!(v["updraft/press/temperature"]["value"].as_f64().is_some_and(|t| (20.0..25.0).contains(&t)), "{v:?}");
     assert!(v["updraft/press/count"]["value"].as_i64().is_some(), "{v:?}");
     assert_eq!(v["updraft/press/running"]["value"], true);

@@ -52,25 +52,6 @@ async fn start_sim_with(
     (started, cancel)
 }
 
-/// The latest good value of each topic, waiting until all have one.
-async fn latest(sub: &mut Subscriber, topics: &[String]) -> std::collections::HashMap<String, serde_json::Value> {
-    let mut seen = std::collections::HashMap::new();
-    let start = std::time::Instant::now();
-    while topics.iter().any(|t| !seen.contains_key(t)) {
-        assert!(
-            start.elapsed() < WAIT,
-            "still missing after {WAIT:?}: {:?}",
-            topics.iter().filter(|t| !seen.contains_key(*t)).collect::<Vec<_>>()
-        );
-        for (topic, v) in sub.collect(Duration::from_millis(200), Duration::from_secs(1)).await {
-            if v["quality"] == "good" {
-                seen.insert(topic, v);
-            }
-        }
-    }
-    seen
-}
-
 fn device(endpoint: &str, extra: &str) -> String {
     format!(
         r#"[devices.press]
@@ -103,7 +84,8 @@ async fn variables_arrive_through_subscriptions_with_their_source_timestamps() {
 
     let good = |v: &serde_json::Value| v["quality"] == "good";
     let tags = ["running", "recipe", "setpoint", "limit", "speed"];
-    let values = latest(&mut sub, &tags.map(|t| format!("updraft/press/{t}"))).await;
+    let topics = tags.map(|t| format!("updraft/press/{t}"));
+    let values = sub.latest_good(&topics.each_ref().map(String::as_str), WAIT).await;
     assert_eq!(values["updraft/press/running"]["value"], true, "Boolean");
     assert_eq!(values["updraft/press/recipe"]["value"], "AB-7", "String");
     assert_eq!(values["updraft/press/setpoint"]["value"], 40, "UInt16");
@@ -320,7 +302,7 @@ async fn browse_toml_pasted_into_a_config_passes_check_and_runs() {
 
     let (gw, _dir) = start_gateway(&toml).await;
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/press/+", QoS::AtMostOnce).await;
-    let v = latest(&mut sub, &["updraft/press/Line3.Recipe".to_owned(), "updraft/press/Line3.Speed".to_owned()]).await;
+    let v = sub.latest_good(&["updraft/press/Line3.Recipe", "updraft/press/Line3.Speed"], WAIT).await;
     assert_eq!(v["updraft/press/Line3.Recipe"]["value"], "AB-7");
     gw.shutdown(Duration::from_secs(2)).await;
 }

@@ -77,3 +77,6 @@ pub const fn default_period() -> crate::config::Dur {
 pub const fn default_step() -> f64 {
     1.0
 }
+pub const fn default_update() -> crate::config::Dur {
+    crate::config::Dur::from_millis(100)
+}

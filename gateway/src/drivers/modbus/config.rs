@@ -443,16 +443,12 @@ pub struct ModbusSimulator {
     /// as on a shared line. Default 1.
     pub unit_id: Option<u8>,
     /// How often waveforms advance.
-    #[serde(default = "default_sim_update")]
+    #[serde(default = "crate::drivers::wave::default_update")]
     pub update: Dur,
     /// Answer reads of unconfigured addresses with exception 2 (illegal data address) instead of 0.
     #[serde(default)]
     pub strict: bool,
     pub registers: Vec<SimRegister>,
-}
-
-const fn default_sim_update() -> Dur {
-    Dur::from_millis(100)
 }
 
 #[derive(Debug, Clone, Deserialize)]

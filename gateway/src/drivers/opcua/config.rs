@@ -249,7 +249,7 @@ pub struct OpcuaSimulator {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     /// How often waveforms advance.
-    #[serde(default = "default_sim_update")]
+    #[serde(default = "crate::drivers::wave::default_update")]
     pub update: Dur,
     /// Offer Basic256Sha256 (Sign and SignAndEncrypt), Aes128_Sha256_RsaOaep and
     /// Aes256_Sha256_RsaPss (SignAndEncrypt) endpoints beside the unsecured one.
@@ -334,9 +334,6 @@ pub enum SimType {
 
 fn default_namespace() -> String {
     "urn:updraft:simulator".into()
-}
-const fn default_sim_update() -> Dur {
-    Dur::from_millis(100)
 }
 
 /// The checks of one `kind = "opcua"` simulator.

@@ -93,6 +93,8 @@ pub struct OpcuaDriver {
     refused: HashMap<usize, Instant>,
     /// The server's limit of monitored items per call, once read.
     per_call: Option<u32>,
+    /// Every tag's key by index (= client handle - 1), shared with the subscription callbacks.
+    keys: Arc<[Arc<TagKey>]>,
 }
 
 impl OpcuaDriver {
@@ -125,6 +127,7 @@ impl OpcuaDriver {
             (cfg.publish, cfg.deadband, cfg.heartbeat),
             cfg.tags.iter().zip(&tags).map(|(t, tag)| (tag.key.id, (t.publish, t.deadband, t.heartbeat))),
         );
+        let keys = tags.iter().map(|t| t.key.clone()).collect();
         OpcuaDriver {
             device: Arc::from(name),
             cfg: cfg.clone(),
@@ -137,6 +140,7 @@ impl OpcuaDriver {
             write_types: HashMap::new(),
             refused: HashMap::new(),
             per_call: None,
+            keys,
         }
     }
 
@@ -472,12 +476,8 @@ impl OpcuaDriver {
         let interval = self.cfg.publishing_interval.0;
         // A keep-alive at least every five seconds, so the watchdog notices a dead flow quickly.
         let keep_alive = ((5_000.0 / interval.as_secs_f64().max(0.001) / 1000.0).ceil() as u32).clamp(1, 100);
-        let handler = Notify {
-            keys: self.tags.iter().map(|t| t.key.clone()).collect(),
-            tx: data.clone(),
-            heard: g.heard.clone(),
-            dropped: self.stats.clone(),
-        };
+        let handler =
+            Notify { keys: self.keys.clone(), tx: data.clone(), heard: g.heard.clone(), dropped: self.stats.clone() };
         g.monitored.clear();
         g.heard.store(now_ms(), Ordering::Relaxed);
         let id = match session.create_subscription(interval, keep_alive * 3, keep_alive, 0, 0, true, handler).await {
@@ -690,7 +690,7 @@ impl OpcuaDriver {
 /// The subscription callback: turns each publish into one batch of points and notes that the
 /// server was heard from (keep-alives included).
 struct Notify {
-    keys: Vec<Arc<TagKey>>,
+    keys: Arc<[Arc<TagKey>]>,
     tx: mpsc::Sender<Vec<Point>>,
     heard: Arc<AtomicI64>,
     dropped: Arc<DeviceStats>,
