@@ -1,4 +1,3 @@
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 pub struct SharedGroup {
@@ -49,7 +48,7 @@ impl SharedGroup {
                 self.current_client_index = (self.current_client_index + 1) % self.clients.len();
             }
             Strategy::Random => {
-                self.current_client_index = rand::thread_rng().gen_range(0..self.clients.len());
+                self.current_client_index = fastrand::usize(0..self.clients.len());
             }
             Strategy::Sticky => {}
         }

@@ -1,5 +1,4 @@
 use crate::link::alerts::{self};
-use crate::link::console::ConsoleLink;
 use crate::link::network::{self, Network, N};
 use crate::link::remote::{self, mqtt_connect, RemoteLink};
 use crate::link::{bridge, timer};
@@ -9,13 +8,11 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Meter};
+use crate::{meters, ConnectionSettings};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tracing::{error, field, info, warn, Instrument};
-use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
 use async_tungstenite::tokio::accept_hdr_async;
@@ -28,12 +25,9 @@ use async_tungstenite::tungstenite::http::HeaderValue;
 #[cfg(feature = "websocket")]
 use ws_stream_tungstenite::WsStream;
 
-use metrics::gauge;
-use metrics_exporter_prometheus::PrometheusBuilder;
 use std::time::Duration;
 use std::{io, thread};
 
-use crate::link::console;
 use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
 use crate::{Config, ConnectionId, ServerSettings};
@@ -263,61 +257,6 @@ impl Broker {
             }
         }
 
-        if let Some(prometheus_setting) = &self.config.prometheus {
-            let timeout = prometheus_setting.interval;
-            // If port is specified use it instead of listen.
-            // NOTE: This means listen is ignored when `port` is specified.
-            // `port` will be removed in future release in favour of `listen`
-            let addr = {
-                #[allow(deprecated)]
-                match prometheus_setting.port {
-                    Some(port) => SocketAddr::new("127.0.0.1".parse().unwrap(), port),
-                    None => prometheus_setting.listen.unwrap_or(SocketAddr::new(
-                        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
-                        9042,
-                    )),
-                }
-            };
-            let metrics_thread = thread::Builder::new().name("Metrics".to_owned());
-            let meter_link = self.meters().unwrap();
-            metrics_thread.spawn(move || {
-                let builder = PrometheusBuilder::new().with_http_listener(addr);
-                builder.install().unwrap();
-
-                let total_publishes = gauge!("metrics.router.total_publishes");
-                let total_connections = gauge!("metrics.router.total_connections");
-                let failed_publishes = gauge!("metrics.router.failed_publishes");
-                loop {
-                    if let Ok(metrics) = meter_link.recv() {
-                        for m in metrics {
-                            match m {
-                                Meter::Router(_, ref r) => {
-                                    total_connections.set(r.total_connections as f64);
-                                    total_publishes.set(r.total_publishes as f64);
-                                    failed_publishes.set(r.failed_publishes as f64);
-                                }
-                                _ => continue,
-                            }
-                        }
-                    }
-
-                    std::thread::sleep(Duration::from_secs(timeout));
-                }
-            })?;
-        }
-
-        if let Some(console) = self.config.console.clone() {
-            let console_link = ConsoleLink::new(console, self.router_tx.clone());
-
-            let console_link = Arc::new(console_link);
-            let console_thread = thread::Builder::new().name("Console".to_string());
-            console_thread.spawn(move || {
-                let mut runtime = tokio::runtime::Builder::new_current_thread();
-                let runtime = runtime.enable_all().build().unwrap();
-                runtime.block_on(console::start(console_link));
-            })?;
-        }
-
         // in ideal case, where server doesn't crash, join() will never resolve
         // we still try to join threads so that we don't return from function
         // unless everything crashes.
@@ -523,8 +462,7 @@ async fn remote<P: Protocol>(
 
     let mut assigned_client_id = None;
     if client_id.is_empty() {
-        let uuid = Uuid::new_v4().simple();
-        client_id = format!("rumqtt-{uuid}");
+        client_id = format!("rumqtt-{:032x}", fastrand::u128(..));
         assigned_client_id = Some(client_id.clone());
     }
 
