@@ -54,6 +54,11 @@ impl CurrentValues {
         out
     }
 
+    /// Calls `f` with every current point, under the read lock (keep `f` short: drivers wait).
+    pub fn visit(&self, mut f: impl FnMut(&Point)) {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).iter().flatten().for_each(&mut f);
+    }
+
     pub fn get(&self, device: &str, tag: &str) -> Option<Point> {
         let key = self.registry.get(device, tag)?;
         self.slots.read().unwrap_or_else(|e| e.into_inner()).get(key.id as usize)?.clone()

@@ -100,7 +100,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
         let accounts = broker::auth::Accounts::new(&cfg.users, metrics.broker_auth_failures.clone());
-        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, tag_count, accounts))
+        let values = values.clone();
+        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, values, accounts))
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;

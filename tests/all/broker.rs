@@ -5,9 +5,10 @@ use std::time::Duration;
 use rumqttc::QoS;
 use updraft_tests::{eventually, header, http_get, start_gateway, ModbusFixture, Subscriber};
 
-/// A late subscriber to `updraft/#` at QoS 0 gets the retained value of every tag (rumqttd truncates
-/// the retained set to its outgoing packet budget, which the gateway sizes from the tag count).
-/// QoS 1 subscribers are capped by rumqttd at 100 in-flight messages; the HTTP API is their way.
+/// A late subscriber to `updraft/#` gets the retained value of every tag, at QoS 0 and at QoS 1
+/// (rumqttd 0.20 sent only what fitted its outgoing budget or in-flight window: 100 at QoS 1).
+/// The retained values come from the gateway's current values, not from points pushed through the
+/// broker: until someone subscribes, the broker is handed nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn late_subscribers_get_every_current_value() {
     const DEVICES: usize = 20;
@@ -25,9 +26,12 @@ async fn late_subscribers_get_every_current_value() {
     }
     let (gw, _dir) = start_gateway(&toml).await;
     let total = DEVICES * TAGS;
-    eventually(Duration::from_secs(15), || (gw.metrics.broker_published.get() >= total as u64).then_some(()))
-        .await
-        .expect("every tag published once");
+    eventually(Duration::from_secs(15), || {
+        (gw.values.snapshot(None).values().map(|t| t.len()).sum::<usize>() == total).then_some(())
+    })
+    .await
+    .expect("every tag read once");
+    assert_eq!(gw.metrics.broker_published.get(), 0, "nothing is pushed through the broker while nobody subscribes");
 
     let mut qos0 = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
     let got0 = qos0.collect_retained(Duration::from_millis(1500)).await;
@@ -35,6 +39,11 @@ async fn late_subscribers_get_every_current_value() {
     let got1 = qos1.collect_retained(Duration::from_millis(1500)).await;
     println!("late subscriber retained messages: QoS 0 {} of {total}, QoS 1 {} of {total}", got0.len(), got1.len());
     assert_eq!(got0.len(), total, "a late QoS 0 subscriber gets every retained value");
+    assert_eq!(got1.len(), total, "a late QoS 1 subscriber gets every retained value");
+    // Now that someone subscribes, new readings are published live.
+    let live = qos0.wait_for("updraft/dev-5/t7", Duration::from_secs(5), |_| true).await;
+    assert_eq!(live.expect("a live reading after the retained one")["value"], 7);
+    assert!(gw.metrics.broker_published.get() > 0);
 
     let (status, body) = http_get(gw.api_addr.unwrap(), "/api/v1/values").await;
     assert_eq!(status, 200);

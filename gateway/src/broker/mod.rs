@@ -10,6 +10,7 @@
 pub mod auth;
 mod commands;
 mod publisher;
+pub mod retained;
 mod tap;
 pub mod tls;
 
@@ -58,6 +59,8 @@ pub struct EmbeddedBroker {
     pub tap: Option<(LinkTx, LinkRx)>,
     /// The TLS listener, bound at start and served by `spawn_tls`.
     tls: Option<(std::net::TcpListener, rustls::ServerConfig)>,
+    /// The router's subscription filters, for the publisher's interest check.
+    filters: Arc<rumqttd::FilterWatch>,
 }
 
 /// Most points handed to the router in one wake-up.
@@ -65,17 +68,16 @@ const MAX_BURST: usize = 512;
 
 pub use crate::base::topic::TOPIC_PREFIX;
 
-/// How many retained messages rumqttd hands a new QoS 0 subscriber at once. It truncates the
-/// retained set to its `max_outgoing_packet_count`, so this must exceed the number of tags.
-fn outgoing_packet_count(expected_topics: usize) -> u64 {
-    (expected_topics as u64 * 2).max(1024)
-}
+/// Most messages the router hands a QoS 0 subscriber in one read (QoS 1 and 2 are bounded by
+/// the in-flight window); retained messages beyond it follow in the next reads.
+const OUTGOING_PACKET_COUNT: u64 = 1024;
 
 /// Starts rumqttd on its own thread and waits until its listener accepts connections. With
-/// `accounts`, every network client must log in; the in-process links never do.
+/// `accounts`, every network client must log in; the in-process links never do. The retained
+/// values of the gateway's own topics are `values`, read when a client subscribes.
 pub fn start(
     cfg: &BrokerSection,
-    expected_topics: usize,
+    values: Arc<crate::hub::CurrentValues>,
     accounts: Option<Arc<auth::Accounts>>,
 ) -> Result<EmbeddedBroker, BrokerError> {
     let addr = check_bind(cfg.plain_listen())?;
@@ -114,7 +116,7 @@ pub fn start(
         id: 0,
         router: rumqttd::RouterConfig {
             max_connections: cfg.max_connections + 4,
-            max_outgoing_packet_count: outgoing_packet_count(expected_topics),
+            max_outgoing_packet_count: OUTGOING_PACKET_COUNT,
             max_segment_size: segment as usize,
             max_segment_count: segments,
             ..Default::default()
@@ -122,7 +124,10 @@ pub fn start(
         v4: Some(HashMap::from([("v4".to_owned(), server)])),
         ..Default::default()
     };
-    let mut broker = rumqttd::Broker::new(config);
+    let filters = Arc::new(rumqttd::FilterWatch::default());
+    let hooks =
+        rumqttd::Hooks { retained: Some(Arc::new(retained::Retained { values })), filters: Some(filters.clone()) };
+    let mut broker = rumqttd::Broker::with_hooks(config, hooks);
     // In-process links must be taken before `start()`, which never returns while healthy.
     let (pub_tx, pub_rx) = broker.link("updraft-publisher").map_err(|e| BrokerError::Link(e.to_string()))?;
     let local = broker.link("updraft-local").map_err(|e| BrokerError::Link(e.to_string()))?;
@@ -144,7 +149,7 @@ pub fn start(
         warn!("The embedded broker accepts anonymous clients from the network (allow_anonymous = true): anyone who can reach it reads the plant's data{}.",
             if cfg.writes_on() { " and writes to equipment" } else { "" });
     }
-    Ok(EmbeddedBroker { addr, pub_tx, _pub_rx: pub_rx, local: Some(local), tap: Some(tap), tls })
+    Ok(EmbeddedBroker { addr, pub_tx, _pub_rx: pub_rx, local: Some(local), tap: Some(tap), tls, filters })
 }
 
 impl EmbeddedBroker {

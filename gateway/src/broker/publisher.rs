@@ -1,4 +1,4 @@
-//! The publisher thread: every point of every batch goes to the embedded broker, retained.
+//! The publisher thread: the points some subscription wants go to the embedded broker, live.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +9,14 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{complete_now, EmbeddedBroker, MAX_BURST};
-use crate::base::point::Batch;
+use crate::base::point::{Batch, Point};
 use crate::metrics::Metrics;
 
 impl EmbeddedBroker {
-    /// Spawns the publisher thread: every point of every batch goes to `updraft/{device}/{tag}`,
-    /// retained, so a late subscriber sees the last value at once. `LinkTx` sends block, so this
-    /// runs on its own OS thread and never on the async runtime.
+    /// Spawns the publisher thread: a point goes to `updraft/{device}/{tag}` when a subscription
+    /// filter matches that topic; its retained value is served from the hub's current values (see
+    /// `retained`), so a late subscriber still sees the last value at once. `LinkTx` sends
+    /// block, so this runs on its own OS thread and never on the async runtime.
     pub fn spawn_publisher(
         mut self,
         mut rx: mpsc::Receiver<Batch>,
@@ -23,6 +24,7 @@ impl EmbeddedBroker {
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("mqtt-publisher".into()).spawn(move || {
             let mut json = Vec::with_capacity(256);
+            let mut interest = Interest { watch: self.filters.clone(), seen: Vec::new() };
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
                 // Drain what is already queued so the router is woken once per burst, not per
@@ -42,21 +44,22 @@ impl EmbeddedBroker {
                 for batch in &batches {
                     for p in batch.iter() {
                         // A local client's message is already on the broker.
-                        if p.key.external {
+                        if p.key.external || !interest.wanted(p) {
                             continue;
                         }
-                        // A plugin's message goes out verbatim and is an event, not state: not retained.
-                        if let Some(raw) = &p.payload {
-                            publishes
-                                .push(Packet::Publish(Publish::new(p.key.topic.clone(), raw.clone(), false), None));
-                            continue;
-                        }
-                        json.clear();
-                        p.write_json(&mut json);
-                        // An exact-size copy: the broker keeps payloads alive in its retained map
-                        // and logs, where a spare-capacity `Vec` would cost twice the memory.
-                        let payload = Bytes::copy_from_slice(&json);
-                        publishes.push(Packet::Publish(Publish::new(p.key.topic.clone(), payload, true), None));
+                        // A plugin's message goes out verbatim.
+                        let payload = match &p.payload {
+                            Some(raw) => raw.clone(),
+                            None => {
+                                json.clear();
+                                p.write_json(&mut json);
+                                // An exact-size copy: the broker keeps payloads alive in its logs,
+                                // where a spare-capacity `Vec` would cost twice the memory.
+                                Bytes::copy_from_slice(&json)
+                            }
+                        };
+                        // Not retained: the router would keep a second copy of what the hub keeps.
+                        publishes.push(Packet::Publish(Publish::new(p.key.topic.clone(), payload, false), None));
                     }
                 }
                 let Some(last) = publishes.pop() else {
@@ -80,5 +83,31 @@ impl EmbeddedBroker {
             }
             debug!("Broker publisher stopped.");
         })
+    }
+}
+
+/// Whether any subscription filter matches a point's topic, remembered per tag until the router's
+/// filters change. The check happens after the hub stored the point in its current values, and a
+/// new filter is registered before the router reads the retained values for it, so a point is
+/// either in that read or published live (see `retained`).
+struct Interest {
+    watch: Arc<rumqttd::FilterWatch>,
+    /// Per tag id: the filter generation + 1 the answer was found at (0: not yet), and the answer.
+    seen: Vec<(u64, bool)>,
+}
+
+impl Interest {
+    fn wanted(&mut self, p: &Point) -> bool {
+        let generation = self.watch.generation() + 1;
+        let i = p.key.id as usize;
+        if i >= self.seen.len() {
+            self.seen.resize(i + 1, (0, false));
+        }
+        let (at, wanted) = &mut self.seen[i];
+        if *at != generation {
+            *wanted = std::str::from_utf8(&p.key.topic).is_ok_and(|t| self.watch.any_match(t));
+            *at = generation;
+        }
+        *wanted
     }
 }

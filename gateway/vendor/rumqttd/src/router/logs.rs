@@ -6,11 +6,13 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::hooks::Hooks;
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::time::Instant;
@@ -61,10 +63,12 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// The embedder's retained messages and filter watch (patch 2)
+    hooks: Hooks,
 }
 
 impl DataLog {
-    pub fn new(config: RouterConfig) -> io::Result<DataLog> {
+    pub fn new(config: RouterConfig, hooks: Hooks) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
@@ -77,6 +81,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                if let Some(watch) = &hooks.filters {
+                    watch.add(&filter);
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +94,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            hooks,
         })
     }
 
@@ -157,6 +165,9 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                if let Some(watch) = &self.hooks.filters {
+                    watch.add(filter);
+                }
 
                 // Match new filter to existing topics and add to publish_filters if it matches
                 for (topic, filters) in publish_filters.iter_mut() {
@@ -299,12 +310,25 @@ impl DataLog {
             is_valid
         });
 
+        // The embedder's own retained messages come first; a topic it answers for is not
+        // repeated from the router's store (patch 2).
+        let mut own = Vec::new();
+        if let Some(source) = &self.hooks.retained {
+            source.retained(filter, &mut own);
+        }
+        let own_topics: std::collections::HashSet<Bytes> =
+            own.iter().map(|p| p.topic.clone()).collect();
+        let mut out: Vec<PubWithProp> = own.into_iter().map(|p| (p, None)).collect();
+
         // no need to include timestamp when returning
-        self.retained_publishes
-            .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
-            .collect()
+        out.extend(
+            self.retained_publishes
+                .iter()
+                .filter(|(topic, _)| matches(topic, filter))
+                .filter(|(_, p)| !own_topics.contains(&p.publish.topic))
+                .map(|(_, p)| (p.publish.clone(), p.properties.clone())),
+        );
+        out
     }
 }
 
@@ -449,7 +473,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config, Hooks::default()).unwrap();
         data.next_native_offset("topic/a");
         data.matches("topic/a");
 
@@ -469,7 +493,7 @@ mod test {
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
         };
-        let mut data = DataLog::new(config).unwrap();
+        let mut data = DataLog::new(config, Hooks::default()).unwrap();
         data.next_native_offset("+/+");
 
         data.matches("topic/a");
@@ -491,7 +515,7 @@ mod test {
     //             dynamic_log: true,
     //         };
 
-    //         let mut data = DataLog::new(config).unwrap();
+    //         let mut data = DataLog::new(config, Hooks::default()).unwrap();
     //         data.next_native_offset("/devices/2321/actions");
     //         for i in 0..2 {
     //             let publish = Publish::new("/devices/2321/events/imu/jsonarray", QoS::AtLeastOnce, vec![1, 2, 3]);

@@ -18,6 +18,7 @@ use crate::{
 mod alertlog;
 mod connection;
 mod graveyard;
+pub mod hooks;
 pub mod iobufs;
 mod logs;
 mod routing;
@@ -194,7 +195,10 @@ pub struct DataRequest {
     pub read_count: usize,
     /// Maximum count of payload buffer per replica
     max_count: usize,
-    pub(crate) forward_retained: bool,
+    /// Retained messages still to send, read when the subscription was made (patch 2: all of
+    /// them, sent as the outgoing slots allow, where upstream sent what fitted once).
+    #[serde(skip)]
+    pub(crate) retained: VecDeque<(Publish, Option<PublishProperties>)>,
     pub(crate) group: Option<String>,
 }
 

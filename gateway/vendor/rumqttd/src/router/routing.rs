@@ -21,6 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
+use super::hooks::Hooks;
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
@@ -106,6 +107,11 @@ pub struct Router {
 
 impl Router {
     pub fn new(router_id: RouterId, config: RouterConfig) -> Router {
+        Router::with_hooks(router_id, config, Hooks::default())
+    }
+
+    /// A router that shares retained messages and its filters with the embedder (patch 2).
+    pub fn with_hooks(router_id: RouterId, config: RouterConfig, hooks: Hooks) -> Router {
         let (router_tx, router_rx) = bounded(1000);
 
         let meters = Slab::with_capacity(10);
@@ -132,7 +138,7 @@ impl Router {
             subscription_map: Default::default(),
             ibufs,
             obufs,
-            datalog: DataLog::new(config.clone()).unwrap(),
+            datalog: DataLog::new(config.clone(), hooks).unwrap(),
             alertlog: AlertLog::new(config),
             ackslog,
             scheduler: Scheduler::with_capacity(max_connections),
@@ -957,14 +963,17 @@ impl Router {
                 .insert(filter_path.clone(), subscription_id);
         }
 
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
-
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         if connection.subscriptions.insert(filter_path.clone()) {
+            // Retained messages aren't sent for shared subscriptions. They are read now, when
+            // the cursor is set, so a value published after this point comes from the log and
+            // is never older than the retained one sent before it (patch 2).
+            // TODO: use retain forward rules
+            let retained = match group {
+                None => self.datalog.read_retained_messages(filter_path).into(),
+                Some(_) => VecDeque::new(),
+            };
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -972,8 +981,7 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
-                forward_retained,
+                retained,
                 group,
             };
 
@@ -1461,28 +1469,28 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
-    if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
+    // Retained messages go first, as many as there are slots; the rest wait for the next read
+    // (patch 2: upstream sent what fitted and dropped the others).
+    let retained_count = (inflight_slots as usize).min(request.retained.len());
+    publishes.extend(request.retained.drain(..retained_count).map(|p| (p, None)));
+    inflight_slots -= retained_count as u64;
+    let retained_left = !request.retained.is_empty();
 
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
-        // we only want to forward retained messages once
-        request.forward_retained = false;
-    }
-
-    let (next, publishes_from_datalog) =
+    let (next, publishes_from_datalog) = if inflight_slots == 0 {
+        let here = Position::Next {
+            start: request.cursor,
+            end: request.cursor,
+        };
+        (here, Vec::new())
+    } else {
         match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
                 return ConsumeStatus::FilterCaughtup;
             }
-        };
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
@@ -1492,7 +1500,7 @@ fn forward_device_data(
 
     let (start, next, caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
-        Position::Done { start, end } => (start, end, true),
+        Position::Done { start, end } => (start, end, !retained_left),
     };
 
     if let Some(ref shared_group) = shared_group {

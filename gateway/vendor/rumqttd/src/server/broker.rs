@@ -8,7 +8,7 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings};
+use crate::{meters, ConnectionSettings, Hooks};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,9 +65,15 @@ pub struct Broker {
 
 impl Broker {
     pub fn new(config: Config) -> Broker {
+        Broker::with_hooks(config, Hooks::default())
+    }
+
+    /// A broker whose router shares retained messages and its filters with the embedder
+    /// (patch 2).
+    pub fn with_hooks(config: Config, hooks: Hooks) -> Broker {
         let config = Arc::new(config);
         let router_config = config.router.clone();
-        let router: Router = Router::new(config.id, router_config);
+        let router: Router = Router::with_hooks(config.id, router_config, hooks);
 
         // Setup cluster if cluster settings are configured.
         match config.cluster.clone() {

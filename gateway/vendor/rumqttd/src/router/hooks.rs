@@ -1,0 +1,65 @@
+//! Updraft patch 2: hooks through which the embedding application shares the router's work.
+//!
+//! An application that publishes many retained values of its own (a gateway: one per tag, every
+//! poll) need not push each one through the router when nobody subscribes to it. It keeps those
+//! values itself and answers for them when a client subscribes ([`RetainedSource`]), and it asks
+//! [`FilterWatch`] whether any subscription filter matches a topic before publishing live.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::protocol::{matches, Publish};
+
+/// Retained messages kept by the embedding application instead of the router.
+pub trait RetainedSource: Send + Sync {
+    /// Appends every retained message whose topic matches `filter`.
+    ///
+    /// Called on the router thread when a subscription is made, at the moment its read cursor is
+    /// set: a value the application stores before this call is returned here, and one it stores
+    /// after can be told apart by [`FilterWatch::generation`], so nothing falls between the two.
+    fn retained(&self, filter: &str, out: &mut Vec<Publish>);
+}
+
+/// The subscription filters the router keeps a log for. A filter stays once made (a persistent
+/// session's filter keeps collecting while its client is away), as the router's logs do.
+#[derive(Debug, Default)]
+pub struct FilterWatch {
+    generation: AtomicU64,
+    filters: RwLock<Vec<String>>,
+}
+
+impl FilterWatch {
+    /// Changes whenever a filter is added; an answer of [`FilterWatch::any_match`] stays true
+    /// for as long as this stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a message on `topic` would reach any subscription filter.
+    pub fn any_match(&self, topic: &str) -> bool {
+        self.filters.read().iter().any(|f| matches(topic, f))
+    }
+
+    pub(crate) fn add(&self, filter: &str) {
+        let mut filters = self.filters.write();
+        filters.push(filter.to_owned());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The hooks a router is built with; the default has none and behaves as upstream rumqttd.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub retained: Option<std::sync::Arc<dyn RetainedSource>>,
+    pub filters: Option<std::sync::Arc<FilterWatch>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("retained", &self.retained.is_some())
+            .field("filters", &self.filters)
+            .finish()
+    }
+}
