@@ -65,15 +65,26 @@ impl CurrentValues {
     }
 }
 
+/// Decides, on the hub's task, whether a consumer wants a batch at all.
+pub type Wants = Box<dyn FnMut(&Batch) -> bool + Send>;
+
 struct Consumer {
     name: String,
     tx: mpsc::Sender<Batch>,
     dropped: Arc<Counter>,
     dropped_points: Arc<Counter>,
+    /// A batch this says no to is not queued: the consumer is not woken for nothing, and a busy
+    /// consumer does not report drops of batches it would have ignored.
+    wants: Option<Wants>,
 }
 
 impl Consumer {
-    fn offer(&self, batch: &Batch) {
+    fn offer(&mut self, batch: &Batch) {
+        if let Some(wants) = &mut self.wants {
+            if !wants(batch) {
+                return;
+            }
+        }
         let why = match self.tx.try_send(batch.clone()) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Full(_)) => "Consumer queue full; batch dropped.",
@@ -158,9 +169,14 @@ impl Hub {
 
     /// Registers a consumer and returns its queue.
     pub fn subscribe(&mut self, name: &str, stage: Stage) -> mpsc::Receiver<Batch> {
+        self.subscribe_filtered(name, stage, None)
+    }
+
+    /// Registers a consumer that only receives the batches `wants` accepts.
+    pub fn subscribe_filtered(&mut self, name: &str, stage: Stage, wants: Option<Wants>) -> mpsc::Receiver<Batch> {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
         let (dropped, dropped_points) = self.metrics.dropped(name);
-        let c = Consumer { name: name.to_owned(), tx, dropped, dropped_points };
+        let c = Consumer { name: name.to_owned(), tx, dropped, dropped_points, wants };
         match stage {
             Stage::Transform => self.transforms.push(c),
             Stage::Terminal => self.terminals.push(c),
@@ -179,14 +195,14 @@ impl Hub {
                 batch = self.rx.recv() => match batch {
                     Some(batch) => {
                         self.values.update(&batch);
-                        self.transforms.iter().chain(&self.terminals).for_each(|c| c.offer(&batch));
+                        self.transforms.iter_mut().chain(&mut self.terminals).for_each(|c| c.offer(&batch));
                     }
                     None => break,
                 },
                 batch = self.derived_rx.recv(), if derived_open => match batch {
                     Some(batch) => {
                         self.values.update(&batch);
-                        self.terminals.iter().for_each(|c| c.offer(&batch));
+                        self.terminals.iter_mut().for_each(|c| c.offer(&batch));
                     }
                     None => derived_open = false,
                 },
@@ -196,7 +212,7 @@ impl Hub {
         self.transforms.clear();
         while let Some(batch) = self.derived_rx.recv().await {
             self.values.update(&batch);
-            self.terminals.iter().for_each(|c| c.offer(&batch));
+            self.terminals.iter_mut().for_each(|c| c.offer(&batch));
         }
     }
 }
@@ -227,5 +243,29 @@ mod tests {
         run.await.unwrap();
         let (batches, points) = metrics.dropped("gone");
         assert_eq!((batches.get(), points.get()), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_consumer_gets_only_the_batches_it_wants_and_the_rest_are_not_drops() {
+        let metrics = Arc::new(Metrics::default());
+        let mut hub = Hub::new(metrics.clone());
+        let key = hub.registry().intern("d", "t");
+        let mut rx = hub.subscribe_filtered("odd", Stage::Terminal, Some(Box::new(|b: &Batch| b[0].ts % 2 == 1)));
+        let values = hub.values();
+        let tx = hub.sender();
+        let run = tokio::spawn(hub.run());
+        for i in 0..4 {
+            tx.send(batch(vec![Point::good(key.clone(), Value::Int(i), i)])).await.unwrap();
+        }
+        drop(tx);
+        run.await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            got.push(b[0].ts);
+        }
+        assert_eq!(got, [1, 3]);
+        assert_eq!(metrics.dropped("odd").0.get(), 0);
+        // The current value is kept whoever wants the batch.
+        assert_eq!(values.get("d", "t").unwrap().ts, 3);
     }
 }

@@ -112,7 +112,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             let dropped = metrics.dropped("local-topics").1;
             b.spawn_tap(&filters, &own_output, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
         }
-        let rx = hub.subscribe("broker", Stage::Terminal);
+        // Batches nobody subscribes to never wake the publisher.
+        let mut interest = b.interest();
+        let rx = hub.subscribe_filtered("broker", Stage::Terminal, Some(Box::new(move |batch| interest.any(batch))));
         (Some(addr), Some(b.spawn_publisher(rx, metrics.clone())?))
     } else {
         (None, None)

@@ -13,6 +13,11 @@ use crate::base::point::{Batch, Point};
 use crate::metrics::Metrics;
 
 impl EmbeddedBroker {
+    /// The hub's question for this broker: does any subscription want a point of the batch?
+    pub fn interest(&self) -> Interest {
+        Interest::new(self.filters.clone())
+    }
+
     /// Spawns the publisher thread: a point goes to `updraft/{device}/{tag}` when a subscription
     /// filter matches that topic; its retained value is served from the hub's current values (see
     /// `retained`), so a late subscriber still sees the last value at once. `LinkTx` sends
@@ -24,7 +29,7 @@ impl EmbeddedBroker {
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("mqtt-publisher".into()).spawn(move || {
             let mut json = Vec::with_capacity(256);
-            let mut interest = Interest { watch: self.filters.clone(), seen: Vec::new() };
+            let mut interest = Interest::new(self.filters.clone());
             while let Some(first) = rx.blocking_recv() {
                 let mut batches = vec![first];
                 // Drain what is already queued so the router is woken once per burst, not per
@@ -90,13 +95,22 @@ impl EmbeddedBroker {
 /// filters change. The check happens after the hub stored the point in its current values, and a
 /// new filter is registered before the router reads the retained values for it, so a point is
 /// either in that read or published live (see `retained`).
-struct Interest {
+pub struct Interest {
     watch: Arc<rumqttd::FilterWatch>,
     /// Per tag id: the filter generation + 1 the answer was found at (0: not yet), and the answer.
     seen: Vec<(u64, bool)>,
 }
 
 impl Interest {
+    pub fn new(watch: Arc<rumqttd::FilterWatch>) -> Self {
+        Interest { watch, seen: Vec::new() }
+    }
+
+    /// Whether the broker wants any point of a batch; the hub asks before queueing it.
+    pub fn any(&mut self, batch: &Batch) -> bool {
+        batch.iter().any(|p| !p.key.external && self.wanted(p))
+    }
+
     fn wanted(&mut self, p: &Point) -> bool {
         let generation = self.watch.generation() + 1;
         let i = p.key.id as usize;

@@ -326,7 +326,9 @@ impl Outbox {
         // 40 % of the gateway's CPU at 100 polls a second (issue 13). A backlog, whose older
         // records may have left the cache, or a busy store still goes the blocking way.
         let fresh = match self.shared.store.try_lock() {
-            Ok(store) if store.end().saturating_sub(self.cursor) <= FRESH_BYTES => Some(read_at(&mut self.cursor, &store)),
+            Ok(store) if store.end().saturating_sub(self.cursor) <= FRESH_BYTES => {
+                Some(read_at(&mut self.cursor, &store))
+            }
             _ => None,
         };
         let read = match fresh {
