@@ -48,8 +48,7 @@ impl EmbeddedBroker {
                 let mut publishes = Vec::with_capacity(points);
                 for batch in &batches {
                     for p in batch.iter() {
-                        // A local client's message is already on the broker.
-                        if p.key.external || !interest.wanted(p) {
+                        if !interest.wanted(p) {
                             continue;
                         }
                         // A plugin's message goes out verbatim.
@@ -108,10 +107,14 @@ impl Interest {
 
     /// Whether the broker wants any point of a batch; the hub asks before queueing it.
     pub fn any(&mut self, batch: &Batch) -> bool {
-        batch.iter().any(|p| !p.key.external && self.wanted(p))
+        batch.iter().any(|p| self.wanted(p))
     }
 
+    /// A local client's message is already on the broker, so it is never wanted again.
     fn wanted(&mut self, p: &Point) -> bool {
+        if p.key.external {
+            return false;
+        }
         let generation = self.watch.generation() + 1;
         let i = p.key.id as usize;
         if i >= self.seen.len() {

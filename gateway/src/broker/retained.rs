@@ -21,7 +21,7 @@ pub struct Retained {
 
 /// Whether a point is state the broker keeps retained: device and plugin points are; a plugin's
 /// verbatim message is an event, and a local client's message is the broker's own.
-pub fn is_retained(p: &Point) -> bool {
+fn is_retained(p: &Point) -> bool {
     !p.key.external && p.payload.is_none()
 }
 
