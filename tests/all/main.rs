@@ -2,6 +2,7 @@
 
 mod asyncua;
 mod broker;
+mod conformance;
 mod fuzz;
 mod modbus;
 mod north;

@@ -63,7 +63,18 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// Whether this connection speaks MQTT 5 (patch 6: a refused login's CONNACK code).
+    pub fn is_v5(&self) -> bool {
+        self.protocol.is_v5()
+    }
+
     pub fn set_keepalive(&mut self, keepalive: u16) {
+        // Updraft patch 3: keep alive 0 means "no keep alive" (MQTT 3.1.2-10), not "time out at
+        // once"; such a client is only dropped when its socket fails.
+        if keepalive == 0 {
+            self.keepalive = Duration::MAX;
+            return;
+        }
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);
     }

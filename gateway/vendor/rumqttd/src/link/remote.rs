@@ -21,8 +21,6 @@ use tracing::{trace, Span};
 pub enum Error {
     #[error("I/O")]
     Io(#[from] io::Error),
-    #[error("Zero keep alive")]
-    ZeroKeepAlive,
     #[error("Not connect packet")]
     NotConnectPacket(Packet),
     #[error("Network {0}")]
@@ -195,13 +193,21 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
-
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
+    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        // Updraft patch 6: a refused login gets its CONNACK before the socket closes (MQTT
+        // 3.2.2-5), so a client reports "not authorized" instead of "connection lost": 0x05 in
+        // 3.1.1; in 5, 0x86 for wrong credentials and 0x87 for none.
+        let code = match (network.is_v5(), login.is_some()) {
+            (true, true) => ConnectReturnCode::BadUserNamePassword,
+            _ => ConnectReturnCode::NotAuthorized,
+        };
+        let ack = ConnAck { session_present: false, code };
+        let _ = network.write(Packet::ConnAck(ack, None)).await;
+        return Err(e);
     }
+
+    // Updraft patch 3: keep alive 0 is accepted (many field devices and Paho's test clients send
+    // it); `Network::set_keepalive` turns it into "no timeout".
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

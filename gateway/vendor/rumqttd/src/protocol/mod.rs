@@ -748,4 +748,8 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+    /// Updraft patch 6: which return codes a refused CONNECT gets.
+    fn is_v5(&self) -> bool {
+        false
+    }
 }

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -132,6 +132,14 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // Patch 5: a QoS 0 message on a QoS 1 subscription is sent without a packet id and
+            // is not waited for.
+            if p.publish.qos == QoS::AtMostOnce {
+                p.publish.pkid = 0;
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

@@ -1235,10 +1235,14 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+    // Updraft patch 4: only a *retained* empty publish deletes the retained message (MQTT
+    // 3.3.1-10/11); a plain empty publish is an ordinary message.
+    if publish.retain {
+        if publish.payload.is_empty() {
+            datalog.remove_from_retained_publishes(topic.to_owned());
+        } else {
+            datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1306,10 +1310,14 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+    // Updraft patch 4: only a *retained* empty publish deletes the retained message (MQTT
+    // 3.3.1-10/11); a plain empty publish is an ordinary message.
+    if publish.retain {
+        if publish.payload.is_empty() {
+            datalog.remove_from_retained_publishes(topic.to_owned());
+        } else {
+            datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1569,7 +1577,9 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // Updraft patch 5: delivered at min(publish QoS, subscription QoS) (MQTT 3.8.4);
+            // upstream upgraded every message to the subscription's QoS.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
