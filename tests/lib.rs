@@ -277,6 +277,11 @@ impl Subscriber {
         Subscriber { client, rx }
     }
 
+    /// The next message (topic, payload, retain), in arrival order.
+    pub async fn next(&mut self) -> Option<(String, Vec<u8>, bool)> {
+        self.rx.recv().await
+    }
+
     /// Waits up to `within` for a message on `topic` whose JSON payload satisfies `pred`.
     pub async fn wait_for(
         &mut self,

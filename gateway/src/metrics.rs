@@ -45,6 +45,10 @@ pub struct Metrics {
     pub broker_auth_failures: Arc<Counter>,
     /// Local write commands refused because `[broker] writes = "off"`.
     pub broker_writes_refused: Arc<Counter>,
+    /// Publishes of local MQTT clients dropped as outside their topic rights.
+    pub broker_denied_publish: Arc<Counter>,
+    /// Subscription filters of local MQTT clients refused as outside their topic rights.
+    pub broker_denied_subscribe: Arc<Counter>,
     /// Write commands by outcome.
     pub commands: Arc<crate::commands::CommandStats>,
     /// Batches (and their points) a consumer could not take because its queue was full.
@@ -148,6 +152,16 @@ impl Metrics {
                 "updraft_broker_writes_refused_total",
                 "Local write commands refused because [broker] writes = \"off\".",
                 self.broker_writes_refused.get(),
+            ),
+            (
+                "updraft_broker_publish_denied_total",
+                "Publishes of local MQTT clients dropped as outside their topic rights.",
+                self.broker_denied_publish.get(),
+            ),
+            (
+                "updraft_broker_subscribe_denied_total",
+                "Subscription filters of local MQTT clients refused as outside their topic rights.",
+                self.broker_denied_subscribe.get(),
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");

@@ -100,8 +100,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
         let accounts = broker::auth::Accounts::new(&cfg.users, metrics.broker_auth_failures.clone());
+        let rights = broker::rights::TopicRights::new(
+            &cfg,
+            metrics.broker_denied_publish.clone(),
+            metrics.broker_denied_subscribe.clone(),
+        )
+        .map(Arc::new);
         let values = values.clone();
-        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, values, accounts))
+        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, values, accounts, rights))
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;

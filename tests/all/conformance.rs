@@ -1,6 +1,7 @@
 //! MQTT conformance of the embedded broker for what ordinary plant clients do (issue 10): keep
 //! alive 0, delivery at min(publish, subscription) QoS, which publishes delete a retained message,
-//! and the CONNACK a refused login gets. Raw packets where a client library would hide the bytes.
+//! the CONNACK a refused login gets, and per-user topic rights. Raw packets where a client library
+//! would hide the bytes.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use updraft_tests::{header, mqtt_options, start_gateway, TempDir};
+use updraft_tests::{header, mqtt_options, start_gateway, ModbusFixture, TempDir};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -150,5 +151,181 @@ async fn only_a_retained_empty_publish_deletes_the_retained_message() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = subscribe_and_collect(broker, "plant/line-1/mode", QoS::AtLeastOnce, Duration::from_secs(1)).await;
     assert!(got.is_empty(), "a retained empty publish deleted it: {got:?}");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A client that logs in as `user` and reports the SUBACK return code of each filter.
+async fn suback_codes(addr: SocketAddr, user: &str, filters: &[&str]) -> Vec<rumqttc::SubscribeReasonCode> {
+    let mut opts = mqtt_options(addr);
+    opts.set_credentials(user, format!("pw-{user}"));
+    let (client, mut el) = AsyncClient::new(opts, 10);
+    let mut codes = Vec::new();
+    for f in filters {
+        client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, el.poll()).await.expect("SUBACK in time").unwrap() {
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    codes.extend(ack.return_codes);
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+    codes
+}
+
+/// A gateway with three broker users and a writable Modbus register; returns it with the
+/// fixture, the users' password folder and the config's temp folder.
+async fn gateway_with_rights() -> (updraft::runtime::Gateway, ModbusFixture, TempDir, TempDir) {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(10, &[750]);
+    let modbus = fixture.serve().await;
+    let dir = TempDir::new("rights");
+    let mut users = String::new();
+    for (user, rights) in [
+        ("hmi", "publish = [\"hmi/#\"]\nsubscribe = [\"updraft/#\", \"hmi/#\"]"),
+        ("operator", "publish = [\"updraft/+/setpoint/set\"]\nsubscribe = [\"updraft/+/+/set/reply\"]"),
+        ("admin", ""),
+    ] {
+        let pw = dir.path().join(format!("{user}.pw"));
+        std::fs::write(&pw, format!("pw-{user}")).unwrap();
+        users += &format!("[broker.users.{user}]\npassword_file = \"{}\"\n{rights}\n\n", pw.display());
+    }
+    let toml = format!(
+        r#"{}{users}[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "200ms"
+tags = [ {{ name = "setpoint", area = "holding", address = 10, type = "u16", access = "rw" }} ]
+"#,
+        header("gw-rights")
+    );
+    let (gw, conf) = start_gateway(&toml).await;
+    (gw, fixture, dir, conf)
+}
+
+/// Item 7: per-user topic rights. A publish outside a user's rights is acknowledged (MQTT 3.1.1)
+/// and dropped, a filter outside them gets SUBACK 0x80, both are counted on /metrics, and writing
+/// to equipment through `…/set` is a publish right like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn topic_rights_decide_who_may_publish_subscribe_and_write_to_equipment() {
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    let (gw, fixture, _pw, _conf) = gateway_with_rights().await;
+    let broker = gw.broker_addr.unwrap();
+
+    assert_eq!(suback_codes(broker, "hmi", &["#", "updraft/#"]).await, vec![Failure, Success(QoS::AtLeastOnce)]);
+    assert_eq!(
+        suback_codes(broker, "operator", &["updraft/#", "updraft/boiler-1/setpoint/set/reply"]).await,
+        vec![Failure, Success(QoS::AtLeastOnce)],
+        "a filter wider than the right is refused, a narrower one granted"
+    );
+
+    let mut admin = {
+        let mut o = mqtt_options(broker);
+        o.set_credentials("admin", "pw-admin");
+        updraft_tests::Subscriber::connect_with(o, "#", QoS::AtLeastOnce).await
+    };
+    let mut hmi_opts = mqtt_options(broker);
+    hmi_opts.set_credentials("hmi", "pw-hmi");
+    let (hmi, mut el) = AsyncClient::new(hmi_opts, 10);
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = el.poll().await {
+            if let Event::Incoming(Packet::PubAck(a)) = e {
+                let _ = acked_tx.send(a.pkid);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In order: two publishes outside the rights (one a write), then one inside them.
+    hmi.publish("plant/line-1/mode", QoS::AtLeastOnce, false, "\"manual\"").await.unwrap();
+    hmi.publish("updraft/boiler-1/setpoint/set", QoS::AtLeastOnce, false, "80").await.unwrap();
+    hmi.publish("hmi/heartbeat", QoS::AtLeastOnce, false, "1").await.unwrap();
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, acked.recv()).await.expect("every publish is acknowledged").unwrap();
+    }
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !seen.iter().any(|t: &String| t == "hmi/heartbeat") {
+        let (topic, _, _) =
+            tokio::time::timeout_at(deadline, admin.next()).await.expect("hmi/heartbeat arrives").unwrap();
+        seen.push(topic);
+    }
+    assert!(
+        !seen.iter().any(|t| t == "plant/line-1/mode" || t.ends_with("/set")),
+        "publishes outside the rights reach nobody: {seen:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fixture.holding(10), Some(750), "the HMI may not write to the boiler");
+
+    // The operator may write the setpoint, and only that.
+    let mut op_opts = mqtt_options(broker);
+    op_opts.set_credentials("operator", "pw-operator");
+    let mut op = updraft_tests::Subscriber::connect_with(op_opts, "updraft/+/+/set/reply", QoS::AtLeastOnce).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    op.client.publish("updraft/boiler-1/setpoint/set", QoS::AtLeastOnce, false, "90").await.unwrap();
+    let reply = op.wait_for("updraft/boiler-1/setpoint/set/reply", WAIT, |_| true).await.expect("reply");
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(fixture.holding(10), Some(90));
+
+    let (status, metrics) = updraft_tests::http_get(gw.api_addr.unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("\nupdraft_broker_publish_denied_total 2\n"), "{metrics}");
+    assert!(metrics.contains("\nupdraft_broker_subscribe_denied_total 2\n"), "{metrics}");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Item 7 with QoS 2 in raw MQTT 3.1.1: a refused publish completes its PUBREC / PUBREL / PUBCOMP
+/// exchange and the connection stays up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_qos2_publish_completes_its_handshake_and_the_client_stays() {
+    let (gw, _fixture, _pw, _conf) = gateway_with_rights().await;
+    let (mut s, code) =
+        raw_connect(gw.broker_addr.unwrap(), &connect_packet("hmi-raw", 30, Some(("hmi", "pw-hmi")))).await;
+    assert_eq!(code, Some(0));
+    let topic = b"plant/forbidden";
+    let mut publish = vec![0x34, (2 + topic.len() + 2 + 1) as u8, 0, topic.len() as u8];
+    publish.extend(topic);
+    publish.extend([0x00, 0x07, b'x']);
+    s.write_all(&publish).await.unwrap();
+    let mut pubrec = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut pubrec)).await.expect("PUBREC in time").unwrap();
+    assert_eq!(pubrec, [0x50, 0x02, 0x00, 0x07], "PUBREC for packet 7");
+    s.write_all(&[0x62, 0x02, 0x00, 0x07]).await.unwrap();
+    let mut pubcomp = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut pubcomp)).await.expect("PUBCOMP in time").unwrap();
+    assert_eq!(pubcomp, [0x70, 0x02, 0x00, 0x07], "PUBCOMP for packet 7");
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut pong)).await.expect("PINGRESP in time").unwrap();
+    assert_eq!(pong, [0xD0, 0x00], "still connected");
+    assert_eq!(gw.metrics.broker_denied_publish.get(), 1);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Item 7 for clients without a login, where the broker takes them: `[broker.anonymous]`.
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_clients_keep_to_the_anonymous_rights() {
+    let toml = format!("{}[broker.anonymous]\npublish = []\nsubscribe = [\"updraft/#\"]\n", header("gw-anon"));
+    let (gw, _dir) = start_gateway(&toml).await;
+    let broker = gw.broker_addr.unwrap();
+    let (client, mut el) = AsyncClient::new(mqtt_options(broker), 10);
+    client.subscribe("#", QoS::AtMostOnce).await.unwrap();
+    client.subscribe("updraft/#", QoS::AtMostOnce).await.unwrap();
+    client.publish("plant/x", QoS::AtLeastOnce, false, "1").await.unwrap();
+    let mut codes = Vec::new();
+    let mut acked = false;
+    while codes.len() < 2 || !acked {
+        match tokio::time::timeout(WAIT, el.poll()).await.expect("acks in time").unwrap() {
+            Event::Incoming(Packet::SubAck(a)) => codes.extend(a.return_codes),
+            Event::Incoming(Packet::PubAck(_)) => acked = true,
+            _ => {}
+        }
+    }
+    use rumqttc::SubscribeReasonCode::{Failure, Success};
+    assert_eq!(codes, vec![Failure, Success(QoS::AtMostOnce)]);
+    assert_eq!(gw.metrics.broker_denied_publish.get(), 1, "an empty publish list allows nothing");
+    assert_eq!(gw.metrics.broker_denied_subscribe.get(), 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }

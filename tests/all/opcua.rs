@@ -403,3 +403,37 @@ tags = [{{ name = "recipe", node = "ns=2;s=Line3.Recipe" }}]
     assert!(refused["error"].as_str().unwrap_or_default().contains("refused the session: Bad"), "{refused}");
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The simulator serves its own small core namespace (ns=0) instead of async-opcua's generated
+/// one. An independent client (Python asyncua) finds what a generic client reads first: the
+/// namespace array, the server's status and state, `Objects` with `Server` and the simulator's
+/// folder, and the operation limits the driver batches by.
+#[tokio::test]
+async fn an_independent_client_finds_the_standard_nodes_of_the_simulator() {
+    let (sim, _stop) = start_sim(None, None).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/asyncua_probe.py");
+    let url = format!("opc.tcp://{}/", sim.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(updraft_tests::python()).arg(script).arg(url).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "asyncua probe failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let namespaces = v["namespaces"].as_array().unwrap();
+    assert_eq!(namespaces[0], "http://opcfoundation.org/UA/", "{v}");
+    assert_eq!(namespaces[1], "urn:updraft:simulator:line3", "index 1 is the server's own: {v}");
+    assert_eq!(usize::from(sim.namespace), 2);
+    assert_eq!(namespaces[2], "urn:updraft:simulator", "the variables' namespace: {v}");
+    assert_eq!(v["state"], 0, "Running: {v}");
+    assert_eq!(v["status_state"], 0, "the whole ServerStatus structure decodes: {v}");
+    assert_eq!(v["product"], "urn:updraft:simulator");
+    assert!(v["current_time_age_s"].as_f64().unwrap().abs() < 60.0, "CurrentTime is now: {v}");
+    let objects: Vec<&str> = v["objects"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(objects.contains(&"Server") && objects.contains(&"line3"), "{v}");
+    let server: Vec<&str> = v["server_children"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for child in ["NamespaceArray", "ServerArray", "ServerCapabilities", "ServerStatus"] {
+        assert!(server.contains(&child), "Server has {child}: {v}");
+    }
+    assert!(v["max_monitored_items_per_call"].as_u64().unwrap() > 0, "{v}");
+}

@@ -156,8 +156,8 @@ mod tests {
         let f = dir.join("pw");
         std::fs::write(&f, "hunter2\n").unwrap();
         let users = std::collections::BTreeMap::from([
-            ("hmi".to_owned(), BrokerUser { password_file: Some(f), password_hash: None }),
-            ("empty".to_owned(), BrokerUser { password_file: Some(dir.join("missing")), password_hash: None }),
+            ("hmi".to_owned(), BrokerUser { password_file: Some(f), ..Default::default() }),
+            ("empty".to_owned(), BrokerUser { password_file: Some(dir.join("missing")), ..Default::default() }),
         ]);
         let a = Accounts::new(&users, Arc::default()).unwrap();
         assert!(a.verify("hmi", "hunter2"));

@@ -11,6 +11,7 @@ pub mod auth;
 mod commands;
 mod publisher;
 pub mod retained;
+pub mod rights;
 mod tap;
 pub mod tls;
 
@@ -74,11 +75,13 @@ const OUTGOING_PACKET_COUNT: u64 = 1024;
 
 /// Starts rumqttd on its own thread and waits until its listener accepts connections. With
 /// `accounts`, every network client must log in; the in-process links never do. The retained
-/// values of the gateway's own topics are `values`, read when a client subscribes.
+/// values of the gateway's own topics are `values`, read when a client subscribes. With `rights`,
+/// network clients publish and subscribe only within their topic rights.
 pub fn start(
     cfg: &BrokerSection,
     values: Arc<crate::hub::CurrentValues>,
     accounts: Option<Arc<auth::Accounts>>,
+    rights: Option<Arc<rights::TopicRights>>,
 ) -> Result<EmbeddedBroker, BrokerError> {
     let addr = check_bind(cfg.plain_listen())?;
     let tls = match (&cfg.tls, cfg.tls_listen()) {
@@ -125,8 +128,11 @@ pub fn start(
         ..Default::default()
     };
     let filters = Arc::new(rumqttd::FilterWatch::default());
-    let hooks =
-        rumqttd::Hooks { retained: Some(Arc::new(retained::Retained { values })), filters: Some(filters.clone()) };
+    let hooks = rumqttd::Hooks {
+        retained: Some(Arc::new(retained::Retained { values })),
+        filters: Some(filters.clone()),
+        rights: rights.map(|r| r as Arc<dyn rumqttd::Rights>),
+    };
     let mut broker = rumqttd::Broker::with_hooks(config, hooks);
     // In-process links must be taken before `start()`, which never returns while healthy.
     let (pub_tx, pub_rx) = broker.link("updraft-publisher").map_err(|e| BrokerError::Link(e.to_string()))?;

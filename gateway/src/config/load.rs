@@ -607,6 +607,23 @@ on_full = "drop-oldest"
     }
 
     #[test]
+    fn topic_rights_are_checked_at_the_filter() {
+        let users = "[broker.users.hmi]\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"\npublish = [\"hmi/#\", \"updraft/#/set\"]\n";
+        let p = problems(&format!("{GOOD}{users}"));
+        assert!(
+            p.iter().any(|p| p.starts_with("t.toml:14:21:") && p.contains("`#` must be a whole level and the last")),
+            "{p:?}"
+        );
+        let anonymous = "[broker.anonymous]\nsubscribe = [\"updraft/#\"]\n";
+        let p = problems(&format!("{GOOD}{}{anonymous}", users.replace("/#/set", "/+/+/set")));
+        assert!(
+            p.iter().any(|p| p.starts_with("t.toml:15:") && p.contains("anonymous clients cannot connect")),
+            "{p:?}"
+        );
+        assert!(parse(&format!("{GOOD}{anonymous}"), Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
     fn syntax_error_is_located() {
         let p = problems("[gateway]\nid = = 1\n");
         assert!(p[0].starts_with("t.toml:2:6:"), "{p:?}");

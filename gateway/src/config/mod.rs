@@ -93,6 +93,17 @@ pub struct BrokerSection {
     /// Accounts, by user name. Once one exists, every client must log in, on every listener.
     #[serde(default)]
     pub users: BTreeMap<String, BrokerUser>,
+    /// Topic rights of clients without a login (where the broker takes them: no users).
+    pub anonymous: Option<TopicRights>,
+}
+
+/// Which topics a client may publish to and subscribe to, as MQTT filters. A list that is left
+/// out does not restrict; an empty list allows nothing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRights {
+    pub publish: Option<Vec<String>>,
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// `"on"` or `"off"`.
@@ -118,8 +129,8 @@ pub struct BrokerTls {
     pub listen: Option<SocketAddr>,
 }
 
-/// `[broker.users.NAME]`: one account; exactly one of the two keys.
-#[derive(Debug, Clone, Deserialize)]
+/// `[broker.users.NAME]`: one account; exactly one of the two password keys.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerUser {
     /// File holding the password (surrounding whitespace trimmed), readable only by the gateway's
@@ -127,6 +138,10 @@ pub struct BrokerUser {
     pub password_file: Option<PathBuf>,
     /// An Argon2 hash in PHC form (`$argon2id$v=19$…`), made with `updraft hash-password`.
     pub password_hash: Option<String>,
+    /// Topic filters this user may publish to; left out, any.
+    pub publish: Option<Vec<String>>,
+    /// Topic filters this user may subscribe to (a filter must lie within one); left out, any.
+    pub subscribe: Option<Vec<String>>,
 }
 
 impl BrokerSection {
@@ -174,6 +189,7 @@ impl Default for BrokerSection {
             writes: None,
             tls: None,
             users: BTreeMap::new(),
+            anonymous: None,
         }
     }
 }

@@ -419,6 +419,32 @@ fn broker(b: &super::BrokerSection, found: &mut Found) {
                 "a user needs a password_file or a password_hash (make one with `updraft hash-password`)".into(),
             )),
         }
+        rights(&["broker", "users", name], &u.publish, &u.subscribe, found);
+    }
+    if let Some(a) = &b.anonymous {
+        if users {
+            found.push((
+                path(&["broker", "anonymous"]),
+                "anonymous clients cannot connect once [broker.users.*] exist, so their rights would never apply: \
+                 remove [broker.anonymous], or give the clients an account with these rights"
+                    .into(),
+            ));
+        }
+        rights(&["broker", "anonymous"], &a.publish, &a.subscribe, found);
+    }
+}
+
+/// Each topic right must be a valid MQTT filter; the message names the rule.
+fn rights(at: &[&str], publish: &Option<Vec<String>>, subscribe: &Option<Vec<String>>, found: &mut Found) {
+    for (key, list) in [("publish", publish), ("subscribe", subscribe)] {
+        for (i, f) in list.iter().flatten().enumerate() {
+            if let Err(e) = crate::broker::rights::check_filter(f) {
+                let mut p = path(at);
+                p.push(Seg::Key(key.into()));
+                p.push(Seg::Index(i));
+                found.push((p, e));
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod browse;
 pub mod config;
 pub mod convert;
 pub mod driver;
+mod ns0;
 pub mod pki;
 pub mod simulator;
 

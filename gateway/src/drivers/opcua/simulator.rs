@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use opcua::crypto::SecurityPolicy;
-use opcua::server::address_space::Variable;
-use opcua::server::diagnostics::NamespaceMetadata;
-use opcua::server::node_manager::memory::{simple_node_manager, SimpleNodeManager};
-use opcua::server::{ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, ANONYMOUS_USER_TOKEN_ID};
 use opcua::types::{
-    DataValue, DateTime, MessageSecurityMode, NodeId, ObjectId, StatusCode, TimestampsToReturn, VariableId, Variant,
+    BuildInfo, DataValue, DateTime, MessageSecurityMode, NodeId, ObjectId, StatusCode, TimestampsToReturn, VariableId,
+    Variant,
 };
+use opcua_server::address_space::Variable;
+use opcua_server::diagnostics::{DiagnosticsNodeManagerBuilder, NamespaceMetadata};
+use opcua_server::node_manager::memory::{simple_node_manager, InMemoryNodeManagerBuilder, SimpleNodeManager};
+use opcua_server::{ServerBuilder, ServerEndpoint, ServerHandle, ServerUserToken, ANONYMOUS_USER_TOKEN_ID};
 use tokio::net::TcpListener;
 use tokio::time::{self, Instant};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +57,7 @@ impl Started {
     pub fn get(&self, name: &str) -> Option<Variant> {
         let space = self.manager.address_space().read();
         match space.find(&self.node(name))? {
-            opcua::server::address_space::NodeType::Variable(v) => {
+            opcua_server::address_space::NodeType::Variable(v) => {
                 v.value(TimestampsToReturn::Neither, &Default::default(), &Default::default(), 0.0).value
             }
             _ => None,
@@ -90,6 +91,15 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         .application_name(format!("Updraft simulator {name}"))
         .application_uri(format!("urn:updraft:simulator:{name}"))
         .product_uri("urn:updraft:simulator")
+        // What generic clients show as the server's identity (Server/ServerStatus/BuildInfo).
+        .build_info(BuildInfo {
+            product_uri: "urn:updraft:simulator".into(),
+            manufacturer_name: "Updraft".into(),
+            product_name: "Updraft OPC-UA simulator".into(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            build_number: env!("CARGO_PKG_VERSION").into(),
+            build_date: DateTime::now(),
+        })
         .host(addr.ip().to_string())
         .port(addr.port())
         .pki_dir(pki)
@@ -104,6 +114,11 @@ pub async fn start(name: &str, cfg: &OpcuaSimulator, cancel: CancellationToken) 
         .add_endpoint("none", ServerEndpoint::new_none("/", &tokens))
         .default_endpoint("none")
         .discovery_urls(vec!["/".to_owned()])
+        // Our own small ns=0 instead of async-opcua's generated one (see ns0.rs); the diagnostics
+        // manager serves ns=1 (the server's own namespace), so the simulator's variables are ns=2.
+        .without_node_managers()
+        .with_node_manager(InMemoryNodeManagerBuilder::new(super::ns0::Ns0Builder))
+        .with_node_manager(DiagnosticsNodeManagerBuilder)
         .with_node_manager(simple_node_manager(
             NamespaceMetadata { namespace_uri: cfg.namespace.clone(), ..Default::default() },
             "simulator",

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
-pub use router::hooks::{FilterWatch, Hooks, RetainedSource};
+pub use router::hooks::{FilterWatch, Hooks, Principal, RetainedSource, Rights};
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};

@@ -2,6 +2,7 @@ use crate::protocol::{
     Filter, LastWill, LastWillProperties, Packet, Publish, QoS, RetainForwardRule, Subscribe,
     Unsubscribe,
 };
+use crate::router::hooks::Principal;
 use crate::router::Ack;
 use crate::router::{
     iobufs::{Incoming, Outgoing},
@@ -49,6 +50,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // Updraft patch 7: who the link is for; `Local` (unrestricted) by default
+    principal: Principal,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +65,14 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            principal: Principal::Local,
         }
+    }
+
+    /// Who the link is for, for the embedder's topic rights (Updraft patch 7).
+    pub fn principal(mut self, principal: Principal) -> Self {
+        self.principal = principal;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,6 +121,7 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        connection.principal = self.principal;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

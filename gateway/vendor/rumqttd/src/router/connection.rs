@@ -5,6 +5,7 @@ use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
 
+use super::hooks::Principal;
 use super::ConnectionEvents;
 
 /// Used to register a new connection with the router
@@ -33,6 +34,8 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// Who this is, for the embedder's topic rights (Updraft patch 7)
+    pub principal: Principal,
 }
 
 impl Connection {
@@ -66,6 +69,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            principal: Principal::Local,
         }
     }
 

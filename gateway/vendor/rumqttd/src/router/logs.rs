@@ -397,7 +397,9 @@ pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
     // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    /// QoS 2 publishes waiting for their PUBREL; `None` for one refused by the topic rights
+    /// (Updraft patch 7), whose release delivers nothing.
+    recorded: VecDeque<Option<(Publish, Option<PublishProperties>)>>,
 }
 
 impl AckLog {
@@ -426,8 +428,14 @@ impl AckLog {
 
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
         let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
+        self.recorded.push_back(Some((publish, props)));
         self.committed.push_back(ack);
+    }
+
+    /// The PUBREC of a QoS 2 publish refused by the topic rights (Updraft patch 7).
+    pub fn pubrec_refused(&mut self, ack: PubRec) {
+        self.recorded.push_back(None);
+        self.committed.push_back(Ack::PubRec(ack));
     }
 
     pub fn pubrel(&mut self, ack: PubRel) {
@@ -435,7 +443,7 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+    pub fn pubcomp(&mut self, ack: PubComp) -> Option<Option<(Publish, Option<PublishProperties>)>> {
         let ack = Ack::PubComp(ack);
         self.committed.push_back(ack);
         self.recorded.pop_front()

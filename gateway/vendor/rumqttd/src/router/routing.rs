@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::hooks::Hooks;
+use super::hooks::{Hooks, Principal, Rights};
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
@@ -101,6 +101,8 @@ pub struct Router {
     cache: Option<VecDeque<Packet>>,
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
+    /// The embedder's topic rights (Updraft patch 7)
+    rights: Option<std::sync::Arc<dyn Rights>>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
 }
@@ -127,6 +129,7 @@ impl Router {
         };
 
         let max_connections = config.max_connections;
+        let rights = hooks.rights.clone();
         Router {
             id: router_id,
             config: config.clone(),
@@ -148,6 +151,7 @@ impl Router {
             router_meters: router_metrics,
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
+            rights,
             last_wills: HashMap::new(),
         }
     }
@@ -537,6 +541,42 @@ impl Router {
     }
 
     /// Handles new incoming data on a topic
+    /// Whether a network client may publish this (Updraft patch 7); local links always may.
+    fn may_publish(
+        &self,
+        id: ConnectionId,
+        publish: &Publish,
+        properties: Option<&PublishProperties>,
+    ) -> bool {
+        let Some(rights) = &self.rights else {
+            return true;
+        };
+        let Some(connection) = self.connections.get(id) else {
+            return true;
+        };
+        let user = match &connection.principal {
+            Principal::Local => return true,
+            Principal::Anonymous => None,
+            Principal::User(u) => Some(u.as_str()),
+        };
+        // An MQTT 5 client may name the topic by an alias it set before.
+        let aliased = match (publish.topic.is_empty(), properties.and_then(|p| p.topic_alias)) {
+            (true, Some(alias)) => connection.topic_aliases.get(&alias).map(String::as_str),
+            _ => None,
+        };
+        match aliased.map(Ok).unwrap_or_else(|| std::str::from_utf8(&publish.topic)) {
+            Ok(topic) => {
+                let allowed = rights.may_publish(user, topic);
+                if !allowed {
+                    warn!(topic, "Publish dropped: outside the client's topic rights");
+                }
+                allowed
+            }
+            // Not UTF-8: refused here as the commit log would refuse it.
+            Err(_) => false,
+        }
+    }
+
     fn handle_device_payload(&mut self, id: ConnectionId) {
         // TODO: Retun errors and move error handling to the caller
         let incoming = match self.ibufs.get_mut(id) {
@@ -569,6 +609,25 @@ impl Router {
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
+
+                    // Updraft patch 7: a publish outside the client's topic rights is dropped.
+                    // It is still acknowledged (MQTT 3.3.5-2 allows a 3.1.1 server only that or
+                    // closing the connection); MQTT 5 clients see reason 0x87 in the ack.
+                    if !self.may_publish(id, &publish, properties.as_ref()) {
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        match qos {
+                            QoS::AtLeastOnce => {
+                                ackslog.puback(PubAck { pkid, reason: PubAckReason::NotAuthorized });
+                                force_ack = true;
+                            }
+                            QoS::ExactlyOnce => {
+                                ackslog.pubrec_refused(PubRec { pkid, reason: PubRecReason::NotAuthorized });
+                                force_ack = true;
+                            }
+                            QoS::AtMostOnce => {}
+                        }
+                        continue;
+                    }
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -678,6 +737,22 @@ impl Router {
                             group = Some(grp);
                             filter = filter_path;
                         };
+
+                        // Updraft patch 7: a filter outside the client's topic rights is refused
+                        // (SUBACK 0x80 in 3.1.1, 0x87 in 5) and gets no retained messages.
+                        if let (Some(rights), Principal::Anonymous | Principal::User(_)) =
+                            (&self.rights, &connection.principal)
+                        {
+                            let user = match &connection.principal {
+                                Principal::User(u) => Some(u.as_str()),
+                                _ => None,
+                            };
+                            if !rights.may_subscribe(user, &filter) {
+                                warn!(filter, "Subscription refused: outside the client's topic rights");
+                                return_codes.push(SubscribeReasonCode::NotAuthorized);
+                                continue;
+                            }
+                        }
 
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
@@ -817,7 +892,13 @@ impl Router {
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
+                        Some(Some(v)) => v,
+                        // Updraft patch 7: the release of a refused QoS 2 publish, which a 3.1.1
+                        // client sends after its PUBREC: completed, nothing to deliver.
+                        Some(None) => {
+                            force_ack = true;
+                            continue;
+                        }
                         None => {
                             disconnect = true;
                             break;

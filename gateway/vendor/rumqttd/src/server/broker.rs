@@ -8,7 +8,7 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Hooks};
+use crate::{meters, ConnectionSettings, Hooks, Principal};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -450,6 +450,8 @@ async fn remote<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    // Updraft patch 7: a user name counts for topic rights only where logins are checked.
+    let logins_checked = config.auth.is_some() || config.external_auth.is_some();
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -459,9 +461,13 @@ async fn remote<P: Protocol>(
         }
     };
 
-    let (mut client_id, clean_session) = match &connect_packet {
-        Packet::Connect(ref connect, _, _, _, _) => {
-            (connect.client_id.clone(), connect.clean_session)
+    let (mut client_id, clean_session, principal) = match &connect_packet {
+        Packet::Connect(ref connect, _, _, _, login) => {
+            let principal = match login {
+                Some(login) if logins_checked => Principal::User(login.username.clone()),
+                _ => Principal::Anonymous,
+            };
+            (connect.client_id.clone(), connect.clean_session, principal)
         }
         _ => unreachable!(),
     };
@@ -502,6 +508,7 @@ async fn remote<P: Protocol>(
         connect_packet,
         dynamic_filters,
         assigned_client_id,
+        principal,
     )
     .await
     {
