@@ -95,6 +95,18 @@ async fn subscribe_and_collect(
     qos: QoS,
     within: Duration,
 ) -> Vec<(String, QoS, bool, Vec<u8>)> {
+    collect_until(addr, filter, qos, within, usize::MAX).await
+}
+
+/// As [`subscribe_and_collect`], returning early once `enough` publishes arrived (and a little
+/// after, so that a duplicate would be seen).
+async fn collect_until(
+    addr: SocketAddr,
+    filter: &str,
+    qos: QoS,
+    within: Duration,
+    enough: usize,
+) -> Vec<(String, QoS, bool, Vec<u8>)> {
     let (client, mut el) = AsyncClient::new(mqtt_options(addr), 100);
     client.subscribe(filter, qos).await.unwrap();
     let mut got = Vec::new();
@@ -102,6 +114,15 @@ async fn subscribe_and_collect(
     while let Ok(r) = tokio::time::timeout_at(deadline, el.poll()).await {
         if let Ok(Event::Incoming(Packet::Publish(p))) = r {
             got.push((p.topic.clone(), p.qos, p.retain, p.payload.to_vec()));
+            if got.len() == enough {
+                let grace = tokio::time::Instant::now() + Duration::from_millis(500);
+                while let Ok(r) = tokio::time::timeout_at(grace.min(deadline), el.poll()).await {
+                    if let Ok(Event::Incoming(Packet::Publish(p))) = r {
+                        got.push((p.topic.clone(), p.qos, p.retain, p.payload.to_vec()));
+                    }
+                }
+                break;
+            }
         }
     }
     got
@@ -327,5 +348,47 @@ async fn anonymous_clients_keep_to_the_anonymous_rights() {
     assert_eq!(codes, vec![Failure, Success(QoS::AtMostOnce)]);
     assert_eq!(gw.metrics.broker_denied_publish.get(), 1, "an empty publish list allows nothing");
     assert_eq!(gw.metrics.broker_denied_subscribe.get(), 1);
+    gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Item 2: a new subscriber receives every matching retained message, 10,000 of them, each at the
+/// lower of its stored QoS and the subscription's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_subscriber_gets_all_of_10000_retained_messages_at_the_lower_qos() {
+    const EACH: usize = 5_000;
+    let (gw, _dir) = start_gateway(&header("gw-retained-10k")).await;
+    let broker = gw.broker_addr.unwrap();
+    let (client, mut el) = AsyncClient::new(mqtt_options(broker), 1_000);
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = e {
+                let _ = acked_tx.send(());
+            }
+        }
+    });
+    for i in 0..EACH {
+        client.publish(format!("plant/q0/{i}"), QoS::AtMostOnce, true, format!("{i}")).await.unwrap();
+        client.publish(format!("plant/q1/{i}"), QoS::AtLeastOnce, true, format!("{i}")).await.unwrap();
+    }
+    for _ in 0..EACH {
+        tokio::time::timeout(Duration::from_secs(30), acked.recv()).await.expect("every QoS 1 publish acked").unwrap();
+    }
+    // The QoS 0 ones were sent before the last QoS 1 was acknowledged, on the same connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for sub_qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let got = collect_until(broker, "plant/#", sub_qos, Duration::from_secs(30), 2 * EACH).await;
+        let mut seen = std::collections::HashSet::new();
+        for (topic, qos, retain, _) in &got {
+            assert!(retain, "{topic} is delivered as retained");
+            let stored = if topic.starts_with("plant/q1/") { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+            let lower = if stored < sub_qos { stored } else { sub_qos };
+            assert_eq!(*qos, lower, "{topic} on a {sub_qos:?} subscription");
+            seen.insert(topic.clone());
+        }
+        assert_eq!(seen.len(), 2 * EACH, "every retained message on a {sub_qos:?} subscription");
+        assert_eq!(got.len(), 2 * EACH, "each once on a {sub_qos:?} subscription");
+    }
     gw.shutdown(Duration::from_secs(2)).await;
 }

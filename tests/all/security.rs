@@ -233,3 +233,40 @@ fn names_and_values_that_would_escape_or_overflow_are_refused() {
     let p = problems(&format!("[gateway]\nid = \"{long}\"\n"));
     assert!(p.iter().any(|p| p.contains("at most 128 bytes")), "{p:?}");
 }
+
+/// Issue 10 item 6: a client that connects by IP address and sends that IP as TLS SNI (as
+/// OpenSSL-based tools and many field devices do) is accepted. The client is OpenSSL's own
+/// `s_client`, sending an MQTT CONNECT through the tunnel and reading the CONNACK.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_client_sending_an_ip_address_as_sni_is_accepted() {
+    use std::io::{Read, Write};
+    let pki = TempDir::new("broker-pki-sni");
+    make_pki(pki.path());
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let tls = format!("tls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n", p("server.pem"), p("server.key"));
+    let (gw, _d) = start_gateway(&header("gw-sni", &tls)).await;
+    let tls_addr = gw.broker_tls_addr.expect("a TLS listener");
+    let ca = p("ca.pem");
+    let connack = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+            .arg(tls_addr.to_string())
+            .args(["-servername", "127.0.0.1", "-CAfile", &ca])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl is installed");
+        // MQTT 3.1.1 CONNECT, clean session, keep alive 30, client id "sni".
+        let connect = [0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3, b's', b'n', b'i'];
+        child.stdin.as_mut().unwrap().write_all(&connect).unwrap();
+        let mut ack = [0u8; 4];
+        let read = child.stdout.as_mut().unwrap().read_exact(&mut ack);
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        read.map(|_| ack).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    });
+    let ack = tokio::time::timeout(WAIT, connack).await.expect("an answer in time").unwrap();
+    assert_eq!(ack.expect("the TLS handshake with IP SNI succeeds"), [0x20, 0x02, 0x00, 0x00], "CONNACK accepted");
+    gw.shutdown(Duration::from_secs(2)).await;
+}
