@@ -31,6 +31,17 @@ pub struct CurrentValues {
 }
 
 impl CurrentValues {
+    /// Empty, for the tags of `registry`.
+    pub fn new(registry: Arc<Registry>) -> Self {
+        CurrentValues { slots: RwLock::default(), registry }
+    }
+
+    /// Puts points back that were saved before a restart (`last_values`); the hub's own updates
+    /// replace them as reads arrive.
+    pub fn restore(&self, points: &[Point]) {
+        self.update(points);
+    }
+
     fn update(&self, batch: &[Point]) {
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         for p in batch {
@@ -134,7 +145,7 @@ impl Hub {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
         let (derived_tx, derived_rx) = mpsc::channel(QUEUE_BATCHES);
         let registry = Arc::new(Registry::default());
-        let values = Arc::new(CurrentValues { slots: RwLock::default(), registry: registry.clone() });
+        let values = Arc::new(CurrentValues::new(registry.clone()));
         Hub {
             rx,
             tx: Some(tx),

@@ -57,6 +57,8 @@ pub struct Gateway {
     publisher: Option<std::thread::JoinHandle<()>>,
     plugins: Vec<std::thread::JoinHandle<()>>,
     sinks: Vec<std::thread::JoinHandle<()>>,
+    /// Where the last values are saved at shutdown, unless that is off.
+    last_values: Option<std::path::PathBuf>,
 }
 
 /// Starts simulators only, for `updraft simulate`.
@@ -84,6 +86,16 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut hub = Hub::new(metrics.clone());
     let values = hub.values();
+    // Before the broker accepts its first client, so nobody sees an empty bus after a restart.
+    let save_every = config.gateway.save_values_every.0;
+    let last_values = (!save_every.is_zero()).then(|| crate::last_values::path(&config));
+    if let Some(path) = &last_values {
+        let restored = crate::last_values::restore(&config, &hub.registry(), &values, path);
+        if restored > 0 {
+            info!(values = restored, path = %path.display(), "Restored the last values saved before the restart.");
+        }
+        crate::last_values::spawn_saver(values.clone(), path.clone(), save_every, cancel.child_token());
+    }
 
     let tag_count: usize = config.devices.values().map(|d| d.tag_names().count()).sum();
     // One write queue per device, shared by the local broker's command listener and the cloud
@@ -188,6 +200,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         publisher,
         plugins,
         sinks,
+        last_values,
     })
 }
 
@@ -236,6 +249,21 @@ impl Gateway {
         };
         let finished = tokio::time::timeout(grace, drain).await;
         self.simulators_cancel.cancel();
+        // After the drain, so the file holds the last reads; also after an expired grace period,
+        // since the values in memory are good whatever is still in flight.
+        if let Some(path) = self.last_values.take() {
+            let values = self.values.clone();
+            let saved = tokio::task::spawn_blocking(move || {
+                let r = crate::last_values::save(&values, &path);
+                (r, path)
+            })
+            .await;
+            match saved {
+                Ok((Ok(n), path)) => info!(values = n, path = %path.display(), "Saved the last values."),
+                Ok((Err(e), path)) => warn!(path = %path.display(), error = %e, "Cannot save the last values."),
+                Err(e) => warn!(error = %e, "Cannot save the last values."),
+            }
+        }
         if finished.is_err() {
             warn!(?grace, "Shutdown grace period expired; exiting with work in flight.");
             self.drivers.abort_all();

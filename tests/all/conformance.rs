@@ -392,3 +392,95 @@ async fn a_late_subscriber_gets_all_of_10000_retained_messages_at_the_lower_qos(
     }
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Item 9: the gateway's retained values survive a restart. Before its device answers again, a
+/// client connecting to the restarted gateway gets each tag's last value (and a plugin's last
+/// output) as retained, with the timestamp of the read that made it; the next read replaces it.
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_values_survive_a_restart_and_are_served_before_the_first_new_read() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[700]);
+    let modbus = fixture.serve().await;
+    let data = TempDir::new("last-values");
+    let toml = format!(
+        r#"[gateway]
+id = "gw-last-values"
+data_dir = "{data}"
+
+[broker]
+listen = "127.0.0.1:0"
+
+[api]
+enabled = false
+
+[devices.boiler-1]
+driver = "modbus-tcp"
+address = "{modbus}"
+poll = "100ms"
+timeout = "10s"
+tags = [ {{ name = "temperature", area = "holding", address = 0 }} ]
+
+[plugins.to-celsius]
+wasm = "{wasm}"
+subscribe = ["boiler-1/temperature"]
+config = {{ factor = 0.1, offset = -40.0 }}
+"#,
+        data = data.path().display(),
+        wasm = updraft_tests::plugin_wasm("scale").display()
+    );
+    let (gw, _conf) = start_gateway(&toml).await;
+    let read = updraft_tests::eventually(Duration::from_secs(15), || {
+        let raw = gw.values.get("boiler-1", "temperature")?;
+        raw.value.is_some().then_some(raw)
+    })
+    .await
+    .expect("a first read");
+    let mut sub =
+        updraft_tests::Subscriber::connect(gw.broker_addr.unwrap(), "updraft/derived/#", QoS::AtMostOnce).await;
+    sub.wait_for("updraft/derived/boiler-1/temperature", Duration::from_secs(15), |v| v["value"] == 30.0)
+        .await
+        .expect("the plugin's output");
+    drop(sub);
+    gw.shutdown(Duration::from_secs(5)).await;
+    let last = gw_last_temperature(&data);
+    assert_eq!(last.0, 700);
+    assert!(last.1 >= read.ts, "the file holds the last read");
+
+    // The device now answers only after 3 s, with a new value: until then the bus has only what
+    // was saved.
+    fixture.set_holding(0, &[800]);
+    fixture.set_faults(updraft_tests::Faults { delay: Some(Duration::from_secs(3)), ..Default::default() });
+    let (gw, _conf2) = start_gateway(&toml).await;
+    let mut sub = updraft_tests::Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
+    let mut retained = std::collections::HashMap::new();
+    while retained.len() < 2 {
+        let (topic, payload, retain) = tokio::time::timeout(WAIT, sub.next()).await.expect("retained values").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert!(retain, "{topic} {v} arrives as a retained message before any new read");
+        retained.insert(topic, v);
+    }
+    let raw = &retained["updraft/boiler-1/temperature"];
+    assert_eq!(
+        (raw["value"].as_i64(), raw["ts"].as_i64(), raw["quality"].as_str()),
+        (Some(700), Some(last.1), Some("good"))
+    );
+    assert_eq!(retained["updraft/derived/boiler-1/temperature"]["value"], 30.0);
+    sub.wait_for("updraft/boiler-1/temperature", Duration::from_secs(15), |v| v["value"] == 800)
+        .await
+        .expect("the next read replaces the restored value");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The saved value and timestamp of `boiler-1/temperature` in the data folder's file.
+fn gw_last_temperature(data: &TempDir) -> (i64, i64) {
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("last-values.json")).expect("saved at shutdown"))
+            .unwrap();
+    let p = file["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["device"] == "boiler-1" && p["tag"] == "temperature" && p.get("topic").is_none())
+        .expect("the device tag is saved");
+    (p["value"]["uint"].as_i64().or(p["value"]["int"].as_i64()).unwrap(), p["ts"].as_i64().unwrap())
+}

@@ -51,10 +51,20 @@ pub struct GatewaySection {
     /// Where the gateway keeps its state. A relative path resolves against the config file's folder.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// How often the last value of every tag is written to `{data_dir}/last-values.json` (also at
+    /// every clean shutdown). At the next start they are the local bus's retained values until
+    /// each tag is read again, so a client connecting after a restart sees the plant at once.
+    /// `"0s"` turns saving and restoring off.
+    #[serde(default = "default_save_values_every")]
+    pub save_values_every: Dur,
 }
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
+}
+
+const fn default_save_values_every() -> Dur {
+    Dur::from_millis(5 * 60 * 1000)
 }
 
 /// The embedded MQTT broker, the park's local data bus.

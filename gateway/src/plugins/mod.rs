@@ -5,4 +5,4 @@ pub mod host;
 mod runner;
 pub mod testing;
 
-pub use runner::{spawn, PluginStats};
+pub use runner::{output_topic, spawn, PluginStats};

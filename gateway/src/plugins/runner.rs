@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 use super::host::{
     Batch, CallFailure, DataPoint, Emit, Emits, LoadedPlugin, Message, PluginInstance, TagView, WitQuality, WitValue,
 };
-use crate::base::topic::Vars;
+use crate::base::topic::{Template, Vars};
 use crate::config::PluginConfig;
 use crate::hub::{batch, BusSender};
 use crate::metrics::{Counter, Metrics};
@@ -352,8 +352,7 @@ impl Runner {
         let template = self.cfg.outputs.get(output).ok_or_else(|| format!("unknown output `{output}`"))?;
         name_ok("device", &e.device)?;
         name_ok("tag", &e.tag)?;
-        let vars = Vars { device: &e.device, tag: &e.tag, plugin: &self.name, subject: &e.device, ..Vars::default() };
-        let topic = template.render(&vars);
+        let topic = output_topic(template, &self.name, &e.device, &e.tag);
         let key = self.key(&e.device, &e.tag, &topic)?;
         Ok(match (e.value, e.quality) {
             (Some(v), WitQuality::Good) => Point::good(key, from_wit(v), e.ts),
@@ -384,6 +383,11 @@ impl Runner {
             }
         }
     }
+}
+
+/// The topic an emit of `device`/`tag` on an output with this template goes to.
+pub fn output_topic(template: &Template, plugin: &str, device: &str, tag: &str) -> String {
+    template.render(&Vars { device, tag, plugin, subject: device, ..Vars::default() })
 }
 
 /// A device, tag or subject name from a plugin: a single topic level of bounded length.
