@@ -36,6 +36,10 @@ fi
 # Run from plugins/ so its .cargo/config.toml (target wasm32-wasip2) applies.
 (cd plugins && cargo build --release --locked)
 
+# The vendored broker's own unit tests (its router, logs and session store; patches 2-8). It is
+# not a workspace member, so that it keeps upstream's formatting and lints.
+cargo test -p rumqttd --lib --locked --quiet
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci "$@"
 else

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
 pub use crate::base::metrics::{Counter, Gauge};
@@ -49,6 +50,9 @@ pub struct Metrics {
     pub broker_denied_publish: Arc<Counter>,
     /// Subscription filters of local MQTT clients refused as outside their topic rights.
     pub broker_denied_subscribe: Arc<Counter>,
+    /// What the broker's router lost or forgot: messages of subscribers that fell behind,
+    /// sessions of persistent clients that are away.
+    pub broker_router: Arc<rumqttd::Counters>,
     /// Write commands by outcome.
     pub commands: Arc<crate::commands::CommandStats>,
     /// Batches (and their points) a consumer could not take because its queue was full.
@@ -163,9 +167,24 @@ impl Metrics {
                 "Subscription filters of local MQTT clients refused as outside their topic rights.",
                 self.broker_denied_subscribe.get(),
             ),
+            (
+                "updraft_broker_messages_lost_total",
+                "Messages local subscribers never got because they fell further behind than buffer_per_subscription.",
+                self.broker_router.lost_messages.load(Relaxed),
+            ),
+            (
+                "updraft_broker_sessions_expired_total",
+                "Sessions of persistent MQTT clients forgotten (session_expiry passed, or the oldest beyond max_connections).",
+                self.broker_router.expired_sessions.load(Relaxed),
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP updraft_broker_saved_sessions Sessions kept for persistent MQTT clients that are away.\n# TYPE updraft_broker_saved_sessions gauge\nupdraft_broker_saved_sessions {}",
+            self.broker_router.saved_sessions.load(Relaxed)
+        );
         let c = &self.commands;
         let _ = writeln!(out, "# HELP updraft_commands_total Write commands (local and cloud) by result: ok, failed, retained (ignored), duplicate (answered, not executed).\n# TYPE updraft_commands_total counter");
         for (result, v) in

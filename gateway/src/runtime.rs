@@ -119,7 +119,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         )
         .map(Arc::new);
         let values = values.clone();
-        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, values, accounts, rights))
+        let counters = metrics.broker_router.clone();
+        let mut b = tokio::task::spawn_blocking(move || broker::start(&cfg, values, accounts, rights, counters))
             .await
             .map_err(|e| StartError::Io(std::io::Error::other(e)))??;
         let addr = b.addr;

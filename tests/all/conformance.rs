@@ -484,3 +484,160 @@ fn gw_last_temperature(data: &TempDir) -> (i64, i64) {
         .expect("the device tag is saved");
     (p["value"]["uint"].as_i64().or(p["value"]["int"].as_i64()).unwrap(), p["ts"].as_i64().unwrap())
 }
+
+/// Opens `n` connections at once, each sending CONNECT with its own client id; returns the open
+/// sockets of those that got CONNACK 0x00 and how long the whole storm took.
+async fn storm(addr: SocketAddr, n: usize, prefix: &str) -> (Vec<TcpStream>, Duration) {
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let packet = connect_packet(&format!("{prefix}-{i}"), 60, None);
+        tasks.spawn(async move {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(&packet).await.ok()?;
+            let mut ack = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(60), s.read_exact(&mut ack)).await.ok()?.ok()?;
+            (ack == [0x20, 0x02, 0x00, 0x00]).then_some(s)
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        open.extend(r.unwrap());
+    }
+    (open, started.elapsed())
+}
+
+/// Item 8: after an outage every client reconnects at once. 5,000 of them are all accepted (the
+/// time it took is printed; CI does not time it), and once they leave, nothing of their clean
+/// sessions is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_storm_of_5000_clients_is_accepted_and_leaves_nothing_behind() {
+    let (gw, _dir) =
+        start_gateway(&header("gw-storm").replace("[broker]\n", "[broker]\nmax_connections = 5100\n")).await;
+    let (open, took) = storm(gw.broker_addr.unwrap(), 5_000, "storm").await;
+    println!("5,000 clients connected in {took:?}");
+    assert_eq!(open.len(), 5_000, "every client got its CONNACK");
+    drop(open);
+    // The router has seen every disconnect once a new client gets through after them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_s, code) = raw_connect(gw.broker_addr.unwrap(), &connect_packet("after", 60, None)).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(gw.metrics.broker_router.saved_sessions.load(std::sync::atomic::Ordering::Relaxed), 0);
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+/// CONNECT with clean session off: the broker keeps the session while the client is away.
+fn persistent_connect(client_id: &str) -> Vec<u8> {
+    let mut p = connect_packet(client_id, 60, None);
+    p[9] &= !0x02;
+    p
+}
+
+/// Item 8: the sessions of persistent clients that went away are forgotten after
+/// `session_expiry`, and at most `max_connections` of them are kept (the oldest go first).
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_of_clients_that_went_away_expire_and_are_bounded() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let toml = header("gw-sessions").replace("[broker]\n", "[broker]\nmax_connections = 20\nsession_expiry = \"2s\"\n");
+    let (gw, _dir) = start_gateway(&toml).await;
+    let addr = gw.broker_addr.unwrap();
+    let counters = gw.metrics.broker_router.clone();
+
+    // 100 distinct persistent clients come and go: only the last 20 sessions are kept.
+    for i in 0..100 {
+        let (s, code) = raw_connect(addr, &persistent_connect(&format!("random-{i}"))).await;
+        assert_eq!(code, Some(0));
+        drop(s);
+        // One at a time, so that the limit of 20 connections is never the reason for a refusal.
+        let n = i + 1;
+        updraft_tests::eventually(WAIT, || {
+            (counters.saved_sessions.load(Relaxed) + counters.expired_sessions.load(Relaxed) >= n).then_some(())
+        })
+        .await
+        .expect("the session is saved");
+    }
+    assert_eq!(counters.saved_sessions.load(Relaxed), 20);
+    assert_eq!(counters.expired_sessions.load(Relaxed), 80);
+    let metrics = gw.metrics.render();
+    assert!(metrics.contains("updraft_broker_saved_sessions 20\n"), "{metrics}");
+    assert!(metrics.contains("updraft_broker_sessions_expired_total 80\n"), "{metrics}");
+
+    // A kept session is resumed (CONNACK session present = 1); a forgotten one is not.
+    let session_present = |ack: &[u8; 4]| ack[2] & 1 == 1;
+    for (id, kept) in [("random-99", true), ("random-0", false)] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&persistent_connect(id)).await.unwrap();
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(session_present(&ack), kept, "{id}");
+    }
+    // After session_expiry, even the newest session is gone.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&persistent_connect("random-98")).await.unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.unwrap();
+    assert!(!session_present(&ack), "an expired session is not resumed");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Item 8: a subscriber that falls further behind than `buffer_per_subscription` loses the oldest
+/// messages, and every message it lost is counted: what it received plus what was counted lost
+/// is exactly what was published, in order, without duplicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_subscriber_loses_only_the_oldest_messages_and_every_loss_is_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const N: usize = 3_000;
+    let toml = header("gw-slow").replace("[broker]\n", "[broker]\nbuffer_per_subscription = \"64KiB\"\n");
+    let (gw, _dir) = start_gateway(&toml).await;
+    let addr = gw.broker_addr.unwrap();
+
+    // The slow subscriber acknowledges nothing until the flood is over, so the broker stops at its
+    // in-flight window and the rest waits in the filter's log.
+    let mut opts = mqtt_options(addr);
+    opts.set_manual_acks(true);
+    let (slow, mut slow_el) = AsyncClient::new(opts, 100);
+    slow.subscribe("flood/#", QoS::AtLeastOnce).await.unwrap();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = slow_el.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = e {
+                let _ = got_tx.send(p);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (publisher, mut pub_el) = AsyncClient::new(mqtt_options(addr), 100);
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(e) = pub_el.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = e {
+                let _ = acked_tx.send(());
+            }
+        }
+    });
+    let body = "x".repeat(100);
+    for i in 0..N {
+        publisher.publish("flood/a", QoS::AtLeastOnce, false, format!("{i:05} {body}")).await.unwrap();
+    }
+    for _ in 0..N {
+        tokio::time::timeout(WAIT, acked.recv()).await.expect("every publish acked").unwrap();
+    }
+
+    // Now the subscriber catches up, acknowledging as it goes.
+    let mut received = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(2), got.recv()).await {
+        received.push(std::str::from_utf8(&p.payload[..5]).unwrap().parse::<usize>().unwrap());
+        slow.ack(&p).await.unwrap();
+    }
+    let lost = gw.metrics.broker_router.lost_messages.load(Relaxed) as usize;
+    println!("received {}, lost {lost}", received.len());
+    assert!(lost > 0, "64 KiB cannot hold {N} messages of 106 bytes");
+    assert_eq!(received.len() + lost, N, "what arrived plus what was counted lost is all");
+    assert!(received.windows(2).all(|w| w[0] < w[1]), "in order, no duplicates");
+    assert_eq!(*received.last().unwrap(), N - 1, "the newest messages are kept");
+    let metrics = gw.metrics.render();
+    assert!(metrics.contains(&format!("updraft_broker_messages_lost_total {lost}\n")), "{metrics}");
+    gw.shutdown(Duration::from_secs(5)).await;
+}

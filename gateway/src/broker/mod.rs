@@ -76,12 +76,14 @@ const OUTGOING_PACKET_COUNT: u64 = 1024;
 /// Starts rumqttd on its own thread and waits until its listener accepts connections. With
 /// `accounts`, every network client must log in; the in-process links never do. The retained
 /// values of the gateway's own topics are `values`, read when a client subscribes. With `rights`,
-/// network clients publish and subscribe only within their topic rights.
+/// network clients publish and subscribe only within their topic rights. The router counts what
+/// it loses and forgets in `counters`.
 pub fn start(
     cfg: &BrokerSection,
     values: Arc<crate::hub::CurrentValues>,
     accounts: Option<Arc<auth::Accounts>>,
     rights: Option<Arc<rights::TopicRights>>,
+    counters: Arc<rumqttd::Counters>,
 ) -> Result<EmbeddedBroker, BrokerError> {
     let addr = check_bind(cfg.plain_listen())?;
     let tls = match (&cfg.tls, cfg.tls_listen()) {
@@ -112,7 +114,7 @@ pub fn start(
         name: "mqtt-v4".into(),
         listen: addr,
         tls: None,
-        next_connection_delay_ms: 1,
+        next_connection_delay_ms: 0,
         connections,
     };
     let config = rumqttd::Config {
@@ -122,6 +124,8 @@ pub fn start(
             max_outgoing_packet_count: OUTGOING_PACKET_COUNT,
             max_segment_size: segment as usize,
             max_segment_count: segments,
+            session_expiry: Some(cfg.session_expiry.0),
+            max_saved_sessions: Some(cfg.max_connections),
             ..Default::default()
         },
         v4: Some(HashMap::from([("v4".to_owned(), server)])),
@@ -132,6 +136,7 @@ pub fn start(
         retained: Some(Arc::new(retained::Retained { values })),
         filters: Some(filters.clone()),
         rights: rights.map(|r| r as Arc<dyn rumqttd::Rights>),
+        counters: Some(counters),
     };
     let mut broker = rumqttd::Broker::with_hooks(config, hooks);
     // In-process links must be taken before `start()`, which never returns while healthy.

@@ -64,10 +64,17 @@ pub fn server_config(t: &BrokerTls) -> Result<ServerConfig, (&'static str, Strin
 }
 
 /// Binds the TLS listener (a taken port is a start-up error, not a log line).
+/// The accept queue is deep (the kernel caps it at `net.core.somaxconn`): std asks for 128, and
+/// when thousands of clients reconnect at once after an outage, a full queue makes the kernel drop
+/// handshakes that the clients retry only after seconds of SYN back-off.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(8192)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 /// Serves TLS connections on `listener`, each piped to the plain MQTT listener at `upstream`.

@@ -88,6 +88,11 @@ pub struct BrokerSection {
     /// its oldest unread messages. 1 MiB holds about 12,000 readings.
     #[serde(default = "default_buffer_per_subscription")]
     pub buffer_per_subscription: Bytes,
+    /// How long the session of a persistent MQTT client (clean session off: its subscriptions and
+    /// the messages queued for it) is kept while the client is away. At most `max_connections`
+    /// sessions are kept; beyond that the oldest is forgotten first.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: Dur,
     /// Accept clients without a user name and password on a listener reachable from other
     /// machines. Only needed (and only allowed) when no `[broker.users.*]` are configured; the
     /// gateway warns at every start while it is on.
@@ -195,6 +200,7 @@ impl Default for BrokerSection {
             max_connections: default_max_connections(),
             max_payload_size: default_max_payload_size(),
             buffer_per_subscription: default_buffer_per_subscription(),
+            session_expiry: default_session_expiry(),
             allow_anonymous: false,
             writes: None,
             tls: None,
@@ -215,6 +221,9 @@ const fn default_max_connections() -> usize {
 }
 const fn default_max_payload_size() -> Bytes {
     Bytes(256 * 1024)
+}
+const fn default_session_expiry() -> Dur {
+    Dur::from_millis(24 * 60 * 60 * 1000)
 }
 const fn default_buffer_per_subscription() -> Bytes {
     Bytes(1 << 20)

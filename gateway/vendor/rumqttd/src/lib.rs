@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
-pub use router::hooks::{FilterWatch, Hooks, Principal, RetainedSource, Rights};
+pub use router::hooks::{Counters, FilterWatch, Hooks, Principal, RetainedSource, Rights};
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
@@ -182,6 +182,13 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Updraft patch 8: how long the session of a persistent (clean session = false) client is
+    /// kept after it goes away; none keeps it for good, as upstream does.
+    #[serde(default)]
+    pub session_expiry: Option<std::time::Duration>,
+    /// Updraft patch 8: the most sessions kept for clients that are away; the oldest goes first.
+    #[serde(default)]
+    pub max_saved_sessions: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -72,12 +72,26 @@ pub enum Principal {
     User(String),
 }
 
+/// Updraft patch 8: what the router forgets or loses, for the embedder's metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages a subscriber never got because it fell behind its filter's log, whose oldest
+    /// segment was dropped to make room.
+    pub lost_messages: AtomicU64,
+    /// Persistent sessions kept for clients that are away (a gauge).
+    pub saved_sessions: AtomicU64,
+    /// Persistent sessions forgotten: older than the session expiry, or the oldest when more
+    /// than the most kept were saved.
+    pub expired_sessions: AtomicU64,
+}
+
 /// The hooks a router is built with; the default has none and behaves as upstream rumqttd.
 #[derive(Clone, Default)]
 pub struct Hooks {
     pub retained: Option<std::sync::Arc<dyn RetainedSource>>,
     pub filters: Option<std::sync::Arc<FilterWatch>>,
     pub rights: Option<std::sync::Arc<dyn Rights>>,
+    pub counters: Option<std::sync::Arc<Counters>>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -86,6 +100,7 @@ impl std::fmt::Debug for Hooks {
             .field("retained", &self.retained.is_some())
             .field("filters", &self.filters)
             .field("rights", &self.rights.is_some())
+            .field("counters", &self.counters)
             .finish()
     }
 }

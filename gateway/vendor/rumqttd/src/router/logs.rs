@@ -68,6 +68,11 @@ pub struct DataLog {
 }
 
 impl DataLog {
+    /// The embedder's counters (patch 8), if it asked for them.
+    pub(crate) fn counters(&self) -> Option<&std::sync::Arc<crate::router::hooks::Counters>> {
+        self.hooks.counters.as_ref()
+    }
+
     pub fn new(config: RouterConfig, hooks: Hooks) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
@@ -466,7 +471,7 @@ impl AckLog {
 
 #[cfg(test)]
 mod test {
-    use super::DataLog;
+    use super::{DataLog, Hooks};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
@@ -480,6 +485,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..Default::default()
         };
         let mut data = DataLog::new(config, Hooks::default()).unwrap();
         data.next_native_offset("topic/a");
@@ -500,6 +506,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..Default::default()
         };
         let mut data = DataLog::new(config, Hooks::default()).unwrap();
         data.next_native_offset("+/+");

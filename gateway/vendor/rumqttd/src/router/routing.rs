@@ -133,7 +133,7 @@ impl Router {
         Router {
             id: router_id,
             config: config.clone(),
-            graveyard: Graveyard::new(),
+            graveyard: Graveyard::new(config.session_expiry, config.max_saved_sessions, hooks.counters.clone()),
             meters,
             alerts,
             connections,
@@ -531,12 +531,9 @@ impl Router {
                 connection.events,
                 outgoing.unacked_pubrels,
             );
-        } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
         }
+        // Updraft patch 8: nothing is kept of a clean session (upstream kept its connection
+        // events under its client id for good).
         self.router_meters.total_connections -= 1;
     }
 
@@ -1616,7 +1613,13 @@ fn forward_device_data(
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        // Updraft patch 8: the messages skipped are counted for the embedder's metrics (the
+        // subscriber fell behind and the log's oldest segment made room for new messages).
+        let lost = start.1.saturating_sub(request.cursor.1);
+        if let Some(c) = datalog.counters() {
+            c.lost_messages.fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+        }
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost as usize);
         alertlog.log(alert);
     }
 

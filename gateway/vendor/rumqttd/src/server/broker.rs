@@ -32,7 +32,7 @@ use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
 use crate::{Config, ConnectionId, ServerSettings};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::error::Elapsed;
 use tokio::{task, time};
 
@@ -325,7 +325,17 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // Updraft patch 8: a deep accept queue (tokio's `bind` asks for 1,024; the kernel caps the
+        // request at `net.core.somaxconn`). When thousands of clients reconnect at once after an
+        // outage, a full queue makes the kernel drop handshakes, and those clients only retry
+        // after 1, 3, 7, 15 s of SYN back-off.
+        let listener = {
+            let addr = self.config.listen;
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(8192)?
+        };
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -406,7 +416,12 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 ),
             };
 
-            time::sleep(delay).await;
+            // Updraft patch 8: no pause between accepts unless one is configured; a 1 ms pause
+            // (the smallest) capped accepts at a few hundred a second, so a reconnect storm after
+            // an outage took tens of seconds.
+            if !delay.is_zero() {
+                time::sleep(delay).await;
+            }
         }
     }
 }
