@@ -641,3 +641,46 @@ async fn a_slow_subscriber_loses_only_the_oldest_messages_and_every_loss_is_coun
     assert!(metrics.contains(&format!("updraft_broker_messages_lost_total {lost}\n")), "{metrics}");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+/// MQTT 5 on the same listener, checked by an independent client (Eclipse Paho for Python): a
+/// refused login gets CONNACK 0x86 (wrong password) or 0x87 (none), keep alive 0 is accepted, a
+/// filter outside the user's rights gets SUBACK 0x87 and a publish outside them PUBACK 0x87,
+/// messages arrive at min(publish, subscription) QoS, and a late subscriber gets the retained one.
+#[tokio::test(flavor = "multi_thread")]
+async fn mqtt5_clients_are_served_on_the_same_listener() {
+    let (gw, _fixture, _pw, _conf) = gateway_with_rights().await;
+    let broker = gw.broker_addr.unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/mqtt5_probe.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(updraft_tests::python())
+            .args([script, &broker.ip().to_string(), &broker.port().to_string(), "hmi", "pw-hmi"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "MQTT 5 probe failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["connack_wrong_password"], 0x86, "{v}");
+    assert_eq!(v["connack_no_login"], 0x87, "{v}");
+    assert_eq!(v["connack"], 0, "keep alive 0 accepted: {v}");
+    assert_eq!(v["suback_denied"], serde_json::json!([0x87]), "{v}");
+    assert_eq!(v["suback_hmi"], serde_json::json!([1]), "{v}");
+    assert_eq!(v["suback_plant"], serde_json::json!([0]), "{v}");
+    assert_eq!(v["puback_denied"], 0x87, "{v}");
+    assert_eq!(v["puback_allowed"], 0, "{v}");
+    let messages = v["messages"].as_array().unwrap();
+    let qos_of = |topic: &str| messages.iter().find(|m| m["topic"] == topic).map(|m| m["qos"].as_u64().unwrap());
+    assert_eq!(qos_of("hmi/q1"), Some(1), "{v}");
+    assert_eq!(qos_of("hmi/q0"), Some(0), "a QoS 0 publish on a QoS 1 subscription: {v}");
+    assert_eq!(qos_of("plant/x"), None, "the refused publish reached nobody: {v}");
+    assert!(
+        messages.iter().any(|m| m["topic"] == "updraft/boiler-1/setpoint" && m["retain"] == true),
+        "the gateway's retained values reach MQTT 5 clients: {v}"
+    );
+    let late = v["late"].as_array().unwrap();
+    assert_eq!(late.len(), 1, "{v}");
+    assert_eq!((late[0]["payload"].as_str(), late[0]["retain"].as_bool()), (Some("kept"), Some(true)), "{v}");
+    assert_eq!(gw.metrics.broker_denied_publish.get(), 1);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -74,7 +74,7 @@ pub struct BrokerSection {
     /// Whether to run the embedded broker at all.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Address of the MQTT 3.1.1 listener. Loopback by default; expose it deliberately.
+    /// Address of the MQTT listener (3.1.1 and 5). Loopback by default; expose it deliberately.
     #[serde(default = "default_broker_listen")]
     pub listen: SocketAddr,
     /// Most simultaneous client connections.

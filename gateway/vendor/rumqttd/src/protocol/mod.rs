@@ -752,4 +752,7 @@ pub trait Protocol {
     fn is_v5(&self) -> bool {
         false
     }
+    /// Updraft patch 9: whether a plain listener of this protocol hands MQTT 5 clients to the
+    /// MQTT 5 protocol (true for 3.1.1).
+    const ALSO_SERVES_V5: bool = false;
 }

@@ -355,6 +355,38 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // Updraft patch 9: a plain MQTT 3.1.1 listener serves MQTT 5 clients too, as mosquitto
+            // and HiveMQ do on one port: the protocol level of the CONNECT is peeked at (not read)
+            // on the connection's own task, which then runs the link with that protocol.
+            if self.config.tls.is_none() && matches!(link_type, LinkType::Remote) && P::ALSO_SERVES_V5 {
+                let config = config.clone();
+                let router_tx = self.router_tx.clone();
+                let protocol = self.protocol.clone();
+                let wills = self.awaiting_will_handler.clone();
+                let wait = Duration::from_millis(config.connection_timeout_ms.into());
+                count += 1;
+                task::spawn(
+                    async move {
+                        let v5 = connect_level(&stream, wait).await == Some(5);
+                        let network: Box<dyn N> = Box::new(stream);
+                        if v5 {
+                            remote(config, None, router_tx, network, V5, wills).await
+                        } else {
+                            remote(config, None, router_tx, network, protocol, wills).await
+                        }
+                    }
+                    .instrument(tracing::error_span!(
+                        "remote_link",
+                        client_id = field::Empty,
+                        connection_id = field::Empty,
+                    )),
+                );
+                if !delay.is_zero() {
+                    time::sleep(delay).await;
+                }
+                continue;
+            }
+
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -442,6 +474,55 @@ impl Callback for WSCallback {
             .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
         Ok(response)
     }
+}
+
+/// The protocol level of the CONNECT a client sent first (3 for MQTT 3.1, 4 for 3.1.1, 5), peeked
+/// at without consuming it; `Some(0)` if the first packet is not a CONNECT, `None` if the client
+/// sends too little within `wait` or goes away (updraft patch 9).
+async fn connect_level(stream: &TcpStream, wait: Duration) -> Option<u8> {
+    let peek = async {
+        let mut buf = [0u8; 16];
+        let mut seen = 0;
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            match parse_connect_level(&buf[..n]) {
+                Ok(level) => return Some(level),
+                Err(()) if n == buf.len() => return Some(0),
+                Err(()) => {}
+            }
+            // `peek` returns at once while the bytes it saw are unread: wait for more.
+            if n == seen {
+                time::sleep(Duration::from_millis(2)).await;
+            }
+            seen = n;
+        }
+    };
+    time::timeout(wait, peek).await.ok().flatten()
+}
+
+/// The protocol level from the first bytes of a CONNECT; `Err` while more bytes are needed.
+fn parse_connect_level(b: &[u8]) -> Result<u8, ()> {
+    let first = *b.first().ok_or(())?;
+    if first >> 4 != 1 {
+        return Ok(0);
+    }
+    // Remaining length: 1 to 4 bytes, the last one without its top bit.
+    let mut i = 1;
+    loop {
+        let byte = *b.get(i).ok_or(())?;
+        i += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return Ok(0);
+        }
+    }
+    let name_len = u16::from_be_bytes([*b.get(i).ok_or(())?, *b.get(i + 1).ok_or(())?]) as usize;
+    b.get(i + 2 + name_len).copied().ok_or(())
 }
 
 /// A new network connection should wait for a mqtt connect packet. This should be handled
@@ -591,5 +672,23 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_connect_level;
+
+    #[test]
+    fn the_protocol_level_is_read_from_the_first_bytes_of_a_connect() {
+        // MQTT 3.1.1 and 5: "MQTT", level 4 / 5; MQTT 3.1: "MQIsdp", level 3.
+        assert_eq!(parse_connect_level(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2]), Ok(4));
+        assert_eq!(parse_connect_level(&[0x10, 0x80, 0x01, 0, 4, b'M', b'Q', b'T', b'T', 5]), Ok(5));
+        assert_eq!(parse_connect_level(&[0x10, 20, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3]), Ok(3));
+        // Too few bytes yet: ask for more; not a CONNECT: level 0 (the 3.1.1 link refuses it).
+        assert_eq!(parse_connect_level(&[0x10, 12, 0, 4, b'M', b'Q']), Err(()));
+        assert_eq!(parse_connect_level(&[]), Err(()));
+        assert_eq!(parse_connect_level(&[0x30, 2, 0, 0]), Ok(0));
+        assert_eq!(parse_connect_level(&[0x10, 0x80, 0x80, 0x80, 0x80, 0x01]), Ok(0));
     }
 }
