@@ -684,3 +684,21 @@ async fn mqtt5_clients_are_served_on_the_same_listener() {
     assert_eq!(gw.metrics.broker_denied_publish.get(), 1);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Item 8: a client over `max_connections` is told the server is unavailable (CONNACK 0x03)
+/// rather than seeing its socket close, and the ones within the limit stay connected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_max_connections_gets_connack_server_unavailable() {
+    let (gw, _dir) = start_gateway(&header("gw-limit").replace("[broker]\n", "[broker]\nmax_connections = 3\n")).await;
+    let addr = gw.broker_addr.unwrap();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let (s, code) = raw_connect(addr, &connect_packet(&format!("within-{i}"), 60, None)).await;
+        assert_eq!(code, Some(0), "client {i} is within the limit");
+        open.push(s);
+    }
+    let (_s, code) = raw_connect(addr, &connect_packet("over", 60, None)).await;
+    assert_eq!(code, Some(0x03), "the fourth client is told the server is unavailable");
+    drop(open);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

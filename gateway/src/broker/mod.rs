@@ -120,7 +120,9 @@ pub fn start(
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: cfg.max_connections + 4,
+            // The gateway's own three in-process links (publisher, command listener, north tap)
+            // take router slots too.
+            max_connections: cfg.max_connections + 3,
             max_outgoing_packet_count: OUTGOING_PACKET_COUNT,
             max_segment_size: segment as usize,
             max_segment_count: segments,

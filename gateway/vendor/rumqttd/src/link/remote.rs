@@ -93,7 +93,7 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
+        let built = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
             .last_will(lastwill)
@@ -101,7 +101,26 @@ impl<P: Protocol> RemoteLink<P> {
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             .principal(principal)
-            .build()?;
+            .build();
+        let (link_tx, link_rx, notification) = match built {
+            Ok(link) => link,
+            Err(e) => {
+                // Updraft patch 8: the router refuses a connection over its limit. The client is
+                // told so (3.1.1: 0x03 server unavailable; 5: 0x88) instead of seeing the socket
+                // close, which it would take for a network fault.
+                let code = if network.is_v5() {
+                    ConnectReturnCode::ServerUnavailable
+                } else {
+                    ConnectReturnCode::ServiceUnavailable
+                };
+                let ack = ConnAck {
+                    session_present: false,
+                    code,
+                };
+                let _ = network.write(Packet::ConnAck(ack, None)).await;
+                return Err(e.into());
+            }
+        };
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
