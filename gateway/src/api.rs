@@ -19,14 +19,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::base::point::{Point, Quality, Value};
+use crate::health::Health;
 use crate::hub::CurrentValues;
 use crate::metrics::Metrics;
 
+/// What the API serves from.
 #[derive(Clone)]
-struct Ctx {
+pub struct Ctx {
     gateway: Arc<str>,
     values: Arc<CurrentValues>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Ctx {
+    pub fn new(gateway: &str, values: Arc<CurrentValues>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        Ctx { gateway: Arc::from(gateway), values, metrics, health }
+    }
 }
 
 #[derive(Serialize)]
@@ -69,25 +78,28 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
 }
 
+/// Liveness: answered by the runtime, so it fails only when the process is stuck.
 async fn health() -> &'static str {
     "ok\n"
 }
 
+/// Readiness: 200 when every device delivers good reads and every sink moves its backlog, 503
+/// otherwise; the body says which ones, with their last good read and last acknowledgement.
+async fn ready(State(ctx): State<Ctx>) -> Response {
+    let report = ctx.health.report();
+    let code = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(report)).into_response()
+}
+
 /// Binds the API listener (failing loudly if the port is taken) and serves until `cancel`.
-pub async fn start(
-    listen: SocketAddr,
-    gateway: &str,
-    values: Arc<CurrentValues>,
-    metrics_: Arc<Metrics>,
-    cancel: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+pub async fn start(listen: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("the HTTP API cannot listen on {listen}: {e}; change [api] listen"))
     })?;
     let addr = listener.local_addr()?;
-    let ctx = Ctx { gateway: Arc::from(gateway), values, metrics: metrics_ };
     let app = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/values", get(all_values))
         .route("/api/v1/values/:device", get(device_values))

@@ -12,6 +12,7 @@
 //! - [`broker`]: the embedded rumqttd broker and the thread that publishes into it.
 //! - [`commands`]: write commands to equipment, local and from the cloud, with their guards.
 //! - [`last_values`]: every tag's last value saved to disk and restored at start.
+//! - [`health`]: stalled devices and sinks, readiness, the systemd watchdog.
 //! - [`api`]: the local HTTP API (current values, health, metrics).
 //! - [`runtime`]: start-up order and graceful shutdown.
 //! - [`telemetry`]: tracing set-up.
@@ -23,6 +24,7 @@ pub mod broker;
 pub mod commands;
 pub mod config;
 pub mod drivers;
+pub mod health;
 pub mod hub;
 pub mod last_values;
 pub mod metrics;

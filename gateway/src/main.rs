@@ -432,8 +432,10 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         let gateway = runtime::start(cfg).await?;
+        updraft::health::notify_ready();
         stop.await;
         info!("Shutting down.");
+        updraft::health::notify_stopping();
         gateway.shutdown(SHUTDOWN_GRACE).await;
         Ok(())
     })?;

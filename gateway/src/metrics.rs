@@ -30,6 +30,23 @@ pub struct DeviceStats {
     pub resubscribes: Counter,
     /// Points lost inside the driver before the bus (counted, never silent).
     pub points_dropped: Counter,
+    /// Unix ms of the last read with at least one good point (0: none yet).
+    pub last_good_ms: Gauge,
+    /// Unix ms the device last showed it is alive: a good read, or an OPC-UA subscription's
+    /// keep-alive (a quiet subscription reports nothing else while nothing changes).
+    pub last_heard_ms: Gauge,
+    /// How long the device may stay silent before it counts as stalled (set by its driver from
+    /// its poll period, timeout or keep-alive).
+    pub stall_after_ms: Gauge,
+}
+
+impl DeviceStats {
+    /// Notes a good read now.
+    pub fn heard_good(&self) {
+        let now = crate::base::point::now_ms();
+        self.last_good_ms.set(now);
+        self.last_heard_ms.set(now);
+    }
 }
 
 /// Batches and points a hub consumer could not take.

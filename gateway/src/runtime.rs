@@ -48,6 +48,7 @@ pub struct Gateway {
     pub simulators: BTreeMap<String, SocketAddr>,
     pub values: Arc<CurrentValues>,
     pub metrics: Arc<Metrics>,
+    pub health: Arc<crate::health::Health>,
     cancel: CancellationToken,
     /// The built-in simulators stop after the drivers, so no driver sees its device vanish (and
     /// logs it) during an orderly shutdown.
@@ -143,11 +144,15 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     // problem with the data directory stops start-up with a clear message.
     let sinks = crate::sinks::start_all(&config, &mut hub, &metrics, &commands, &cancel)?;
 
+    let health = Arc::new(crate::health::Health::new(
+        metrics.clone(),
+        config.devices.keys().cloned().collect(),
+        config.north.keys().cloned().collect(),
+    ));
+    crate::health::spawn_monitor(health.clone(), cancel.child_token());
     let api_addr = if config.api.enabled {
-        Some(
-            api::start(config.api.listen, &config.gateway.id, values.clone(), metrics.clone(), cancel.child_token())
-                .await?,
-        )
+        let ctx = api::Ctx::new(&config.gateway.id, values.clone(), metrics.clone(), health.clone());
+        Some(api::start(config.api.listen, ctx, cancel.child_token()).await?)
     } else {
         None
     };
@@ -194,6 +199,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         simulators,
         values,
         metrics,
+        health,
         cancel,
         simulators_cancel,
         drivers,

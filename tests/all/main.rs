@@ -7,6 +7,7 @@ mod fuzz;
 mod modbus;
 mod north;
 mod opcua;
+mod ops;
 mod plugins;
 mod pymodbus;
 mod security;

@@ -210,6 +210,9 @@ pub(crate) async fn emit(
     let bad = points.iter().filter(|p| p.value.is_none()).count() as u64;
     stats.points_bad.add(bad);
     stats.points_good.add(points.len() as u64 - bad);
+    if bad < points.len() as u64 {
+        stats.heard_good();
+    }
     if let Some(x) = exceptions {
         x.filter(&mut points, std::time::Instant::now());
     }

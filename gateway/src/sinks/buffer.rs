@@ -460,6 +460,9 @@ impl Writer {
         let pending =
             (self.shared.pending_at_open.load(Ordering::Acquire) + stats.accepted.get()).saturating_sub(settled);
         stats.pending_points.set(pending as i64);
+        if pending == 0 {
+            stats.caught_up_ms.set(crate::base::point::now_ms());
+        }
     }
 }
 

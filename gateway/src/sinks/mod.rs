@@ -121,6 +121,11 @@ pub struct SinkStats {
     pub connected: Gauge,
     /// 0 while the disk refuses writes (data is then held in memory, up to `memory_bytes`).
     pub disk_ok: Gauge,
+    /// Unix ms of the cloud's last acknowledgement (0: none yet).
+    pub last_ack_ms: Gauge,
+    /// Unix ms the sink last had nothing waiting (everything accepted was settled); how long ago
+    /// that was is the age of its backlog.
+    pub caught_up_ms: Gauge,
 }
 
 /// What the sinks want from the embedded broker itself: the topic filters in their `sources`

@@ -306,6 +306,7 @@ impl Outbox {
         }
         if let Some(end) = acked {
             self.shared.ack_to.fetch_max(end, Ordering::AcqRel);
+            stats.last_ack_ms.set(crate::base::point::now_ms());
         }
     }
 

@@ -107,6 +107,8 @@ impl ModbusDriver {
             (cfg.publish, cfg.deadband, cfg.heartbeat),
             cfg.tags.iter().zip(&tags).map(|(t, tag)| (tag.key.id, (t.publish, t.deadband, t.heartbeat))),
         );
+        // Stalled: no good read for two polls, or for one poll and a whole request timeout.
+        stats.stall_after_ms.set((2 * cfg.poll.0).max(cfg.poll.0 + cfg.timeout.0).as_millis() as i64);
         let caller = Caller {
             unit: cfg.unit_id,
             timeout: cfg.timeout.0,

@@ -128,6 +128,14 @@ impl OpcuaDriver {
             cfg.tags.iter().zip(&tags).map(|(t, tag)| (tag.key.id, (t.publish, t.deadband, t.heartbeat))),
         );
         let keys = tags.iter().map(|t| t.key.clone()).collect();
+        // Stalled: in poll mode, no good read for two polls (or one and a timeout); with
+        // subscriptions, silence (not even a keep-alive) for as long as the watchdog allows,
+        // estimated here from the default keep-alive count until the server says.
+        let stall_after = match cfg.mode {
+            Mode::Poll => (2 * cfg.poll.0).max(cfg.poll.0 + cfg.timeout.0),
+            Mode::Subscribe => cfg.publishing_interval.0 * 30 + cfg.timeout.0,
+        };
+        stats.stall_after_ms.set(stall_after.as_millis() as i64);
         OpcuaDriver {
             device: Arc::from(name),
             cfg: cfg.clone(),
@@ -495,6 +503,11 @@ impl OpcuaDriver {
             state.get(id).map_or((interval, keep_alive), |s| (s.publishing_interval(), s.max_keep_alive_count()))
         };
         g.silence = revised_interval * revised_keep_alive.max(1) * 3 + self.cfg.timeout.0;
+        // The device counts as stalled once a subscription would be recreated for its silence.
+        let longest = g.silence.as_millis() as i64;
+        if longest > self.stats.stall_after_ms.get() {
+            self.stats.stall_after_ms.set(longest);
+        }
         self.add_items(session, g).await;
     }
 
@@ -698,7 +711,9 @@ struct Notify {
 
 impl OnSubscriptionNotificationCore for Notify {
     fn on_subscription_notification(&mut self, n: NotificationMessage, _items: MonitoredItemMap<'_>) {
-        self.heard.store(now_ms(), Ordering::Relaxed);
+        let now = now_ms();
+        self.heard.store(now, Ordering::Relaxed);
+        self.dropped.last_heard_ms.set(now);
         let Some(data) = n.notification_data else { return };
         let mut points = Vec::new();
         for obj in &data {
