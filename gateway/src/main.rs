@@ -433,6 +433,9 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
         }
         let gateway = runtime::start(cfg).await?;
         updraft::health::notify_ready();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("{}", where_to_look(&gateway));
+        }
         stop.await;
         info!("Shutting down.");
         updraft::health::notify_stopping();
@@ -442,6 +445,25 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
     // rumqttd's threads have no stop API; leaving main ends them with the process.
     rt.shutdown_timeout(Duration::from_millis(200));
     Ok(())
+}
+
+/// The once-only hint for someone who just started the gateway in a terminal: where the data is
+/// and how to look at it.
+fn where_to_look(gw: &runtime::Gateway) -> String {
+    let mut out = String::from("\n  Updraft is running.\n");
+    if let Some(a) = gw.broker_addr {
+        let host = if a.ip().is_unspecified() { "127.0.0.1".to_owned() } else { a.ip().to_string() };
+        out += &format!("  Local MQTT bus   mqtt://{a}\n");
+        out += &format!("    watch it:      mosquitto_sub -h {host} -p {} -t 'updraft/#' -v\n", a.port());
+    }
+    if let Some(a) = gw.broker_tls_addr {
+        out += &format!("  MQTT over TLS    mqtts://{a}\n");
+    }
+    if let Some(a) = gw.api_addr {
+        out += &format!("  HTTP API         http://{a}/api/v1/values   /ready   /metrics\n");
+    }
+    out += "  Stop with Ctrl-C; the pipeline drains first.\n\n";
+    out
 }
 
 /// Installs the SIGINT/SIGTERM handlers now and returns a future that completes on the first of
