@@ -702,3 +702,20 @@ async fn a_client_over_max_connections_gets_connack_server_unavailable() {
     drop(open);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// The listener picks MQTT 3.1.1 or 5 from the CONNECT's first bytes (rumqttd patch 9): a client
+/// whose CONNECT arrives a byte at a time is still read whole and accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_that_trickles_in_a_byte_at_a_time_is_accepted() {
+    let (gw, _dir) = start_gateway(&header("gw-trickle")).await;
+    let mut s = TcpStream::connect(gw.broker_addr.unwrap()).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for b in connect_packet("trickle", 60, None) {
+        s.write_all(&[b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut ack)).await.expect("a CONNACK").unwrap();
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -356,8 +356,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             };
 
             // Updraft patch 9: a plain MQTT 3.1.1 listener serves MQTT 5 clients too, as mosquitto
-            // and HiveMQ do on one port: the protocol level of the CONNECT is peeked at (not read)
-            // on the connection's own task, which then runs the link with that protocol.
+            // and HiveMQ do on one port: the CONNECT's first bytes are read on the connection's
+            // own task until its protocol level is known, then replayed to a link that runs with
+            // that protocol.
             if self.config.tls.is_none() && matches!(link_type, LinkType::Remote) && P::ALSO_SERVES_V5 {
                 let config = config.clone();
                 let router_tx = self.router_tx.clone();
@@ -367,7 +368,8 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 count += 1;
                 task::spawn(
                     async move {
-                        let v5 = connect_level(&stream, wait).await == Some(5);
+                        let (level, stream) = connect_level(stream, wait).await;
+                        let v5 = level == Some(5);
                         let network: Box<dyn N> = Box::new(stream);
                         if v5 {
                             remote(config, None, router_tx, network, V5, wills).await
@@ -476,31 +478,87 @@ impl Callback for WSCallback {
     }
 }
 
-/// The protocol level of the CONNECT a client sent first (3 for MQTT 3.1, 4 for 3.1.1, 5), peeked
-/// at without consuming it; `Some(0)` if the first packet is not a CONNECT, `None` if the client
-/// sends too little within `wait` or goes away (updraft patch 9).
-async fn connect_level(stream: &TcpStream, wait: Duration) -> Option<u8> {
-    let peek = async {
-        let mut buf = [0u8; 16];
-        let mut seen = 0;
+/// Reads the first bytes a client sends until the CONNECT's protocol level is known (3 for MQTT
+/// 3.1, 4 for 3.1.1, 5), and returns it (`Some(0)`: not a CONNECT; `None`: the client sent too
+/// little within `wait` or went away) with the stream, which replays those bytes to the link
+/// (updraft patch 9). Reading rather than peeking waits on the socket's readiness, so a client that
+/// trickles bytes costs nothing between them.
+async fn connect_level(mut stream: TcpStream, wait: Duration) -> (Option<u8>, Replay) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(16);
+    let read = async {
+        let mut chunk = [0u8; 16];
         loop {
-            let n = stream.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            match parse_connect_level(&buf[..n]) {
+            match parse_connect_level(&buf) {
                 Ok(level) => return Some(level),
-                Err(()) if n == buf.len() => return Some(0),
+                Err(()) if buf.len() >= 16 => return Some(0),
                 Err(()) => {}
             }
-            // `peek` returns at once while the bytes it saw are unread: wait for more.
-            if n == seen {
-                time::sleep(Duration::from_millis(2)).await;
+            let want = 16 - buf.len();
+            match stream.read(&mut chunk[..want]).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
-            seen = n;
         }
     };
-    time::timeout(wait, peek).await.ok().flatten()
+    let level = time::timeout(wait, read).await.ok().flatten();
+    (level, Replay { prefix: buf, at: 0, inner: stream })
+}
+
+/// A stream that first yields the bytes already read from it (updraft patch 9).
+struct Replay {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Replay {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = out.remaining().min(self.prefix.len() - self.at);
+            let at = self.at;
+            out.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replay {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// The protocol level from the first bytes of a CONNECT; `Err` while more bytes are needed.
