@@ -5,7 +5,7 @@
 //! subscription can stay open while its data has stopped. So a device is **stalled** when it has
 //! not shown it is alive (a good read, or an OPC-UA keep-alive) for longer than its driver allows
 //! (`DeviceStats::stall_after_ms`: two polls, or one poll and a timeout), and a sink is stalled when
-//! it has points waiting and the cloud has acknowledged nothing for `SINK_STALL`. Anything stalled
+//! it has points waiting and the cloud has acknowledged nothing for its `buffer.stall_after`. Anything stalled
 //! makes the gateway unready (`/ready` answers 503) and is logged once when it stalls and once when
 //! it recovers. The process's own liveness is a different question (`/health`, the systemd
 //! watchdog): a plant with a dead device is not a reason to restart the gateway.
@@ -20,9 +20,6 @@ use tracing::{info, warn};
 
 use crate::base::point::now_ms;
 use crate::metrics::Metrics;
-
-/// How long a sink may hold points without any acknowledgement before it counts as stalled.
-pub const SINK_STALL: Duration = Duration::from_secs(30);
 
 /// How a component is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -69,12 +66,13 @@ pub struct Health {
     started_ms: i64,
     metrics: Arc<Metrics>,
     devices: Vec<String>,
-    sinks: Vec<String>,
+    /// Each sink with its `stall_after`.
+    sinks: Vec<(String, Duration)>,
     stalled: Mutex<BTreeSet<String>>,
 }
 
 impl Health {
-    pub fn new(metrics: Arc<Metrics>, devices: Vec<String>, sinks: Vec<String>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, devices: Vec<String>, sinks: Vec<(String, Duration)>) -> Self {
         Health { started_ms: now_ms(), metrics, devices, sinks, stalled: Mutex::default() }
     }
 
@@ -105,12 +103,12 @@ impl Health {
         let sinks: BTreeMap<String, SinkHealth> = self
             .sinks
             .iter()
-            .map(|name| {
+            .map(|(name, stall_after)| {
                 let s = self.metrics.sink(name);
                 let pending = s.pending_points.get();
                 let ack = s.last_ack_ms.get();
                 let moved = ack.max(s.caught_up_ms.get()).max(self.started_ms);
-                let stalled = pending > 0 && now - moved > SINK_STALL.as_millis() as i64;
+                let stalled = pending > 0 && now - moved > stall_after.as_millis() as i64;
                 let caught_up = s.caught_up_ms.get().max(self.started_ms);
                 let h = SinkHealth {
                     state: if stalled { State::Stalled } else { State::Ok },
@@ -148,7 +146,7 @@ impl Health {
             let key = format!("sink:{name}");
             match (s.state, stalled.contains(&key)) {
                 (State::Stalled, false) => {
-                    warn!(sink = %name, pending_points = s.pending_points, connected = s.connected, "Sink stalled: points are waiting and the cloud has acknowledged nothing for 30 s.");
+                    warn!(sink = %name, pending_points = s.pending_points, connected = s.connected, "Sink stalled: points are waiting and the cloud has acknowledged nothing for buffer.stall_after.");
                     stalled.insert(key);
                 }
                 (State::Ok, true) => {

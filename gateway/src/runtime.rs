@@ -147,7 +147,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let health = Arc::new(crate::health::Health::new(
         metrics.clone(),
         config.devices.keys().cloned().collect(),
-        config.north.keys().cloned().collect(),
+        config.north.iter().map(|(n, s)| (n.clone(), s.buffer().stall_after.0)).collect(),
     ));
     crate::health::spawn_monitor(health.clone(), cancel.child_token());
     let api_addr = if config.api.enabled {

@@ -1044,3 +1044,42 @@ async fn qos_0_and_a_tag_in_the_topic_send_one_message_per_tag() {
     assert!(settled.is_some(), "at QoS 0 a point counts as delivered once written to the connection");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Health (issue 14): while the cloud is down, the sink's points wait unacknowledged and after
+/// `buffer.stall_after` `/ready` answers 503 naming the sink with its backlog; once the cloud is
+/// back and the backlog is acknowledged, the gateway is ready again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_whose_cloud_is_down_turns_the_gateway_unready_until_it_delivers_again() {
+    let mut cloud = Mosquitto::start().await;
+    let (_dev, maddr) = counting_device().await;
+    let sink = format!("{}buffer = {{ stall_after = \"1s\" }}\n", mqtt_sink(cloud.addr));
+    let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "200ms"), sink)).await;
+    let api = gw.api_addr.unwrap();
+    let ready_is = |want: u16| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, body) = updraft_tests::http_get(api, "/ready").await;
+            if code == want {
+                return serde_json::from_str::<serde_json::Value>(&body).unwrap();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "/ready never answered {want}: {code} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let stats = gw.metrics.sink("cloud");
+    eventually(Duration::from_secs(20), || (stats.delivered.get() > 0).then_some(())).await.expect("delivering");
+    ready_is(200).await;
+
+    cloud.stop();
+    let report = ready_is(503).await;
+    let s = &report["sinks"]["cloud"];
+    assert_eq!(s["state"], "stalled", "{report}");
+    assert!(s["pending_points"].as_i64().unwrap() > 0, "{report}");
+    assert!(s["backlog_age_ms"].as_i64().unwrap() > 0, "{report}");
+    assert_eq!(report["devices"]["press"]["state"], "ok", "the device is fine: {report}");
+
+    cloud.restart().await;
+    let report = ready_is(200).await;
+    assert_eq!(report["sinks"]["cloud"]["state"], "ok", "{report}");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -586,6 +586,10 @@ pub struct NorthBuffer {
     /// past it.
     #[serde(default = "default_memory_bytes")]
     pub memory_bytes: Bytes,
+    /// With points waiting and no acknowledgement from the cloud for this long, the sink counts as
+    /// stalled: `/ready` answers 503 and the stall is logged (once).
+    #[serde(default = "default_stall_after")]
+    pub stall_after: Dur,
 }
 
 impl Default for NorthBuffer {
@@ -596,6 +600,7 @@ impl Default for NorthBuffer {
             on_full: OnFull::default(),
             flush_interval: default_flush_interval(),
             memory_bytes: default_memory_bytes(),
+            stall_after: default_stall_after(),
         }
     }
 }
@@ -608,6 +613,9 @@ const fn default_buffer_age() -> Dur {
 }
 const fn default_flush_interval() -> Dur {
     Dur::from_millis(200)
+}
+const fn default_stall_after() -> Dur {
+    Dur::from_millis(30_000)
 }
 const fn default_memory_bytes() -> Bytes {
     Bytes(16 << 20)

@@ -296,6 +296,9 @@ fn north(sink: &NorthConfig, base: Vec<Seg>, longest_device: usize, longest_tag:
     if fi < std::time::Duration::from_millis(10) || fi > std::time::Duration::from_secs(10) {
         found.push((with(base.clone(), [key("buffer"), key("flush_interval")]), "must be between 10ms and 10s".into()));
     }
+    if buffer.stall_after.0 < std::time::Duration::from_secs(1) {
+        found.push((with(base.clone(), [key("buffer"), key("stall_after")]), "must be at least 1s".into()));
+    }
     if buffer.memory_bytes.0 < (64 << 10) {
         found.push((with(base, [key("buffer"), key("memory_bytes")]), "must be at least 64KiB".into()));
     }
