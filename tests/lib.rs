@@ -558,3 +558,16 @@ impl Drop for SerialPair {
         let _ = self.child.wait();
     }
 }
+
+/// Polls the API's `/ready` until it answers `want` (200 or 503), then returns its JSON report.
+pub async fn wait_ready(api: SocketAddr, want: u16, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (code, body) = http_get(api, "/ready").await;
+        if code == want {
+            return serde_json::from_str(&body).unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/ready never answered {want}: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

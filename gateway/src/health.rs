@@ -107,9 +107,8 @@ impl Health {
                 let s = self.metrics.sink(name);
                 let pending = s.pending_points.get();
                 let ack = s.last_ack_ms.get();
-                let moved = ack.max(s.caught_up_ms.get()).max(self.started_ms);
-                let stalled = pending > 0 && now - moved > stall_after.as_millis() as i64;
                 let caught_up = s.caught_up_ms.get().max(self.started_ms);
+                let stalled = pending > 0 && now - ack.max(caught_up) > stall_after.as_millis() as i64;
                 let h = SinkHealth {
                     state: if stalled { State::Stalled } else { State::Ok },
                     connected: s.connected.get() == 1,

@@ -1055,17 +1055,7 @@ async fn a_sink_whose_cloud_is_down_turns_the_gateway_unready_until_it_delivers_
     let sink = format!("{}buffer = {{ stall_after = \"1s\" }}\n", mqtt_sink(cloud.addr));
     let (gw, _dir) = start_gateway(&format!("{}{}{}", header("gw"), device(maddr, "200ms"), sink)).await;
     let api = gw.api_addr.unwrap();
-    let ready_is = |want: u16| async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let (code, body) = updraft_tests::http_get(api, "/ready").await;
-            if code == want {
-                return serde_json::from_str::<serde_json::Value>(&body).unwrap();
-            }
-            assert!(tokio::time::Instant::now() < deadline, "/ready never answered {want}: {code} {body}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let ready_is = |want: u16| updraft_tests::wait_ready(api, want, Duration::from_secs(30));
     let stats = gw.metrics.sink("cloud");
     eventually(Duration::from_secs(20), || (stats.delivered.get() > 0).then_some(())).await.expect("delivering");
     ready_is(200).await;

@@ -25,17 +25,7 @@ tags = [ {{ name = "force", area = "holding", address = 0 }} ]
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let api = gw.api_addr.unwrap();
-    let ready = |want: u16| async move {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (code, body) = http_get(api, "/ready").await;
-            if code == want {
-                return serde_json::from_str::<serde_json::Value>(&body).unwrap();
-            }
-            assert!(tokio::time::Instant::now() < deadline, "/ready never answered {want}: {code} {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let ready = |want: u16| updraft_tests::wait_ready(api, want, WAIT);
     // Ready from the start (a device has its stall period to deliver a first read), and then with
     // a good read on record.
     let mut ok = ready(200).await;
