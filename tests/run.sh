@@ -4,13 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The stand-in cloud broker (mosquitto), openssl (test certificates) and socat (virtual serial
-# lines for Modbus RTU) come from Debian.
-if ! command -v mosquitto >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 || ! command -v socat >/dev/null 2>&1; then
+# The stand-in cloud broker (mosquitto), openssl (test certificates), socat (virtual serial
+# lines for Modbus RTU) and chromium (the dashboard's browser test) come from Debian.
+if ! command -v mosquitto >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 || ! command -v socat >/dev/null 2>&1 \
+   || ! command -v chromium >/dev/null 2>&1; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto openssl socat >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto openssl socat chromium >/dev/null
   # The tests start their own mosquitto on free ports. The package's service would hold port 1883,
   # which the demo's embedded broker uses, so it is switched off where systemd runs it.
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then

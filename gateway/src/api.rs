@@ -7,59 +7,49 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::base::point::{Point, Quality, Value};
-use crate::health::Health;
-use crate::hub::CurrentValues;
-use crate::metrics::Metrics;
+use crate::hub::Snapshot;
+use crate::status::{PointView, Sources};
 
 /// What the API serves from.
 #[derive(Clone)]
 pub struct Ctx {
-    gateway: Arc<str>,
-    values: Arc<CurrentValues>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
+    sources: Arc<Sources>,
 }
 
 impl Ctx {
-    pub fn new(gateway: &str, values: Arc<CurrentValues>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
-        Ctx { gateway: Arc::from(gateway), values, metrics, health }
+    pub fn new(sources: Arc<Sources>) -> Self {
+        Ctx { sources }
     }
 }
 
-#[derive(Serialize)]
-struct PointView<'a> {
-    value: Option<&'a Value>,
-    ts: i64,
-    quality: Quality,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
+type Tags<'a> = BTreeMap<&'a str, BTreeMap<&'a str, PointView<'a>>>;
+
+fn view(snapshot: &Snapshot) -> Tags<'_> {
+    snapshot.iter().map(|(d, tags)| (&**d, tags.iter().map(|(t, p)| (&**t, PointView::from(p))).collect())).collect()
 }
 
-impl<'a> From<&'a Point> for PointView<'a> {
-    fn from(p: &'a Point) -> Self {
-        PointView { value: p.value.as_ref(), ts: p.ts, quality: p.quality, error: p.error.as_deref() }
-    }
-}
-
+/// Device values, and (for the whole gateway) what plugins derived, as a separate section so a
+/// plugin's output never shadows a device's tag of the same name.
 fn values_json(ctx: &Ctx, device: Option<&str>) -> serde_json::Value {
-    let snapshot = ctx.values.snapshot(device);
-    let devices: BTreeMap<&str, BTreeMap<&str, PointView<'_>>> = snapshot
-        .iter()
-        .map(|(d, tags)| (&**d, tags.iter().map(|(t, p)| (&**t, PointView::from(p))).collect()))
-        .collect();
-    serde_json::json!({ "gateway": &*ctx.gateway, "devices": devices })
+    let s = &ctx.sources;
+    let snapshot = s.values.snapshot(device);
+    let mut out = serde_json::json!({ "gateway": &*s.gateway, "devices": view(&snapshot) });
+    if device.is_none() {
+        out["derived"] = serde_json::json!(view(&s.values.snapshot_derived()));
+    }
+    out
 }
 
 async fn all_values(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
@@ -75,7 +65,25 @@ async fn device_values(State(ctx): State<Ctx>, Path(device): Path<String>) -> Re
 }
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ctx.sources.metrics.render()).into_response()
+}
+
+/// Everything the dashboard shows, once.
+async fn status(State(ctx): State<Ctx>) -> Json<serde_json::Value> {
+    Json(ctx.sources.status())
+}
+
+/// The status document every second as server-sent events (`event: status`), for the dashboard.
+/// A stream per viewer costs one JSON rendering per second; the browser reconnects by itself.
+async fn events(State(ctx): State<Ctx>) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stream = futures::stream::unfold((ctx, tick), |(ctx, mut tick)| async move {
+        tick.tick().await;
+        let event = Event::default().event("status").json_data(ctx.sources.status()).unwrap_or_default();
+        Some((Ok(event), (ctx, tick)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// Liveness: answered by the runtime, so it fails only when the process is stuck.
@@ -86,7 +94,7 @@ async fn health() -> &'static str {
 /// Readiness: 200 when every device delivers good reads and every sink moves its backlog, 503
 /// otherwise; the body says which ones, with their last good read and last acknowledgement.
 async fn ready(State(ctx): State<Ctx>) -> Response {
-    let report = ctx.health.report();
+    let report = ctx.sources.health.report();
     let code = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(report)).into_response()
 }
@@ -102,7 +110,10 @@ pub async fn start(listen: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> s
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/values", get(all_values))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/values/:device", get(device_values))
+        .merge(crate::dashboard::routes())
         .with_state(ctx);
     tokio::spawn(async move {
         let r = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await;

@@ -65,6 +65,17 @@ impl CurrentValues {
         out
     }
 
+    /// A copy of the current points plugins derived (device → tag, as the plugins named them);
+    /// not the messages of local MQTT clients, which are no tag of the gateway.
+    pub fn snapshot_derived(&self) -> Snapshot {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Snapshot::new();
+        for p in slots.iter().flatten().filter(|p| p.key.derived && !p.key.external) {
+            out.entry(p.key.device.clone()).or_default().insert(p.key.tag.clone(), p.clone());
+        }
+        out
+    }
+
     /// Calls `f` with every current point, under the read lock (keep `f` short: drivers wait).
     pub fn visit(&self, mut f: impl FnMut(&Point)) {
         self.slots.read().unwrap_or_else(|e| e.into_inner()).iter().flatten().for_each(&mut f);

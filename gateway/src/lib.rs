@@ -13,7 +13,8 @@
 //! - [`commands`]: write commands to equipment, local and from the cloud, with their guards.
 //! - [`last_values`]: every tag's last value saved to disk and restored at start.
 //! - [`health`]: stalled devices and sinks, readiness, the systemd watchdog.
-//! - [`api`]: the local HTTP API (current values, health, metrics).
+//! - [`api`]: the local HTTP API (current values, health, metrics, status); [`dashboard`]: the
+//!   web page it serves; [`status`]: the document the page shows.
 //! - [`runtime`]: start-up order and graceful shutdown.
 //! - [`telemetry`]: tracing set-up.
 
@@ -23,6 +24,7 @@ pub mod base;
 pub mod broker;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod drivers;
 pub mod health;
 pub mod hub;
@@ -31,4 +33,5 @@ pub mod metrics;
 pub mod plugins;
 pub mod runtime;
 pub mod sinks;
+pub mod status;
 pub mod telemetry;

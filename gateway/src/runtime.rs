@@ -150,8 +150,17 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         config.north.iter().map(|(n, s)| (n.clone(), s.buffer().stall_after.0)).collect(),
     ));
     crate::health::spawn_monitor(health.clone(), cancel.child_token());
+    let sources = Arc::new(crate::status::Sources {
+        gateway: Arc::from(config.gateway.id.as_str()),
+        started_ms: crate::base::point::now_ms(),
+        values: values.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        inventory: std::sync::RwLock::new(crate::status::Inventory::of(&config)),
+        reload: std::sync::RwLock::default(),
+    });
     let api_addr = if config.api.enabled {
-        let ctx = api::Ctx::new(&config.gateway.id, values.clone(), metrics.clone(), health.clone());
+        let ctx = api::Ctx::new(sources.clone());
         Some(api::start(config.api.listen, ctx, cancel.child_token()).await?)
     } else {
         None

@@ -3,6 +3,7 @@
 mod asyncua;
 mod broker;
 mod conformance;
+mod dashboard;
 mod fuzz;
 mod modbus;
 mod north;

@@ -343,6 +343,14 @@ pub enum NorthConfig {
 impl NorthConfig {
     pub const TYPES: &'static [&'static str] = &["mqtt", "http"];
 
+    /// The sink's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NorthConfig::Mqtt(_) => "mqtt",
+            NorthConfig::Http(_) => "http",
+        }
+    }
+
     /// The files the sink reads (secrets and TLS material), by key.
     pub fn files(&self) -> Vec<(&'static str, &Option<PathBuf>)> {
         match self {

@@ -70,6 +70,14 @@ impl DeviceConfig {
     /// The `driver` values, for the loader's messages.
     pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu", "opcua"];
 
+    /// The device's `driver`.
+    pub fn driver(&self) -> &'static str {
+        match self {
+            DeviceConfig::Modbus(d) => d.kind.driver(),
+            DeviceConfig::Opcua(_) => "opcua",
+        }
+    }
+
     /// The names of the device's tags.
     pub fn tag_names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
         match self {

@@ -31,6 +31,8 @@ pub struct PluginStats {
     /// Points not processed because the instance was down (restart backoff) or its call failed.
     pub points_dropped: Counter,
     pub restarts: Counter,
+    /// Time spent in calls (`on-batch`, `on-tick`), summed, in microseconds.
+    pub call_us: Counter,
     /// Kind and reason of the latest trap, for the API and for tests.
     pub last_trap: std::sync::Mutex<Option<(String, String)>>,
 }
@@ -263,10 +265,12 @@ impl Runner {
         let batch = Batch { seq: self.seq, points };
         self.stats.calls.inc();
         self.stats.points_in.add(n);
+        let started = std::time::Instant::now();
         let result = match self.instance.as_mut() {
             Some(i) => i.on_batch(&batch, now_ms()),
             None => return,
         };
+        self.stats.call_us.add(started.elapsed().as_micros() as u64);
         match result {
             Ok(emits) => self.publish(emits).await,
             Err(f) => {
@@ -281,10 +285,12 @@ impl Runner {
             return;
         }
         self.stats.calls.inc();
+        let started = std::time::Instant::now();
         let result = match self.instance.as_mut() {
             Some(i) => i.on_tick(now_ms()),
             None => return,
         };
+        self.stats.call_us.add(started.elapsed().as_micros() as u64);
         match result {
             Ok(emits) => self.publish(emits).await,
             Err(f) => self.failed(&f, "on-tick"),
