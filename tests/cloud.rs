@@ -276,6 +276,12 @@ impl GatewayProcess {
         GatewayProcess { child }
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`, …).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success(), "kill -{name}");
+    }
+
     /// `kill -9`: no drain, no goodbye.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

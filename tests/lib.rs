@@ -394,9 +394,28 @@ pub async fn try_connect(opts: MqttOptions) -> Result<(), String> {
 /// A plain HTTP/1.1 GET over loopback; returns (status, body). Enough for the local API, and it
 /// keeps an HTTP client library out of the test build.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+/// A plain HTTP/1.1 POST with extra header lines (`Name: value`); returns (status, body).
+pub async fn http_post(addr: SocketAddr, path: &str, headers: &[&str], body: &str) -> (u16, String) {
+    http_request(addr, "POST", path, headers, body).await
+}
+
+async fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if method != "GET" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -405,6 +424,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body =
         if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
     (status, body)
+}
+
+/// The value of one series in a Prometheus text page, by its exact name and labels
+/// (`updraft_north_pending_points{sink="cloud"}`).
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn dechunk(mut body: &str) -> String {

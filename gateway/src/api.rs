@@ -9,28 +9,44 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::hub::Snapshot;
+use crate::runtime::ReloadRequest;
 use crate::status::{PointView, Sources};
 
 /// What the API serves from.
 #[derive(Clone)]
 pub struct Ctx {
     sources: Arc<Sources>,
+    reload: Option<Reload>,
+}
+
+/// How `POST /api/v1/reload` reaches the loop that owns the gateway, and who may ask.
+#[derive(Clone)]
+struct Reload {
+    tx: mpsc::Sender<ReloadRequest>,
+    token: Option<Arc<str>>,
 }
 
 impl Ctx {
     pub fn new(sources: Arc<Sources>) -> Self {
-        Ctx { sources }
+        Ctx { sources, reload: None }
+    }
+
+    /// Takes reload requests on `tx`, from callers presenting `token` if there is one.
+    pub fn with_reload(mut self, tx: mpsc::Sender<ReloadRequest>, token: Option<String>) -> Self {
+        self.reload = Some(Reload { tx, token: token.map(Arc::from) });
+        self
     }
 }
 
@@ -99,6 +115,44 @@ async fn ready(State(ctx): State<Ctx>) -> Response {
     (code, Json(report)).into_response()
 }
 
+/// Reloads the config file: 200 with what changed, 422 with why it was refused (the running
+/// config stays). With `[api] token_file`, only for `Authorization: Bearer TOKEN`; without one,
+/// only when the API listens on loopback (anyone who can reach a network port could otherwise
+/// make the gateway restart its devices at will).
+async fn reload(State(ctx): State<Ctx>, ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    let Some(r) = ctx.reload.clone() else {
+        return (StatusCode::NOT_FOUND, "reload is not available here\n").into_response();
+    };
+    match &r.token {
+        Some(token) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes())) {
+                warn!(%peer, "Reload refused: missing or wrong token.");
+                return (StatusCode::UNAUTHORIZED, "a reload needs `Authorization: Bearer TOKEN` ([api] token_file)\n")
+                    .into_response();
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            return (StatusCode::FORBIDDEN, "reloads over the network need [api] token_file\n").into_response();
+        }
+        None => {}
+    }
+    let (reply, answer) = oneshot::channel();
+    if r.tx.send(ReloadRequest { reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response();
+    }
+    match answer.await {
+        Ok(Ok(diff)) => Json(serde_json::json!({ "applied": true, "changes": diff })).into_response(),
+        Ok(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, Json(serde_json::json!({ "applied": false, "error": e })))
+            .into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the gateway is stopping\n").into_response(),
+    }
+}
+
 /// Binds the API listener (failing loudly if the port is taken) and serves until `cancel`.
 pub async fn start(listen: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(listen).await.map_err(|e| {
@@ -112,10 +166,12 @@ pub async fn start(listen: SocketAddr, ctx: Ctx, cancel: CancellationToken) -> s
         .route("/api/v1/values", get(all_values))
         .route("/api/v1/status", get(status))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/reload", post(reload))
         .route("/api/v1/values/:device", get(device_values))
         .merge(crate::dashboard::routes())
         .with_state(ctx);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let r = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await }).await;
         if let Err(e) = r {
             warn!(error = %e, "HTTP API stopped.");

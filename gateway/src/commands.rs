@@ -62,20 +62,31 @@ struct Recent {
 /// The devices' write queues and the guards in front of them.
 #[derive(Default)]
 pub struct Commands {
-    devices: HashMap<String, WriteTx>,
+    /// Replaced per device on reload.
+    devices: std::sync::RwLock<HashMap<String, WriteTx>>,
     recent: Mutex<Recent>,
     pub stats: Arc<CommandStats>,
 }
 
 impl std::fmt::Debug for Commands {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Commands").field("devices", &self.devices.len()).finish()
+        f.debug_struct("Commands").field("devices", &self.devices.read().map(|d| d.len()).unwrap_or(0)).finish()
     }
 }
 
 impl Commands {
     pub fn new(devices: HashMap<String, WriteTx>, stats: Arc<CommandStats>) -> Arc<Self> {
-        Arc::new(Commands { devices, recent: Mutex::default(), stats })
+        Arc::new(Commands { devices: std::sync::RwLock::new(devices), recent: Mutex::default(), stats })
+    }
+
+    /// Points `device`'s commands at a new driver's queue, or (None) refuses them as unknown:
+    /// a reload that restarts or removes the device.
+    pub fn set_device(&self, device: &str, tx: Option<WriteTx>) {
+        let mut devices = self.devices.write().unwrap_or_else(|e| e.into_inner());
+        match tx {
+            Some(tx) => devices.insert(device.to_owned(), tx),
+            None => devices.remove(device),
+        };
     }
 
     /// Refuses a retained command without executing it; `origin` names the path in the log.
@@ -100,7 +111,11 @@ impl Commands {
             Some(Ok(tx)) => Some(tx),
             None => None,
         };
-        let result = match crate::drivers::submit(&self.devices, &cmd.device, &cmd.tag, cmd.value) {
+        let submitted = {
+            let devices = self.devices.read().unwrap_or_else(|e| e.into_inner());
+            crate::drivers::submit(&devices, &cmd.device, &cmd.tag, cmd.value)
+        };
+        let result = match submitted {
             Ok(wait) => wait.await.unwrap_or_else(|_| Err("the device's driver has stopped".into())),
             Err(e) => Err(e),
         };

@@ -11,7 +11,7 @@
 //! watchdog): a plant with a dead device is not a reason to restart the gateway.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -61,30 +61,72 @@ pub struct Report {
     pub sinks: BTreeMap<String, SinkHealth>,
 }
 
+#[derive(Debug, Default)]
+struct Watched {
+    /// Device → unix ms it started.
+    devices: BTreeMap<String, i64>,
+    /// Sink → (stall_after, unix ms it started).
+    sinks: BTreeMap<String, (Duration, i64)>,
+}
+
 /// Evaluates health from the metrics; remembers what is stalled to log each change once.
 pub struct Health {
-    started_ms: i64,
     metrics: Arc<Metrics>,
-    devices: Vec<String>,
-    /// Each sink with its `stall_after`.
-    sinks: Vec<(String, Duration)>,
+    /// The devices, and each sink with its `stall_after`, each with the time it started (it has
+    /// its stall window from then to show it moves); replaced on reload.
+    watched: RwLock<Watched>,
     stalled: Mutex<BTreeSet<String>>,
 }
 
 impl Health {
     pub fn new(metrics: Arc<Metrics>, devices: Vec<String>, sinks: Vec<(String, Duration)>) -> Self {
-        Health { started_ms: now_ms(), metrics, devices, sinks, stalled: Mutex::default() }
+        let now = now_ms();
+        let watched = Watched {
+            devices: devices.into_iter().map(|d| (d, now)).collect(),
+            sinks: sinks.into_iter().map(|(s, after)| (s, (after, now))).collect(),
+        };
+        Health { metrics, watched: RwLock::new(watched), stalled: Mutex::default() }
+    }
+
+    /// What to watch after a reload; `restarted` devices and sinks (added or changed) get a new
+    /// stall window, the others keep theirs.
+    pub fn watch(
+        &self,
+        devices: Vec<String>,
+        sinks: Vec<(String, Duration)>,
+        restarted_devices: &[String],
+        restarted_sinks: &[String],
+    ) {
+        let now = now_ms();
+        let mut w = self.watched.write().unwrap_or_else(|e| e.into_inner());
+        let since = |old: Option<i64>, restarted: bool| if restarted { now } else { old.unwrap_or(now) };
+        let devices = devices
+            .into_iter()
+            .map(|d| {
+                let s = since(w.devices.get(&d).copied(), restarted_devices.contains(&d));
+                (d, s)
+            })
+            .collect();
+        let sinks = sinks
+            .into_iter()
+            .map(|(n, after)| {
+                let s = since(w.sinks.get(&n).map(|(_, s)| *s), restarted_sinks.contains(&n));
+                (n, (after, s))
+            })
+            .collect();
+        *w = Watched { devices, sinks };
     }
 
     /// The current report; logs components that stalled or recovered since the last one.
     pub fn report(&self) -> Report {
         let now = now_ms();
-        let devices: BTreeMap<String, DeviceHealth> = self
+        let watched = self.watched.read().unwrap_or_else(|e| e.into_inner());
+        let devices: BTreeMap<String, DeviceHealth> = watched
             .devices
             .iter()
-            .map(|name| {
+            .map(|(name, since)| {
                 let s = self.metrics.device(name);
-                let heard = s.last_heard_ms.get().max(self.started_ms);
+                let heard = s.last_heard_ms.get().max(*since);
                 let silent_ms = (now - heard).max(0);
                 let stall_after_ms = s.stall_after_ms.get();
                 let stalled = stall_after_ms > 0 && silent_ms > stall_after_ms;
@@ -100,14 +142,14 @@ impl Health {
                 (name.clone(), h)
             })
             .collect();
-        let sinks: BTreeMap<String, SinkHealth> = self
+        let sinks: BTreeMap<String, SinkHealth> = watched
             .sinks
             .iter()
-            .map(|(name, stall_after)| {
+            .map(|(name, (stall_after, since))| {
                 let s = self.metrics.sink(name);
                 let pending = s.pending_points.get();
                 let ack = s.last_ack_ms.get();
-                let caught_up = s.caught_up_ms.get().max(self.started_ms);
+                let caught_up = s.caught_up_ms.get().max(*since);
                 let stalled = pending > 0 && now - ack.max(caught_up) > stall_after.as_millis() as i64;
                 let h = SinkHealth {
                     state: if stalled { State::Stalled } else { State::Ok },
@@ -184,6 +226,11 @@ pub fn spawn_monitor(health: Arc<Health>, cancel: CancellationToken) {
 /// Tells systemd (`Type=notify`) that the gateway is up; nothing outside systemd.
 pub fn notify_ready() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd a reload is under way (`Type=notify` with `ExecReload=`); `notify_ready` ends it.
+pub fn notify_reloading() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
 }
 
 /// Tells systemd the gateway is stopping, so it does not count the drain as a hang.

@@ -53,6 +53,17 @@ impl CurrentValues {
         }
     }
 
+    /// Forgets a removed device's values, so neither the API nor the broker's retained messages
+    /// keep offering them.
+    pub fn forget_device(&self, device: &str) {
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.iter_mut() {
+            if slot.as_ref().is_some_and(|p| !p.key.derived && p.device() == device) {
+                *slot = None;
+            }
+        }
+    }
+
     /// A copy of the current values, optionally of one device.
     pub fn snapshot(&self, device: Option<&str>) -> Snapshot {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
@@ -101,6 +112,12 @@ struct Consumer {
 }
 
 impl Consumer {
+    fn new(name: &str, metrics: &Metrics, wants: Option<Wants>) -> (Self, mpsc::Receiver<Batch>) {
+        let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+        let (dropped, dropped_points) = metrics.dropped(name);
+        (Consumer { name: name.to_owned(), tx, dropped, dropped_points, wants }, rx)
+    }
+
     fn offer(&mut self, batch: &Batch) {
         if let Some(wants) = &mut self.wants {
             if !wants(batch) {
@@ -134,6 +151,33 @@ pub enum Stage {
     Terminal,
 }
 
+/// A change to the set of consumers while the hub runs (a reload).
+enum Ctl {
+    Add(Stage, Consumer),
+    Remove(String),
+}
+
+/// Adds and removes consumers of a running hub (reload). Cheap to clone.
+#[derive(Clone)]
+pub struct HubHandle {
+    ctl: mpsc::UnboundedSender<Ctl>,
+    metrics: Arc<Metrics>,
+}
+
+impl HubHandle {
+    /// Registers a consumer; it receives the batches the hub handles after this call.
+    pub fn subscribe(&self, name: &str, stage: Stage) -> mpsc::Receiver<Batch> {
+        let (c, rx) = Consumer::new(name, &self.metrics, None);
+        let _ = self.ctl.send(Ctl::Add(stage, c));
+        rx
+    }
+
+    /// Closes a consumer's queue: it gets what is queued, then `None`, and stops.
+    pub fn unsubscribe(&self, name: &str) {
+        let _ = self.ctl.send(Ctl::Remove(name.to_owned()));
+    }
+}
+
 /// Built before the drivers start: consumers register, then `run` takes over.
 ///
 /// Two inputs: device points from drivers, and derived points from plugins. Shutdown is two-phase:
@@ -146,6 +190,8 @@ pub struct Hub {
     derived_tx: Option<BusSender>,
     transforms: Vec<Consumer>,
     terminals: Vec<Consumer>,
+    ctl_rx: mpsc::UnboundedReceiver<Ctl>,
+    ctl_tx: mpsc::UnboundedSender<Ctl>,
     values: Arc<CurrentValues>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -155,6 +201,7 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
         let (derived_tx, derived_rx) = mpsc::channel(QUEUE_BATCHES);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Registry::default());
         let values = Arc::new(CurrentValues::new(registry.clone()));
         Hub {
@@ -164,6 +211,8 @@ impl Hub {
             derived_tx: Some(derived_tx),
             transforms: Vec::new(),
             terminals: Vec::new(),
+            ctl_rx,
+            ctl_tx,
             values,
             registry,
             metrics,
@@ -189,6 +238,11 @@ impl Hub {
         self.values.clone()
     }
 
+    /// A handle to add and remove consumers once the hub runs.
+    pub fn handle(&self) -> HubHandle {
+        HubHandle { ctl: self.ctl_tx.clone(), metrics: self.metrics.clone() }
+    }
+
     /// Registers a consumer and returns its queue.
     pub fn subscribe(&mut self, name: &str, stage: Stage) -> mpsc::Receiver<Batch> {
         self.subscribe_filtered(name, stage, None)
@@ -196,14 +250,26 @@ impl Hub {
 
     /// Registers a consumer that only receives the batches `wants` accepts.
     pub fn subscribe_filtered(&mut self, name: &str, stage: Stage, wants: Option<Wants>) -> mpsc::Receiver<Batch> {
-        let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
-        let (dropped, dropped_points) = self.metrics.dropped(name);
-        let c = Consumer { name: name.to_owned(), tx, dropped, dropped_points, wants };
+        let (c, rx) = Consumer::new(name, &self.metrics, wants);
+        self.add(stage, c);
+        rx
+    }
+
+    fn add(&mut self, stage: Stage, c: Consumer) {
         match stage {
             Stage::Transform => self.transforms.push(c),
             Stage::Terminal => self.terminals.push(c),
         }
-        rx
+    }
+
+    fn control(&mut self, ctl: Ctl) {
+        match ctl {
+            Ctl::Add(stage, c) => self.add(stage, c),
+            Ctl::Remove(name) => {
+                self.transforms.retain(|c| c.name != name);
+                self.terminals.retain(|c| c.name != name);
+            }
+        }
     }
 
     /// Runs until every producer has hung up, closing queues in pipeline order.
@@ -214,6 +280,9 @@ impl Hub {
         let mut derived_open = true;
         loop {
             tokio::select! {
+                // Consumer changes first: one added before a driver starts sees its first batch.
+                biased;
+                Some(ctl) = self.ctl_rx.recv() => self.control(ctl),
                 batch = self.rx.recv() => match batch {
                     Some(batch) => {
                         self.values.update(&batch);
@@ -232,6 +301,9 @@ impl Hub {
         }
         // Drivers are done: close the plugins' queues, then forward what they flush.
         self.transforms.clear();
+        while let Ok(ctl) = self.ctl_rx.try_recv() {
+            self.control(ctl);
+        }
         while let Some(batch) = self.derived_rx.recv().await {
             self.values.update(&batch);
             self.terminals.iter_mut().for_each(|c| c.offer(&batch));

@@ -31,6 +31,7 @@ pub mod hub;
 pub mod last_values;
 pub mod metrics;
 pub mod plugins;
+pub mod reload;
 pub mod runtime;
 pub mod sinks;
 pub mod status;

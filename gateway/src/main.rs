@@ -38,6 +38,10 @@ enum Command {
     Check {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Also print what a reload to this file would change in the running gateway (the config
+        /// it last applied is kept in DATA_DIR/running-config.json).
+        #[arg(long)]
+        diff: bool,
     },
     /// Run only the config's [simulators.*], for commissioning without the gateway.
     Simulate {
@@ -211,7 +215,7 @@ fn main() -> ExitCode {
             println!("updraft {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match config::load(&config) {
+        Command::Check { config, diff } => match config::load(&config) {
             Ok(c) => {
                 let plugin_problems = runtime::check_plugins(&c);
                 if !plugin_problems.is_empty() {
@@ -228,6 +232,9 @@ fn main() -> ExitCode {
                     c.plugins.len(),
                     c.north.len()
                 );
+                if diff {
+                    print_diff(&c);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -431,12 +438,29 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
             cancel.cancel();
             return Ok(());
         }
-        let gateway = runtime::start(cfg).await?;
+        let mut gateway = runtime::start(cfg).await?;
+        gateway.keep_config(&path);
         updraft::health::notify_ready();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprint!("{}", where_to_look(&gateway));
         }
-        stop.await;
+        let mut hangups = hangup_signal().context("cannot install the SIGHUP handler")?;
+        let mut requests = gateway.reload_requests();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(()) = hangups.recv() => {
+                    info!(path = %path.display(), "SIGHUP: reloading the config.");
+                    // The outcome is logged, counted and shown on the dashboard by `reload_from`.
+                    let _ = reload(&mut gateway, &path).await;
+                }
+                Some(req) = async { match requests.as_mut() { Some(r) => r.recv().await, None => None } } => {
+                    info!(path = %path.display(), "Reload asked over the API.");
+                    let _ = req.reply.send(reload(&mut gateway, &path).await);
+                }
+            }
+        }
         info!("Shutting down.");
         updraft::health::notify_stopping();
         gateway.shutdown(SHUTDOWN_GRACE).await;
@@ -445,6 +469,55 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
     // rumqttd's threads have no stop API; leaving main ends them with the process.
     rt.shutdown_timeout(Duration::from_millis(200));
     Ok(())
+}
+
+/// What a reload to `new` would change, against the config the gateway last applied.
+fn print_diff(new: &config::Config) {
+    let dir = &new.gateway.data_dir;
+    match updraft::reload::kept(dir) {
+        Ok(kept) => {
+            println!(
+                "against the running config (from {}, applied {}):",
+                kept.source.display(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(kept.applied_ms.max(0) as u64)
+                )
+            );
+            let d = updraft::reload::Diff::between(&kept.fingerprints, &updraft::reload::Fingerprints::of(new));
+            print!("{d}");
+        }
+        Err(e) => println!(
+            "no running config recorded in {} ({e}): the gateway records it when it starts, so everything would start",
+            updraft::reload::kept_path(dir).display()
+        ),
+    }
+}
+
+/// One reload, with systemd told while it runs (`RELOADING=1`, then `READY=1`).
+async fn reload(gateway: &mut runtime::Gateway, path: &std::path::Path) -> Result<updraft::reload::Diff, String> {
+    updraft::health::notify_reloading();
+    let r = gateway.reload_from(path).await;
+    updraft::health::notify_ready();
+    r
+}
+
+/// SIGHUP, as a stream of reload requests (nothing on platforms without it).
+fn hangup_signal() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // Several SIGHUPs during one reload make one more reload, not a queue of them.
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    Ok(rx)
 }
 
 /// The once-only hint for someone who just started the gateway in a terminal: where the data is
@@ -460,6 +533,7 @@ fn where_to_look(gw: &runtime::Gateway) -> String {
         out += &format!("  MQTT over TLS    mqtts://{a}\n");
     }
     if let Some(a) = gw.api_addr {
+        out += &format!("  Dashboard        http://{a}/\n");
         out += &format!("  HTTP API         http://{a}/api/v1/values   /ready   /metrics\n");
     }
     out += "  Stop with Ctrl-C; the pipeline drains first.\n\n";

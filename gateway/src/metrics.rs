@@ -70,6 +70,9 @@ pub struct Metrics {
     /// What the broker's router lost or forgot: messages of subscribers that fell behind,
     /// sessions of persistent clients that are away.
     pub broker_router: Arc<rumqttd::Counters>,
+    /// Reloads applied and refused (a bad file, a change only a restart applies).
+    pub reloads_applied: Counter,
+    pub reloads_refused: Counter,
     /// Write commands by outcome.
     pub commands: Arc<crate::commands::CommandStats>,
     /// Batches (and their points) a consumer could not take because its queue was full.
@@ -84,6 +87,19 @@ impl Metrics {
         }
         let mut map = self.devices.write().unwrap_or_else(|e| e.into_inner());
         map.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Drops a removed device's, plugin's or sink's series (reload), so /metrics lists what runs.
+    pub fn forget(&self, device: Option<&str>, plugin: Option<&str>, sink: Option<&str>) {
+        if let Some(d) = device {
+            self.devices.write().unwrap_or_else(|e| e.into_inner()).remove(d);
+        }
+        if let Some(p) = plugin {
+            self.plugins.write().unwrap_or_else(|e| e.into_inner()).remove(p);
+        }
+        if let Some(s) = sink {
+            self.sinks.write().unwrap_or_else(|e| e.into_inner()).remove(s);
+        }
     }
 
     pub fn plugin(&self, name: &str) -> Arc<PluginStats> {
@@ -201,6 +217,12 @@ impl Metrics {
             out,
             "# HELP updraft_broker_saved_sessions Sessions kept for persistent MQTT clients that are away.\n# TYPE updraft_broker_saved_sessions gauge\nupdraft_broker_saved_sessions {}",
             self.broker_router.saved_sessions.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP updraft_reloads_total Config reloads by result (refused: a bad file or a change that needs a restart; the running config stays).\n# TYPE updraft_reloads_total counter\nupdraft_reloads_total{{result=\"applied\"}} {}\nupdraft_reloads_total{{result=\"refused\"}} {}",
+            self.reloads_applied.get(),
+            self.reloads_refused.get()
         );
         let c = &self.commands;
         let _ = writeln!(out, "# HELP updraft_commands_total Write commands (local and cloud) by result: ok, failed, retained (ignored), duplicate (answered, not executed).\n# TYPE updraft_commands_total counter");

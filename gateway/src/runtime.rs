@@ -1,7 +1,8 @@
 //! Builds the pipeline from a config, starts it, and drains it on shutdown.
 //!
 //! Start order: simulators (so the demo's devices answer at once), the embedded broker, the hub's
-//! consumers, the HTTP API, then the drivers. Shutdown is one `CancellationToken`: drivers stop and
+//! consumers, the HTTP API, then the plugins and the drivers. A reload stops and starts only the
+//! device groups, plugins and sinks whose config changed (`reload.rs` says which). Shutdown is one `CancellationToken`: drivers stop and
 //! drop their senders, the hub sees its channel close and closes its consumers' queues, and the
 //! publisher thread drains what is left. The whole drain runs under a grace period.
 
@@ -15,11 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::api;
+use crate::base::point::Registry;
 use crate::broker::{self, BrokerError};
 use crate::config::Config;
-use crate::hub::{CurrentValues, Hub, Stage};
+use crate::hub::{BusSender, CurrentValues, Hub, HubHandle, Stage};
 use crate::metrics::Metrics;
 use crate::plugins::host::PluginEngine;
+use crate::reload::{Diff, Fingerprints};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -49,17 +52,46 @@ pub struct Gateway {
     pub values: Arc<CurrentValues>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<crate::health::Health>,
+    /// What the dashboard shows, including the outcome of reloads.
+    pub sources: Arc<crate::status::Sources>,
     cancel: CancellationToken,
     /// The built-in simulators stop after the drivers, so no driver sees its device vanish (and
     /// logs it) during an orderly shutdown.
     simulators_cancel: CancellationToken,
-    drivers: JoinSet<()>,
     hub: tokio::task::JoinHandle<()>,
+    hub_handle: HubHandle,
+    registry: Arc<Registry>,
+    /// The gateway's own senders into the hub, for drivers and plugins started by a reload;
+    /// dropped at shutdown so the hub sees its producers end.
+    bus_tx: Option<BusSender>,
+    derived_tx: Option<BusSender>,
     publisher: Option<std::thread::JoinHandle<()>>,
-    plugins: Vec<std::thread::JoinHandle<()>>,
-    sinks: Vec<std::thread::JoinHandle<()>>,
+    /// Device groups (devices sharing a link) by group key.
+    groups: BTreeMap<String, GroupRun>,
+    plugins: BTreeMap<String, std::thread::JoinHandle<()>>,
+    sinks: BTreeMap<String, crate::sinks::SinkRun>,
+    commands: Arc<crate::commands::Commands>,
+    engine: Option<Arc<PluginEngine>>,
+    opcua: crate::drivers::opcua::Context,
+    /// The running config and what it hashes to.
+    config: Config,
+    fingerprints: Fingerprints,
+    /// Reload requests from `POST /api/v1/reload`, for the loop that owns the gateway.
+    reload_rx: Option<tokio::sync::mpsc::Receiver<ReloadRequest>>,
     /// Where the last values are saved at shutdown, unless that is off.
     last_values: Option<std::path::PathBuf>,
+}
+
+/// The devices of one group: they start and stop together.
+struct GroupRun {
+    devices: Vec<String>,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// A reload asked for over the API; the answer goes back on `reply`.
+pub struct ReloadRequest {
+    pub reply: tokio::sync::oneshot::Sender<Result<Diff, String>>,
 }
 
 /// Starts simulators only, for `updraft simulate`.
@@ -87,11 +119,12 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let mut hub = Hub::new(metrics.clone());
     let values = hub.values();
+    let registry = hub.registry();
     // Before the broker accepts its first client, so nobody sees an empty bus after a restart.
     let save_every = config.gateway.save_values_every.0;
     let last_values = (!save_every.is_zero()).then(|| crate::last_values::path(&config));
     if let Some(path) = &last_values {
-        let restored = crate::last_values::restore(&config, &hub.registry(), &values, path);
+        let restored = crate::last_values::restore(&config, &registry, &values, path);
         if restored > 0 {
             info!(values = restored, path = %path.display(), "Restored the last values saved before the restart.");
         }
@@ -99,16 +132,9 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     }
 
     let tag_count: usize = config.devices.values().map(|d| d.tag_names().count()).sum();
-    // One write queue per device, shared by the local broker's command listener and the cloud
-    // sinks' command subscriptions.
-    let mut write_txs = std::collections::HashMap::new();
-    let mut write_rxs = std::collections::HashMap::new();
-    for name in config.devices.keys() {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        write_txs.insert(name.clone(), tx);
-        write_rxs.insert(name.clone(), rx);
-    }
-    let commands = crate::commands::Commands::new(write_txs, metrics.commands.clone());
+    // The devices' write queues, shared by the local broker's command listener and the cloud
+    // sinks' command subscriptions; each device's queue is added as its driver starts.
+    let commands = crate::commands::Commands::new(Default::default(), metrics.commands.clone());
     let mut broker_tls_addr = None;
     let (broker_addr, publisher) = if config.broker.enabled {
         let cfg = config.broker.clone();
@@ -130,7 +156,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         let (filters, own_output) = crate::sinks::local_topics(&config);
         if !filters.is_empty() {
             let dropped = metrics.dropped("local-topics").1;
-            b.spawn_tap(&filters, &own_output, hub.registry(), hub.derived_sender(), dropped, cancel.child_token());
+            b.spawn_tap(&filters, &own_output, registry.clone(), hub.derived_sender(), dropped, cancel.child_token());
         }
         // Batches nobody subscribes to never wake the publisher.
         let mut interest = b.interest();
@@ -142,7 +168,18 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     // Sinks register before the hub runs; their buffers open (and are repaired) here, so a
     // problem with the data directory stops start-up with a clear message.
-    let sinks = crate::sinks::start_all(&config, &mut hub, &metrics, &commands, &cancel)?;
+    let mut sinks = BTreeMap::new();
+    for name in config.north.keys() {
+        let run = crate::sinks::start_one(
+            &config,
+            name,
+            |consumer| hub.subscribe(consumer, Stage::Terminal),
+            &metrics,
+            &commands,
+            cancel.child_token(),
+        )?;
+        sinks.insert(name.clone(), run);
+    }
 
     let health = Arc::new(crate::health::Health::new(
         metrics.clone(),
@@ -157,51 +194,24 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         metrics: metrics.clone(),
         health: health.clone(),
         inventory: std::sync::RwLock::new(crate::status::Inventory::of(&config)),
-        reload: std::sync::RwLock::default(),
+        reload: std::sync::RwLock::new(crate::status::ReloadState {
+            applied_ms: crate::base::point::now_ms(),
+            ..Default::default()
+        }),
     });
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let api_addr = if config.api.enabled {
-        let ctx = api::Ctx::new(sources.clone());
+        let ctx = api::Ctx::new(sources.clone()).with_reload(reload_tx, config.api.reload_token()?);
         Some(api::start(config.api.listen, ctx, cancel.child_token()).await?)
     } else {
         None
     };
 
-    let mut plugins = Vec::new();
-    if !config.plugins.is_empty() {
-        let engine = Arc::new(
-            PluginEngine::new(&config.gateway.data_dir.join("plugin-cache"))
-                .map_err(|e| StartError::PluginEngine(format!("{e:#}")))?,
-        );
-        for (name, p) in &config.plugins {
-            // Compiling takes hundreds of milliseconds of CPU: not on an async worker.
-            let (e, wasm) = (engine.clone(), p.wasm.clone());
-            let loaded = tokio::task::spawn_blocking(move || e.load(&wasm))
-                .await
-                .map_err(|e| StartError::PluginEngine(e.to_string()))?
-                .map_err(|source| StartError::Plugin { name: name.clone(), source })?;
-            info!(plugin = %name, warm = loaded.warm, load_time = ?loaded.load_time, "Plugin loaded.");
-            let rx = hub.subscribe(&format!("plugin:{name}"), Stage::Transform);
-            plugins.push(crate::plugins::spawn(name, p, loaded, hub.registry(), rx, hub.derived_sender(), &metrics)?);
-        }
-    }
-
-    let mut drivers = JoinSet::new();
-    let mut shared = crate::drivers::Shared::new(&config);
-    for (name, device) in &config.devices {
-        let commands = write_rxs.remove(name);
-        drivers.spawn(device.task(
-            &mut shared,
-            name,
-            &hub.registry(),
-            metrics.device(name),
-            hub.sender(),
-            commands,
-            cancel.child_token(),
-        ));
-    }
+    let hub_handle = hub.handle();
+    let bus_tx = hub.sender();
+    let derived_tx = hub.derived_sender();
     let hub = tokio::spawn(hub.run());
-    info!(gateway = %config.gateway.id, devices = config.devices.len(), tags = tag_count, "Gateway running.");
-    Ok(Gateway {
+    let mut gw = Gateway {
         broker_addr,
         broker_tls_addr,
         api_addr,
@@ -209,15 +219,298 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         values,
         metrics,
         health,
+        sources,
         cancel,
         simulators_cancel,
-        drivers,
         hub,
+        hub_handle,
+        registry,
+        bus_tx: Some(bus_tx),
+        derived_tx: Some(derived_tx),
         publisher,
-        plugins,
+        groups: BTreeMap::new(),
+        plugins: BTreeMap::new(),
         sinks,
+        commands,
+        engine: None,
+        opcua: crate::drivers::opcua::Context::new(&config.gateway.data_dir, &config.gateway.id),
+        fingerprints: Fingerprints::of(&config),
+        config,
+        reload_rx: Some(reload_rx),
         last_values,
-    })
+    };
+    // Plugins subscribe before the drivers start (the hub takes subscriptions before batches),
+    // so they see the first poll.
+    let names: Vec<String> = gw.config.plugins.keys().cloned().collect();
+    let loaded = gw.load_plugins(&names).await?;
+    for (name, loaded) in loaded {
+        gw.start_plugin(&name, loaded)?;
+    }
+    let all: Vec<String> = gw.config.devices.keys().cloned().collect();
+    for (group, devices) in groups_of(&gw.config, &all) {
+        gw.start_group(group, devices);
+    }
+    info!(gateway = %gw.config.gateway.id, devices = gw.config.devices.len(), tags = tag_count, "Gateway running.");
+    Ok(gw)
+}
+
+/// The device groups `names` belong to, each with every device of the config in it.
+fn groups_of(config: &Config, names: &[String]) -> BTreeMap<String, Vec<String>> {
+    let wanted: std::collections::BTreeSet<String> =
+        names.iter().filter_map(|n| config.devices.get(n).map(|d| d.group(n))).collect();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, d) in &config.devices {
+        let g = d.group(name);
+        if wanted.contains(&g) {
+            out.entry(g).or_default().push(name.clone());
+        }
+    }
+    out
+}
+
+impl Gateway {
+    /// Compiles plugins (hundreds of milliseconds of CPU each: not on an async worker).
+    async fn load_plugins(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<(String, crate::plugins::host::LoadedPlugin)>, StartError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let engine = match &self.engine {
+            Some(e) => e.clone(),
+            None => {
+                let e = Arc::new(
+                    PluginEngine::new(&self.config.gateway.data_dir.join("plugin-cache"))
+                        .map_err(|e| StartError::PluginEngine(format!("{e:#}")))?,
+                );
+                self.engine = Some(e.clone());
+                e
+            }
+        };
+        let mut out = Vec::new();
+        for name in names {
+            let (e, wasm) = (engine.clone(), self.config.plugins[name].wasm.clone());
+            let loaded = tokio::task::spawn_blocking(move || e.load(&wasm))
+                .await
+                .map_err(|e| StartError::PluginEngine(e.to_string()))?
+                .map_err(|source| StartError::Plugin { name: name.clone(), source })?;
+            info!(plugin = %name, warm = loaded.warm, load_time = ?loaded.load_time, "Plugin loaded.");
+            out.push((name.clone(), loaded));
+        }
+        Ok(out)
+    }
+
+    fn start_plugin(&mut self, name: &str, loaded: crate::plugins::host::LoadedPlugin) -> Result<(), StartError> {
+        let rx = self.hub_handle.subscribe(&plugin_consumer(name), Stage::Transform);
+        let out = self.derived_tx.clone().expect("the gateway runs");
+        let thread = crate::plugins::spawn(
+            name,
+            &self.config.plugins[name],
+            loaded,
+            self.registry.clone(),
+            rx,
+            out,
+            &self.metrics,
+        )?;
+        self.plugins.insert(name.to_owned(), thread);
+        Ok(())
+    }
+
+    /// Closes the plugin's queue and waits for it to finish what it holds.
+    async fn stop_plugin(&mut self, name: &str) {
+        self.hub_handle.unsubscribe(&plugin_consumer(name));
+        if let Some(t) = self.plugins.remove(name) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    fn start_group(&mut self, group: String, devices: Vec<String>) {
+        let cancel = self.cancel.child_token();
+        let mut shared =
+            crate::drivers::Shared::for_devices(self.opcua.clone(), devices.iter().map(|n| &self.config.devices[n]));
+        let mut tasks = JoinSet::new();
+        let bus = self.bus_tx.clone().expect("the gateway runs");
+        for name in &devices {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            self.commands.set_device(name, Some(tx));
+            tasks.spawn(self.config.devices[name].task(
+                &mut shared,
+                name,
+                &self.registry,
+                self.metrics.device(name),
+                bus.clone(),
+                Some(rx),
+                cancel.child_token(),
+            ));
+        }
+        self.groups.insert(group, GroupRun { devices, cancel, tasks });
+    }
+
+    async fn stop_group(&mut self, group: &str) {
+        if let Some(mut g) = self.groups.remove(group) {
+            g.cancel.cancel();
+            while g.tasks.join_next().await.is_some() {}
+            for d in &g.devices {
+                self.commands.set_device(d, None);
+            }
+        }
+    }
+
+    /// Stops the sink's client, then closes its queue: the buffer thread writes what is queued to
+    /// disk and records the last acknowledgement, so its successor resends only what the cloud
+    /// has not confirmed.
+    async fn stop_sink(&mut self, name: &str) {
+        if let Some(run) = self.sinks.remove(name) {
+            run.cancel.cancel();
+            let _ = run.client.await;
+            self.hub_handle.unsubscribe(&crate::sinks::consumer_name(name));
+            let _ = tokio::task::spawn_blocking(move || run.thread.join()).await;
+        }
+    }
+
+    /// The reload requests from the HTTP API; taken once by the loop that owns the gateway.
+    pub fn reload_requests(&mut self) -> Option<tokio::sync::mpsc::Receiver<ReloadRequest>> {
+        self.reload_rx.take()
+    }
+
+    /// Records the running config as the last good one (`{data_dir}/running-config.json`).
+    pub fn keep_config(&self, source: &std::path::Path) {
+        if let Err(e) = crate::reload::keep(&self.config.gateway.data_dir, source, &self.fingerprints) {
+            warn!(error = %e, "Cannot record the running config.");
+        }
+    }
+
+    /// Loads `path` and applies it (see [`Gateway::reload`]); the outcome is counted, logged and
+    /// shown on the dashboard.
+    pub async fn reload_from(&mut self, path: &std::path::Path) -> Result<Diff, String> {
+        let p = path.to_path_buf();
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&p))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("invalid config:\n{e}")));
+        let result = match loaded {
+            Ok(config) => self.reload(config).await,
+            Err(e) => Err(e),
+        };
+        let now = crate::base::point::now_ms();
+        let mut state = self.sources.reload.write().unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(diff) => {
+                self.metrics.reloads_applied.inc();
+                state.applied += 1;
+                state.applied_ms = now;
+                state.last_error = None;
+                state.last_error_ms = None;
+                drop(state);
+                self.keep_config(path);
+                info!(changes = %diff.to_string().trim_end().replace('\n', "; "), "Config reloaded.");
+            }
+            Err(e) => {
+                self.metrics.reloads_refused.inc();
+                state.refused += 1;
+                state.last_error = Some(e.clone());
+                state.last_error_ms = Some(now);
+                warn!(path = %path.display(), error = %e, "Reload refused; the running config stays.");
+            }
+        }
+        result
+    }
+
+    /// Applies a new, valid config: only the devices, plugins and sinks that changed restart; the
+    /// broker (its sessions and retained values), the hub's current values and every buffer
+    /// carry on. A change only a restart applies (`[broker]`, `[gateway]`, …) refuses the whole
+    /// reload, and so does a plugin that does not compile: nothing is half-applied.
+    pub async fn reload(&mut self, new: Config) -> Result<Diff, String> {
+        let fingerprints = Fingerprints::of(&new);
+        let diff = Diff::between(&self.fingerprints, &fingerprints);
+        if !diff.restart.is_empty() {
+            return Err(format!(
+                "{} changed, which only a restart applies (systemctl restart updraft); nothing was changed",
+                diff.restart.join(", ")
+            ));
+        }
+        if diff.is_empty() {
+            return Ok(diff);
+        }
+        // Everything that can fail before anything stops: compile the new plugins with the new
+        // config's files.
+        let old = std::mem::replace(&mut self.config, new);
+        let starting: Vec<String> = diff.plugins.starting().cloned().collect();
+        let loaded = match self.load_plugins(&starting).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.config = old;
+                return Err(format!("{e}; nothing was changed"));
+            }
+        };
+        // Stop what goes or changes: devices first (no new points for a plugin that stops),
+        // then plugins, then sinks.
+        for g in &diff.groups {
+            self.stop_group(g).await;
+        }
+        for name in &diff.devices.removed {
+            self.values.forget_device(name);
+            self.metrics.forget(Some(name), None, None);
+        }
+        for name in diff.plugins.stopping() {
+            self.stop_plugin(name).await;
+        }
+        for name in &diff.plugins.removed {
+            self.metrics.forget(None, Some(name), None);
+        }
+        for name in diff.sinks.stopping() {
+            self.stop_sink(name).await;
+        }
+        for name in &diff.sinks.removed {
+            self.metrics.forget(None, None, Some(name));
+        }
+        // Start in the reverse order: sinks, plugins, devices.
+        let mut failed = Vec::new();
+        for name in diff.sinks.starting() {
+            let hub = self.hub_handle.clone();
+            match crate::sinks::start_one(
+                &self.config,
+                name,
+                |consumer| hub.subscribe(consumer, Stage::Terminal),
+                &self.metrics,
+                &self.commands,
+                self.cancel.child_token(),
+            ) {
+                Ok(run) => {
+                    self.sinks.insert(name.clone(), run);
+                }
+                Err(e) => failed.push(format!("sink `{name}`: {e}")),
+            }
+        }
+        for (name, loaded) in loaded {
+            if let Err(e) = self.start_plugin(&name, loaded) {
+                failed.push(format!("plugin `{name}`: {e}"));
+            }
+        }
+        let names: Vec<String> = diff.devices.starting().chain(&diff.along).cloned().collect();
+        for (group, devices) in groups_of(&self.config, &names) {
+            self.start_group(group, devices);
+        }
+        self.fingerprints = fingerprints;
+        self.health.watch(
+            self.config.devices.keys().cloned().collect(),
+            self.config.north.iter().map(|(n, s)| (n.clone(), s.buffer().stall_after.0)).collect(),
+            &names,
+            &diff.sinks.starting().cloned().collect::<Vec<_>>(),
+        );
+        *self.sources.inventory.write().unwrap_or_else(|e| e.into_inner()) = crate::status::Inventory::of(&self.config);
+        if failed.is_empty() {
+            Ok(diff)
+        } else {
+            // The config is applied, but a part of it could not start: say which, loudly.
+            Err(format!("applied, but these did not start: {}", failed.join("; ")))
+        }
+    }
+}
+
+fn plugin_consumer(name: &str) -> String {
+    format!("plugin:{name}")
 }
 
 /// Compiles and links every plugin of a config, for `updraft check`. Uses a throw-away cache.
@@ -249,18 +542,23 @@ impl Gateway {
     pub async fn shutdown(mut self, grace: Duration) {
         self.cancel.cancel();
         let drain = async {
-            while self.drivers.join_next().await.is_some() {}
+            for (_, mut g) in std::mem::take(&mut self.groups) {
+                while g.tasks.join_next().await.is_some() {}
+            }
+            // The hub's first phase ends once no driver can send any more.
+            self.bus_tx = None;
+            self.derived_tx = None;
             self.simulators_cancel.cancel();
             let _ = (&mut self.hub).await;
-            for p in self.plugins.drain(..) {
+            for (_, p) in std::mem::take(&mut self.plugins) {
                 let _ = tokio::task::spawn_blocking(move || p.join()).await;
             }
             if let Some(p) = self.publisher.take() {
                 let _ = tokio::task::spawn_blocking(move || p.join()).await;
             }
             // Buffer threads sync and record the last acknowledgements as their queues close.
-            for s in self.sinks.drain(..) {
-                let _ = tokio::task::spawn_blocking(move || s.join()).await;
+            for (_, s) in std::mem::take(&mut self.sinks) {
+                let _ = tokio::task::spawn_blocking(move || s.thread.join()).await;
             }
         };
         let finished = tokio::time::timeout(grace, drain).await;
@@ -282,7 +580,9 @@ impl Gateway {
         }
         if finished.is_err() {
             warn!(?grace, "Shutdown grace period expired; exiting with work in flight.");
-            self.drivers.abort_all();
+            for g in self.groups.values_mut() {
+                g.tasks.abort_all();
+            }
             self.hub.abort();
         } else {
             info!("Gateway stopped cleanly.");

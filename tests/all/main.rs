@@ -11,4 +11,5 @@ mod opcua;
 mod ops;
 mod plugins;
 mod pymodbus;
+mod reload;
 mod security;

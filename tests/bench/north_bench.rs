@@ -128,7 +128,16 @@ max_inflight = 64
     let metrics = Arc::new(Metrics::default());
     let mut hub = Hub::new(metrics.clone());
     let cancel = CancellationToken::new();
-    let threads = updraft::sinks::start_all(&config, &mut hub, &metrics, &Default::default(), &cancel).unwrap();
+    let commands = Default::default();
+    let sink = updraft::sinks::start_one(
+        &config,
+        "cloud",
+        |consumer| hub.subscribe(consumer, updraft::hub::Stage::Terminal),
+        &metrics,
+        &commands,
+        cancel.child_token(),
+    )
+    .unwrap();
     let registry = hub.registry();
     let keys: Vec<Vec<Arc<TagKey>>> = (0..a.devices)
         .map(|d| (0..a.tags).map(|t| registry.intern(&format!("dev-{d:04}"), &format!("tag-{t:03}"))).collect())
@@ -231,7 +240,5 @@ max_inflight = 64
     drop(tx);
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub_task).await;
-    for t in threads {
-        let _ = t.join();
-    }
+    let _ = sink.thread.join();
 }

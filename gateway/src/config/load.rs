@@ -136,7 +136,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let broker_files =
         config.broker.tls.iter_mut().flat_map(|t| [Some(&mut t.cert_file), Some(&mut t.key_file), t.ca_file.as_mut()]);
     let user_files = config.broker.users.values_mut().map(|u| u.password_file.as_mut());
-    for f in broker_files.chain(user_files).flatten() {
+    let api_files = std::iter::once(config.api.token_file.as_mut());
+    for f in broker_files.chain(user_files).chain(api_files).flatten() {
         if f.is_relative() {
             *f = base.join(&*f);
         }

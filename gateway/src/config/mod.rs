@@ -237,11 +237,25 @@ pub struct ApiSection {
     pub enabled: bool,
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// A file holding the token `POST /api/v1/reload` must present (`Authorization: Bearer …`).
+    /// Without it, reloads over the API are taken only when the API listens on loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
-        ApiSection { enabled: true, listen: default_api_listen() }
+        ApiSection { enabled: true, listen: default_api_listen(), token_file: None }
+    }
+}
+
+impl ApiSection {
+    /// The reload token, read from `token_file` (surrounding whitespace trimmed).
+    pub fn reload_token(&self) -> std::io::Result<Option<String>> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read [api] token_file {}: {e}", path.display()))
+        })?;
+        Ok(Some(text.trim().to_owned()))
     }
 }
 

@@ -62,6 +62,20 @@ pub fn validate(config: &Config) -> Found {
     {
         found.push((path(&["api", "listen"]), "the API and the broker cannot listen on the same address".into()));
     }
+    if let Some(f) = &config.api.token_file {
+        match config.api.reload_token() {
+            Ok(Some(t)) if t.len() < 16 => found.push((
+                path(&["api", "token_file"]),
+                format!(
+                    "{} holds a token of {} characters: use at least 16 (e.g. `openssl rand -hex 16`)",
+                    f.display(),
+                    t.len()
+                ),
+            )),
+            Ok(_) => {}
+            Err(e) => found.push((path(&["api", "token_file"]), e.to_string())),
+        }
+    }
     if config.broker.max_connections == 0 {
         found.push((path(&["broker", "max_connections"]), "must be at least 1".into()));
     }

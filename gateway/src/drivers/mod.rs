@@ -43,17 +43,26 @@ pub struct Shared {
 impl Shared {
     /// Notes which devices share what, before any task starts.
     pub fn new(config: &crate::config::Config) -> Self {
-        let mut shared = Shared {
-            modbus: modbus::Links::default(),
-            opcua: opcua::Context::new(&config.gateway.data_dir, &config.gateway.id),
-        };
-        for d in config.devices.values() {
+        let opcua = opcua::Context::new(&config.gateway.data_dir, &config.gateway.id);
+        Shared::for_devices(opcua, config.devices.values())
+    }
+
+    /// What `devices` (one group, see [`DeviceConfig::group`]) share: fresh links, and the
+    /// gateway's OPC-UA identity.
+    pub fn for_devices<'a>(opcua: opcua::Context, devices: impl Iterator<Item = &'a DeviceConfig>) -> Self {
+        let mut shared = Shared { modbus: modbus::Links::default(), opcua };
+        for d in devices {
             match d {
                 DeviceConfig::Modbus(d) => shared.modbus.count(d),
                 DeviceConfig::Opcua(_) => {}
             }
         }
         shared
+    }
+
+    /// The gateway's OPC-UA identity, for the next group.
+    pub fn opcua(&self) -> opcua::Context {
+        self.opcua.clone()
     }
 }
 
@@ -69,6 +78,15 @@ pub fn validate_all(devices: &std::collections::BTreeMap<String, DeviceConfig>, 
 impl DeviceConfig {
     /// The `driver` values, for the loader's messages.
     pub const DRIVERS: &'static [&'static str] = &["modbus-tcp", "modbus-rtu-tcp", "modbus-rtu", "opcua"];
+
+    /// The devices that start and stop together: those on one Modbus line or address share its
+    /// link (and its task), so a reload that changes one of them restarts them all.
+    pub fn group(&self, name: &str) -> String {
+        match self {
+            DeviceConfig::Modbus(d) => format!("modbus:{}", d.link_key()),
+            DeviceConfig::Opcua(_) => format!("opcua:{name}"),
+        }
+    }
 
     /// The device's `driver`.
     pub fn driver(&self) -> &'static str {

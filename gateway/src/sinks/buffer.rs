@@ -113,6 +113,9 @@ pub struct Shared {
     pub opts: NorthBuffer,
     /// Points pending when the store was opened (weighed in the background after start-up).
     pending_at_open: AtomicU64,
+    /// The sink's counters when the store was opened (accepted, settled): a sink restarted by a
+    /// reload keeps its counters, and its pending points are counted from the store it reopens.
+    baseline: (u64, u64),
     /// The store's accounting position (`Store::counted`): the reader counts a record as delivered
     /// only if it moves this past it, so a record dropped at the cap in flight is counted once.
     pub counted_to: Arc<AtomicU64>,
@@ -154,6 +157,7 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
     let (pending_segments, pending_bytes) = (store.pending_segments(), store.pending_bytes());
     let counted_to = store.counted();
     let clock = Clock::open(dir, name);
+    let baseline = (stats.accepted.get(), settled(&stats));
     let shared = Arc::new(Shared {
         counted_to,
         clock,
@@ -166,6 +170,7 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
         stats,
         opts: opts.clone(),
         pending_at_open: AtomicU64::new(0),
+        baseline,
     });
     if pending_bytes > 0 {
         // Counting the points of a large backlog reads all of it: a background job, so polling
@@ -449,21 +454,26 @@ impl Writer {
         }
         stats.buffer_bytes.set(store.pending_bytes() as i64);
         drop(store);
-        let settled = stats.delivered.get()
-            + stats.dropped_expired.get()
-            + stats.dropped_rejected.get()
-            + stats.dropped_corrupt.get()
-            + stats.dropped_reserved.get()
-            + stats.dropped_poison.get()
-            + self.store_dropped_seen
-            + stats.dropped_disk.get();
-        let pending =
-            (self.shared.pending_at_open.load(Ordering::Acquire) + stats.accepted.get()).saturating_sub(settled);
+        let (accepted_before, settled_before) = self.shared.baseline;
+        let settled = (settled(stats) + self.store_dropped_seen).saturating_sub(settled_before);
+        let accepted = stats.accepted.get().saturating_sub(accepted_before);
+        let pending = (self.shared.pending_at_open.load(Ordering::Acquire) + accepted).saturating_sub(settled);
         stats.pending_points.set(pending as i64);
         if pending == 0 {
             stats.caught_up_ms.set(crate::base::point::now_ms());
         }
     }
+}
+
+/// Points that left the buffer other than by the store's own cap: acknowledged or dropped.
+fn settled(stats: &SinkStats) -> u64 {
+    stats.delivered.get()
+        + stats.dropped_expired.get()
+        + stats.dropped_rejected.get()
+        + stats.dropped_corrupt.get()
+        + stats.dropped_reserved.get()
+        + stats.dropped_poison.get()
+        + stats.dropped_disk.get()
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::base::point::TagKey;
 use crate::config::NorthConfig;
-use crate::hub::{Hub, Stage};
 use crate::metrics::{Counter, Gauge, Metrics};
 
 /// One entry of a sink's `sources`.
@@ -164,44 +163,62 @@ pub(crate) fn scratch_dir(tag: &str) -> std::path::PathBuf {
 }
 
 /// Starts every configured sink. Each registers as a terminal consumer of the hub.
-pub fn start_all(
+/// A running sink: its buffer thread (which ends when its hub queue closes) and its client task.
+pub struct SinkRun {
+    pub thread: std::thread::JoinHandle<()>,
+    pub client: tokio::task::JoinHandle<()>,
+    pub cancel: CancellationToken,
+}
+
+/// The name a sink's queue has at the hub (and on `updraft_dropped_points_total`).
+pub fn consumer_name(sink: &str) -> String {
+    format!("north:{sink}")
+}
+
+/// Opens the sink's buffer (repairing it if needed), subscribes it to the hub and starts its
+/// client. `subscribe` is the hub's, before it runs, or a running hub's handle (reload).
+pub fn start_one(
     config: &crate::config::Config,
-    hub: &mut Hub,
+    name: &str,
+    subscribe: impl FnOnce(&str) -> tokio::sync::mpsc::Receiver<crate::base::point::Batch>,
     metrics: &Arc<Metrics>,
     commands: &Arc<crate::commands::Commands>,
-    cancel: &CancellationToken,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    let mut threads = Vec::new();
-    for (name, sink) in &config.north {
-        let stats = metrics.sink(name);
-        let dir = config.gateway.data_dir.join("north").join(name);
-        let sources = sink.sources().iter().filter_map(|s| Source::parse(s).ok()).collect();
-        let (shared, dict) = buffer::open(name, &dir, sink.buffer(), stats.clone())?;
-        let rx = hub.subscribe(&format!("north:{name}"), Stage::Terminal);
-        threads.push(buffer::spawn(name, rx, sources, shared.clone(), dict)?);
-        let gateway = &config.gateway.id;
-        let mut outbox = outbox::Outbox::new(shared, gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
-        outbox.limit_size(sink.max_message_size());
-        if let NorthConfig::Mqtt(m) = sink {
-            // A forwarded local topic must never come out as one of the sink's own control topics:
-            // a local client could then issue cloud commands, or fake the gateway's status.
-            let commands = crate::commands::Route::new(&mqtt::command_template(m, gateway)).filter;
-            outbox.reserve(&[commands, mqtt::status_topic(m, gateway)]);
+    cancel: CancellationToken,
+) -> std::io::Result<SinkRun> {
+    let sink = &config.north[name];
+    let stats = metrics.sink(name);
+    let dir = config.gateway.data_dir.join("north").join(name);
+    let sources = sink.sources().iter().filter_map(|s| Source::parse(s).ok()).collect();
+    let (shared, dict) = buffer::open(name, &dir, sink.buffer(), stats.clone())?;
+    let gateway = &config.gateway.id;
+    let mut outbox =
+        outbox::Outbox::new(shared.clone(), gateway, sink.template(), sink.batch(), sink.buffer().max_age.0);
+    outbox.limit_size(sink.max_message_size());
+    if let NorthConfig::Mqtt(m) = sink {
+        // A forwarded local topic must never come out as one of the sink's own control topics:
+        // a local client could then issue cloud commands, or fake the gateway's status.
+        let commands = crate::commands::Route::new(&mqtt::command_template(m, gateway)).filter;
+        outbox.reserve(&[commands, mqtt::status_topic(m, gateway)]);
+    }
+    let client = match sink {
+        NorthConfig::Mqtt(m) => {
+            let client = mqtt::MqttSink::new(name, &config.gateway.id, m, commands.clone(), stats)
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(client.run(outbox, cancel.clone()))
         }
-        let cancel = cancel.child_token();
-        match sink {
-            NorthConfig::Mqtt(m) => {
-                let client = mqtt::MqttSink::new(name, &config.gateway.id, m, commands.clone(), stats)
-                    .map_err(std::io::Error::other)?;
-                tokio::spawn(client.run(outbox, cancel));
-            }
-            NorthConfig::Http(h) => {
-                let client = http::HttpSink::new(name, h, stats).map_err(std::io::Error::other)?;
-                tokio::spawn(client.run(outbox, cancel));
-            }
+        NorthConfig::Http(h) => {
+            let client = http::HttpSink::new(name, h, stats).map_err(std::io::Error::other)?;
+            tokio::spawn(client.run(outbox, cancel.clone()))
+        }
+    };
+    let rx = subscribe(&consumer_name(name));
+    match buffer::spawn(name, rx, sources, shared, dict) {
+        Ok(thread) => Ok(SinkRun { thread, client, cancel }),
+        Err(e) => {
+            cancel.cancel();
+            Err(e)
         }
     }
-    Ok(threads)
 }
 
 #[cfg(test)]
