@@ -515,10 +515,12 @@ impl PythonPeer {
         let seen = lines.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                // Kept before READY is signalled, so a caller counting lines after `start`
+                // never sees READY arrive later.
+                seen.lock().unwrap().push(line.trim().to_owned());
                 if line.trim() == "READY" {
                     let _ = tx.send(());
                 }
-                seen.lock().unwrap().push(line.trim().to_owned());
             }
         });
         rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{script} is ready"));

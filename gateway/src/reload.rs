@@ -243,7 +243,14 @@ pub fn keep(data_dir: &Path, source: &Path, fingerprints: &Fingerprints) -> std:
     };
     let path = kept_path(data_dir);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?)?;
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create(true).truncate(true);
+    // The text may hold password hashes: readable by the gateway's user only.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    let mut f = file.open(&tmp)?;
+    std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?)?;
+    drop(f);
     std::fs::rename(&tmp, &path)
 }
 

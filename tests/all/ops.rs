@@ -184,3 +184,81 @@ fn the_gateway_tells_systemd_it_is_ready_and_pings_the_watchdog() {
     assert!(stopping, "STOPPING=1 on SIGTERM: {said:?}");
     assert!(child.wait().unwrap().success());
 }
+
+/// `/metrics` is read by the Prometheus project's own parser (Python `prometheus_client`): every
+/// family parses with its type, and the latency histograms agree with the counters beside them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_page_parses_with_prometheus_own_parser() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[42]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{}[devices.press-1]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [ {{ name = "force", area = "holding", address = 0 }} ]
+
+[plugins.double]
+wasm = "{wasm}"
+subscribe = ["press-1/force"]
+config = {{ factor = 2.0, offset = 0.0, suffix = "_x" }}
+
+[north.cloud]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{cloud}"
+topic = "plant/{{gateway}}/{{device}}"
+"#,
+        header("gw-metrics"),
+        wasm = updraft_tests::plugin_wasm("scale").display(),
+        cloud = updraft_tests::cloud::free_port(),
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    eventually(WAIT, || (gw.metrics.plugin("double").calls.get() >= 3).then_some(())).await.expect("the plugin runs");
+    let (code, page) = http_get(gw.api_addr.unwrap(), "/metrics").await;
+    assert_eq!(code, 200);
+    gw.shutdown(Duration::from_secs(2)).await;
+
+    let mut child = std::process::Command::new(updraft_tests::python())
+        .arg(updraft_tests::test_file("peers/prom_parse.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the parser refused the page: {}\n{page}", String::from_utf8_lossy(&out.stderr));
+    let families: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sample = |family: &str, name: &str, label: (&str, &str)| -> f64 {
+        families[family]["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("family {family} in {families}"))
+            .iter()
+            .find(|s| s[0] == name && s[1][label.0] == label.1)
+            .unwrap_or_else(|| panic!("{name}{{{}={}}} in {}", label.0, label.1, families[family]))[2]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(families["updraft_polls"]["type"], "counter");
+    assert_eq!(families["updraft_north_pending_points"]["type"], "gauge");
+    assert_eq!(families["updraft_request_duration_seconds"]["type"], "histogram");
+    assert_eq!(families["updraft_plugin_call_duration_seconds"]["type"], "histogram");
+    let device = ("device", "press-1");
+    let requests = sample("updraft_requests", "updraft_requests_total", device);
+    assert!(requests > 0.0);
+    assert_eq!(
+        sample("updraft_request_duration_seconds", "updraft_request_duration_seconds_count", device),
+        requests,
+        "one latency per request"
+    );
+    let plugin = ("plugin", "double");
+    assert_eq!(
+        sample("updraft_plugin_call_duration_seconds", "updraft_plugin_call_duration_seconds_count", plugin),
+        sample("updraft_plugin_calls", "updraft_plugin_calls_total", plugin),
+        "one latency per plugin call"
+    );
+    let reasons = families["updraft_north_dropped_points"]["samples"].as_array().unwrap();
+    assert_eq!(reasons.len(), 7, "every drop reason of the sink is listed: {reasons:?}");
+}

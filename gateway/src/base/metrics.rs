@@ -29,3 +29,44 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// A latency distribution in seconds: prometheus-client's histogram (fixed buckets, one short
+/// lock per observation), for device requests.
+#[derive(Debug)]
+pub struct RequestLatency(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for RequestLatency {
+    /// 1 ms to 5 s: a Modbus TCP answer on a LAN takes milliseconds, a serial line tens of them, a
+    /// timeout seconds.
+    fn default() -> Self {
+        RequestLatency(prometheus_client::metrics::histogram::Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]))
+    }
+}
+
+impl RequestLatency {
+    pub fn observe(&self, d: std::time::Duration) {
+        self.0.observe(d.as_secs_f64());
+    }
+}
+
+/// The time plugin calls take, in seconds.
+#[derive(Debug)]
+pub struct CallLatency(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for CallLatency {
+    /// 50 µs to 1 s: a small plugin call takes tens of microseconds; the default call timeout is
+    /// a second.
+    fn default() -> Self {
+        CallLatency(prometheus_client::metrics::histogram::Histogram::new([
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]))
+    }
+}
+
+impl CallLatency {
+    pub fn observe(&self, d: std::time::Duration) {
+        self.0.observe(d.as_secs_f64());
+    }
+}

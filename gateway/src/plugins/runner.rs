@@ -33,11 +33,18 @@ pub struct PluginStats {
     pub restarts: Counter,
     /// Time spent in calls (`on-batch`, `on-tick`), summed, in microseconds.
     pub call_us: Counter,
+    /// The same, as a distribution.
+    pub call_seconds: crate::base::metrics::CallLatency,
     /// Kind and reason of the latest trap, for the API and for tests.
     pub last_trap: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl PluginStats {
+    fn observe_call(&self, took: std::time::Duration) {
+        self.call_us.add(took.as_micros() as u64);
+        self.call_seconds.observe(took);
+    }
+
     /// The kind of the latest trap (`timeout`, `memory`, `panic`, …), if any.
     pub fn last_trap_kind(&self) -> Option<String> {
         self.last_trap.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(k, _)| k.clone())
@@ -270,7 +277,7 @@ impl Runner {
             Some(i) => i.on_batch(&batch, now_ms()),
             None => return,
         };
-        self.stats.call_us.add(started.elapsed().as_micros() as u64);
+        self.stats.observe_call(started.elapsed());
         match result {
             Ok(emits) => self.publish(emits).await,
             Err(f) => {
@@ -290,7 +297,7 @@ impl Runner {
             Some(i) => i.on_tick(now_ms()),
             None => return,
         };
-        self.stats.call_us.add(started.elapsed().as_micros() as u64);
+        self.stats.observe_call(started.elapsed());
         match result {
             Ok(emits) => self.publish(emits).await,
             Err(f) => self.failed(&f, "on-tick"),

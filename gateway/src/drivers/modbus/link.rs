@@ -240,8 +240,10 @@ impl Link {
         let Some(ctx) = self.ctx.as_mut() else { return Err(LinkError::Down("not connected".into())) };
         ctx.set_slave(Slave(caller.unit));
         caller.stats.requests.inc();
+        let sent = Instant::now();
         let result = time::timeout(caller.timeout, execute(ctx, op)).await;
         self.last_frame = Some(Instant::now());
+        caller.stats.request_seconds.observe(sent.elapsed());
         match result {
             Ok(Ok(answer)) => {
                 self.silent = 0;

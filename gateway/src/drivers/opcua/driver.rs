@@ -619,7 +619,11 @@ impl OpcuaDriver {
             (0..self.tags.len()).filter(|i| self.refused.get(i).is_none_or(|at| *at <= now)).collect();
         for chunk in wanted.chunks(1000) {
             let ids: Vec<ReadValueId> = chunk.iter().map(|&i| ReadValueId::from(self.tags[i].node.clone())).collect();
-            match session.read(&ids, TimestampsToReturn::Both, 0.0).await {
+            self.stats.requests.inc();
+            let sent = Instant::now();
+            let read = session.read(&ids, TimestampsToReturn::Both, 0.0).await;
+            self.stats.request_seconds.observe(sent.elapsed());
+            match read {
                 Ok(values) => {
                     for (&i, dv) in chunk.iter().zip(&values) {
                         let p = convert::point(&self.tags[i].key, dv);
@@ -633,6 +637,7 @@ impl OpcuaDriver {
                     }
                 }
                 Err(e) => {
+                    self.stats.request_errors.inc();
                     let error: Arc<str> = Arc::from(e.to_string());
                     points.extend(chunk.iter().map(|&i| Point::bad(self.tags[i].key.clone(), error.clone(), now_ms())));
                 }
