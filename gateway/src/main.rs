@@ -217,11 +217,12 @@ fn main() -> ExitCode {
         }
         Command::Check { config, diff } => match config::load(&config) {
             Ok(c) => {
-                let plugin_problems = runtime::check_plugins(&c);
+                let plugin_problems = runtime::check_plugins(&c, &config);
                 if !plugin_problems.is_empty() {
-                    for p in plugin_problems {
-                        eprintln!("{}: {p}", config.display());
+                    for p in &plugin_problems {
+                        eprintln!("{p}");
                     }
+                    eprintln!("{} problem(s) found in {}", plugin_problems.len(), config.display());
                     return ExitCode::from(2);
                 }
                 println!(

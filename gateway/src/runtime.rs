@@ -513,28 +513,67 @@ fn plugin_consumer(name: &str) -> String {
     format!("plugin:{name}")
 }
 
-/// Compiles and links every plugin of a config, for `updraft check`. Uses a throw-away cache.
-pub fn check_plugins(config: &Config) -> Vec<String> {
+/// Compiles and links every plugin of a config and runs its `init` with its deployment's
+/// `config`, in the same sandbox as at run time, for `updraft check`. Uses a throw-away cache.
+/// A refusal is reported at the plugin's `config` (at the key the message names, if any).
+pub fn check_plugins(config: &Config, file: &std::path::Path) -> Vec<String> {
     if config.plugins.is_empty() {
         return Vec::new();
     }
+    let at_file = || file.display().to_string();
     // A private, unpredictable folder (a fixed name under /tmp could be planted by another user).
     let tmp = match tempfile::Builder::new().prefix("updraft-check-").tempdir() {
         Ok(t) => t,
-        Err(e) => return vec![format!("cannot create a temporary folder to compile plugins in: {e}")],
+        Err(e) => return vec![format!("{}: cannot create a temporary folder to compile plugins in: {e}", at_file())],
     };
     let dir = tmp.path().join("cache");
     let engine = match PluginEngine::new(&dir) {
         Ok(e) => e,
-        Err(e) => return vec![format!("cannot start the plugin engine: {e:#}")],
+        Err(e) => return vec![format!("{}: cannot start the plugin engine: {e:#}", at_file())],
     };
     let problems = config
         .plugins
         .iter()
-        .filter_map(|(name, p)| engine.load(&p.wasm).err().map(|e| format!("plugin `{name}`: {e}")))
+        .filter_map(|(name, p)| {
+            let loaded = match engine.load(&p.wasm) {
+                Ok(l) => l,
+                Err(e) => return Some(format!("{}: plugin `{name}`: {e}", at_file())),
+            };
+            let json = crate::plugins::config_json(p);
+            let tags = crate::plugins::host::TagView {
+                registry: Arc::new(Registry::default()),
+                subscribe: p.subscribe.clone().into(),
+            };
+            match loaded.instantiate(name, &json, p.limits.memory.0, p.limits.call_timeout.0, tags) {
+                Ok(_) => None,
+                Err(crate::plugins::host::CallFailure::Error(m)) => {
+                    // The key the message names first, if it names any.
+                    let mut keys: Vec<(usize, &str)> =
+                        p.config.keys().filter_map(|k| mentions(&m, k).map(|at| (at, k.as_str()))).collect();
+                    keys.sort();
+                    let keys: Vec<&str> = keys.into_iter().map(|(_, k)| k).collect();
+                    let at = crate::config::locate(file, &["plugins", name, "config"], &keys);
+                    Some(format!("{at}: plugin `{name}` refused its config: {m}"))
+                }
+                Err(crate::plugins::host::CallFailure::Trap { kind, reason }) => {
+                    let at = crate::config::locate(file, &["plugins", name], &[]);
+                    Some(format!("{at}: plugin `{name}` trapped in init ({kind}): {reason}"))
+                }
+            }
+        })
         .collect();
     drop(tmp);
     problems
+}
+
+/// Where `message` first names `key` as a word (not inside a longer name).
+fn mentions(message: &str, key: &str) -> Option<usize> {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    message.match_indices(key).map(|(i, _)| i).find(|&i| {
+        let before = message[..i].chars().next_back();
+        let after = message[i + key.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
 }
 
 impl Gateway {

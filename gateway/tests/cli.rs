@@ -202,3 +202,35 @@ fn hash_password_makes_a_hash_check_accepts() {
     let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `check` runs each plugin's `init` with its deployment's config: a refusal is reported at the
+/// key the plugin's message names first, in the operator's TOML, with the plugin's own words.
+#[test]
+fn check_runs_plugin_init_and_points_at_the_refused_key() {
+    let wasm = repo().join("plugins/target/wasm32-wasip2/release/threshold_alarm.wasm");
+    let text = format!(
+        "[gateway]\nid = \"gw\"\n\n[plugins.alarm]\nwasm = {:?}\nsubscribe = [\"*/*\"]\n[plugins.alarm.config]\nhigh = 80.0\nlow = 90.0\n",
+        wasm.display().to_string()
+    );
+    let path = temp_file("initrefused", &text);
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}:9:7: plugin `alarm` refused its config: low must not exceed high", path.display());
+    assert!(stderr.contains(&want), "want `{want}` in:\n{stderr}");
+
+    // A misspelt key: serde's message, without the position in the JSON the gateway built.
+    let path = temp_file("initunknown", &text.replace("low = 90.0", "lwo = 70.0"));
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:9:7: plugin `alarm` refused its config: unknown field `lwo`", path.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("at line 1 column"), "{stderr}");
+
+    // Accepted as written: check passes.
+    let path = temp_file("initok", &text.replace("low = 90.0", "low = 70.0"));
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

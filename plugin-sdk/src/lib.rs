@@ -162,7 +162,8 @@ impl Emitter {
 /// A plugin's failure. The gateway logs it and drops the call's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// The deployment's `config` is unusable; the plugin will not start.
+    /// The deployment's `config` is unusable (from `init`): the plugin does not run; `updraft
+    /// check` shows the message at the key it names first. Name the key in the message.
     InvalidConfig(String),
     Internal(String),
 }
@@ -255,6 +256,14 @@ pub mod runtime {
     // functions, never concurrently.
     unsafe impl<P> Sync for Slot<P> {}
 
+    /// serde's message without serde_json's `at line 1 column 8`: a position in the JSON the
+    /// gateway built, which the operator never sees (`updraft check` points at their TOML).
+    fn config_error(e: &serde_json::Error) -> String {
+        let text = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        text.strip_suffix(&suffix).unwrap_or(&text).to_owned()
+    }
+
     pub fn init<P: Plugin>(slot: &Slot<P>, config: String) -> Result<(), wt::PluginError> {
         // A panic aborts the instance; route its message to the gateway log first, so the operator
         // sees why (there is no stderr in the sandbox).
@@ -263,7 +272,7 @@ pub mod runtime {
         }));
         let text = if config.trim().is_empty() { "{}".to_owned() } else { config };
         let cfg: P::Config =
-            serde_json::from_str(&text).map_err(|e| wt::PluginError::InvalidConfig(format!("config: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| wt::PluginError::InvalidConfig(config_error(&e)))?;
         let p = P::init(cfg).map_err(to_wit_error)?;
         *slot.0.borrow_mut() = Some(p);
         Ok(())

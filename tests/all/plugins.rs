@@ -397,3 +397,42 @@ async fn plugins_built_for_0_1_keep_working_and_never_see_text() {
     assert_eq!(gw.metrics.plugin("old").traps.get(), 0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
+
+/// A plugin that refuses its config at run time waits between attempts like a trapped one (it is
+/// not asked again at every batch), and every attempt and dropped point is counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_that_refuses_its_config_backs_off() {
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[1]);
+    let addr = fixture.serve().await;
+    let toml = format!(
+        r#"{h}[devices.d]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "50ms"
+tags = [{{ name = "t", area = "holding", address = 0 }}]
+
+[plugins.alarm]
+wasm = "{wasm}"
+subscribe = ["d/*"]
+batch = {{ max_wait = "10ms" }}
+config = {{ high = 80.0, low = 90.0 }}
+"#,
+        h = header("gw-initrefused"),
+        wasm = plugin_wasm("threshold_alarm").display(),
+    );
+    let (gw, _dir) = start_gateway(&toml).await;
+    let stats = gw.metrics.plugin("alarm");
+    let polls = || gw.metrics.device("d").polls.get();
+    eventually(WAIT, || (polls() >= 60).then_some(())).await.expect("the device polls");
+    let (attempts, polled) = (stats.init_failures.get(), polls());
+    println!("{attempts} init attempts while the device was polled {polled} times");
+    assert!(attempts >= 2, "it keeps trying: {attempts}");
+    // Every poll hands the plugin a batch; without backoff each would be an attempt.
+    assert!(attempts * 4 < polled, "{attempts} attempts for {polled} batches: no backoff");
+    assert!(stats.points_dropped.get() > 0, "the points it could not take are counted");
+    assert_eq!(stats.calls.get(), 0);
+    let (_, page) = updraft_tests::http_get(gw.api_addr.unwrap(), "/metrics").await;
+    assert!(page.contains(r#"updraft_plugin_init_failures_total{plugin="alarm"} "#), "{page}");
+    gw.shutdown(Duration::from_secs(2)).await;
+}

@@ -373,6 +373,28 @@ fn suggest<'a>(got: &str, options: &[&'a str]) -> Option<&'a str> {
         .map(|(_, o)| o)
 }
 
+/// `FILE:LINE:COLUMN` of the value at `path` in a config file that loaded, for problems found
+/// later (a plugin refusing its `config`); the first of `keys` found inside that value, if any,
+/// narrows it to that key's value.
+pub fn locate(file: &Path, path: &[&str], keys: &[&str]) -> String {
+    let Ok(text) = std::fs::read_to_string(file) else { return file.display().to_string() };
+    let Ok(root) = DeTable::parse(&text) else { return file.display().to_string() };
+    let mut segs: Vec<Seg> = path.iter().map(|k| Seg::Key((*k).to_owned())).collect();
+    let mut span = span_of(root.get_ref(), &segs);
+    for k in keys {
+        segs.push(Seg::Key((*k).to_owned()));
+        let inner = span_of(root.get_ref(), &segs);
+        segs.pop();
+        // `span_of` stops at the deepest part that exists: a longer span means the key was found.
+        if inner.as_ref().zip(span.as_ref()).is_some_and(|(i, s)| i != s) {
+            span = inner;
+            break;
+        }
+    }
+    let (line, column) = line_col(&text, span.map_or(0, |s| s.start));
+    format!("{}:{line}:{column}", file.display())
+}
+
 /// The span of the value at `path`, or of the deepest part of it that exists.
 fn span_of(root: &DeTable<'_>, path: &[Seg]) -> Option<Range<usize>> {
     let (first, rest) = path.split_first()?;

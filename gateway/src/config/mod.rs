@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use load::{load, parse, ConfigError, Problem};
+pub use load::{load, locate, parse, ConfigError, Problem};
 pub use units::{Bytes, Dur};
 
 use crate::base::topic::Template;

@@ -508,6 +508,25 @@ impl LoadedPlugin {
     }
 }
 
+/// A plugin's config refusal as an operator should read it. The SDK before 0.3 prefixed serde's
+/// message with `config: ` and serde_json ends it with `at line 1 column 8`: a position in JSON the
+/// gateway built from the TOML, which points nowhere the operator can look (`updraft check`
+/// points at the TOML instead).
+fn config_message(m: &str) -> String {
+    let m = m.strip_prefix("config: ").unwrap_or(m);
+    let trimmed = match m.rfind(" at line ") {
+        Some(i)
+            if m[i + 9..].split_once(" column ").is_some_and(|(l, c)| {
+                [l, c].iter().all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            }) =>
+        {
+            &m[..i]
+        }
+        _ => m,
+    };
+    trimmed.to_owned()
+}
+
 fn now_nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -554,7 +573,7 @@ impl PluginInstance {
         self.store.set_epoch_deadline(deadline_ticks(self.call_timeout));
         match f(&self.bindings, &mut self.store) {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(PluginError::InvalidConfig(m))) => Err(CallFailure::Error(format!("invalid config: {m}"))),
+            Ok(Err(PluginError::InvalidConfig(m))) => Err(CallFailure::Error(config_message(&m))),
             Ok(Err(PluginError::Internal(m))) => Err(CallFailure::Error(m)),
             Err(e) => {
                 self.poisoned = true;
@@ -683,5 +702,20 @@ mod v01 {
             old::PluginError::InvalidConfig(m) => PluginError::InvalidConfig(m),
             old::PluginError::Internal(m) => PluginError::Internal(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_refusals_lose_the_position_in_generated_json() {
+        assert_eq!(
+            config_message("config: unknown field `limit`, expected `limit_kw` at line 1 column 8"),
+            "unknown field `limit`, expected `limit_kw`"
+        );
+        assert_eq!(config_message("limit_kw must be positive"), "limit_kw must be positive");
+        assert_eq!(config_message("stop at line 3"), "stop at line 3");
     }
 }

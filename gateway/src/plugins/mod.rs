@@ -5,4 +5,4 @@ pub mod host;
 mod runner;
 pub mod testing;
 
-pub use runner::{output_topic, spawn, PluginStats};
+pub use runner::{config_json, output_topic, spawn, PluginStats};

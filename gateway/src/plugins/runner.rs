@@ -31,6 +31,8 @@ pub struct PluginStats {
     /// Points not processed because the instance was down (restart backoff) or its call failed.
     pub points_dropped: Counter,
     pub restarts: Counter,
+    /// Instances whose `init` refused the deployment's config.
+    pub init_failures: Counter,
     /// Time spent in calls (`on-batch`, `on-tick`), summed, in microseconds.
     pub call_us: Counter,
     /// The same, as a distribution.
@@ -86,6 +88,11 @@ struct Runner {
     created: usize,
 }
 
+/// The deployment's `config` table as the JSON `init` receives.
+pub fn config_json(cfg: &PluginConfig) -> String {
+    serde_json::to_string(&cfg.config).unwrap_or_else(|_| "{}".into())
+}
+
 /// Starts the plugin's thread. It ends after `input` closes and the last batch is flushed.
 pub fn spawn(
     name: &str,
@@ -96,7 +103,7 @@ pub fn spawn(
     out: BusSender,
     metrics: &Metrics,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let config_json = serde_json::to_string(&cfg.config).unwrap_or_else(|_| "{}".into());
+    let config_json = config_json(cfg);
     let stats = metrics.plugin(name);
     let mut r = Runner {
         name: Arc::from(name),
@@ -230,6 +237,21 @@ impl Runner {
                 self.instance = Some(i);
                 self.healthy_since = Instant::now();
                 true
+            }
+            Err(CallFailure::Error(m)) => {
+                // The plugin refused its config: the same refusal comes back until the config
+                // changes, so it waits like a trapped plugin instead of being asked again and
+                // again, and says so once per attempt.
+                self.stats.init_failures.inc();
+                self.failures += 1;
+                let wait = restart_backoff(self.failures);
+                self.restart_at = Instant::now() + wait;
+                error!(
+                    error = %m,
+                    retry_in = ?wait,
+                    "Plugin refused its config, so it does not run; its points are dropped (counted) until it accepts. Fix its config table and reload; `updraft check` shows the same refusal at its line."
+                );
+                false
             }
             Err(f) => {
                 self.failed(&f, "init");
