@@ -182,6 +182,9 @@ enum PluginCommand {
         /// Fixture files.
         #[arg(required = true, value_name = "FIXTURE")]
         fixtures: Vec<PathBuf>,
+        /// Print every emit, one JSON object per line with its step, to write expectations from.
+        #[arg(long)]
+        print: bool,
     },
 }
 
@@ -246,10 +249,17 @@ fn main() -> ExitCode {
         },
         Command::Modbus { command } => print_result(modbus(command)),
         Command::Opcua { command } => print_result(opcua(command, &cli.log_level)),
-        Command::Plugin { command: PluginCommand::Test { wasm, fixtures } } => {
+        Command::Plugin { command: PluginCommand::Test { wasm, fixtures, print } } => {
             let mut failed = 0;
             for f in &fixtures {
-                match updraft::plugins::testing::run_fixture(&wasm, f) {
+                let mut show = |step: usize, emits: &[updraft::plugins::testing::Emitted]| {
+                    if print {
+                        for e in emits {
+                            println!("{}", e.to_json(step));
+                        }
+                    }
+                };
+                match updraft::plugins::testing::run_fixture_with(&wasm, f, &mut show) {
                     Ok(problems) if problems.is_empty() => println!("ok   {}", f.display()),
                     Ok(problems) => {
                         failed += 1;

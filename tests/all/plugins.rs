@@ -168,7 +168,7 @@ fn example_plugin_fixtures_pass_in_the_harness() {
             ran += 1;
         }
     }
-    assert!(ran >= 6);
+    assert!(ran >= 9);
 }
 
 /// The harness fails a fixture whose expectation the plugin does not meet.
@@ -185,6 +185,24 @@ fn the_harness_reports_a_wrong_expectation() {
     let failures = updraft::plugins::testing::run_fixture(&plugin_wasm("scale"), &f).unwrap();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(failures[0].contains("step 1"), "{failures:?}");
+
+    // A generator whose filtered emits differ, and an init that was expected to refuse.
+    let f = dir.path().join("series.json");
+    std::fs::write(
+        &f,
+        r#"{"config": {"factor": 2.0}, "steps": [{"series": {"device": "d", "tag": "t", "from": 0, "to": 2000,
+            "every": "1s", "values": "linear:0..1"}, "expect_only": {"tag": "t"},
+            "expect": [{"device": "d", "tag": "t", "value": 0}, {"device": "d", "tag": "t", "value": 1.0},
+                       {"device": "d", "tag": "t", "value": 3.0}]}]}"#,
+    )
+    .unwrap();
+    let failures = updraft::plugins::testing::run_fixture(&plugin_wasm("scale"), &f).unwrap();
+    assert_eq!(failures.len(), 1, "linear:0..1 over three instants, doubled, ends at 2, not 3: {failures:?}");
+    assert!(failures[0].contains("value: Number(3.0)") && failures[0].contains("value: Number(2.0)"), "{failures:?}");
+    let f = dir.path().join("init.json");
+    std::fs::write(&f, r#"{"config": {"factor": 2.0}, "expect_init_error": "must be finite"}"#).unwrap();
+    let failures = updraft::plugins::testing::run_fixture(&plugin_wasm("scale"), &f).unwrap();
+    assert!(failures.len() == 1 && failures[0].contains("it accepted it"), "{failures:?}");
 }
 
 /// A plugin that reshapes data for a cloud format publishes whole messages: here ThingsBoard's
