@@ -657,4 +657,15 @@ on_full = "drop-oldest"
         assert_eq!(line_col("ab\n°cd", 5), (2, 2));
         assert_eq!(line_col("", 0), (1, 1));
     }
+
+    #[test]
+    fn a_star_inside_a_plugin_filter_is_refused_at_its_line() {
+        let text = "[gateway]\nid = \"g\"\n[plugins.p]\nwasm = \"p.wasm\"\nsubscribe = [\"*/power\", \"*/power*\"]\n";
+        let p = problems(text);
+        assert!(
+            p.iter().any(|p| p.starts_with("t.toml:5:25:") && p.contains("`*` matches a whole device or tag name")),
+            "{p:?}"
+        );
+        assert!(!p.iter().any(|p| p.contains("`*/power`")), "a whole-segment `*` is fine: {p:?}");
+    }
 }

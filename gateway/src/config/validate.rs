@@ -109,6 +109,15 @@ pub fn validate(config: &Config) -> Found {
                     with(base.clone(), [key("subscribe"), Seg::Index(i)]),
                     format!("filter `{f}` must be `device/tag`, with `*` for any one segment"),
                 ));
+            } else if let Some(seg) = segs.iter().find(|s| s.contains('*') && **s != "*") {
+                // `*/power*` would silently match nothing: `*` stands only for a whole segment.
+                found.push((
+                    with(base.clone(), [key("subscribe"), Seg::Index(i)]),
+                    format!(
+                        "filter `{f}`: `*` matches a whole device or tag name, not part of one (`{seg}`); \
+                         list the tags, or use `*` alone"
+                    ),
+                ));
             }
         }
         if !plugin.outputs.contains_key("default") {
