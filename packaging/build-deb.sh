@@ -39,7 +39,7 @@ strip -o "$stage/usr/bin/updraft" "$binary" 2>/dev/null || cp "$binary" "$stage/
 chmod 0755 "$stage/usr/bin/updraft"
 install -m 0644 packaging/updraft.service "$stage/lib/systemd/system/updraft.service"
 install -m 0644 packaging/updraft.toml "$stage/etc/updraft/updraft.toml"
-for p in scale window_avg threshold_alarm deadband thingsboard; do
+for p in scale window_avg threshold_alarm deadband thingsboard energy_shift; do
   [ -f "$plugins/$p.wasm" ] || { echo "missing $plugins/$p.wasm: (cd plugins && cargo build --release)" >&2; exit 1; }
   install -m 0644 "$plugins/$p.wasm" "$stage/usr/share/updraft/plugins/$p.wasm"
 done

@@ -37,6 +37,10 @@ fi
 # Run from plugins/ so its .cargo/config.toml (target wasm32-wasip2) applies.
 (cd plugins && cargo build --release --locked)
 
+# The plugin SDK's own unit tests (its helpers: windows, alarms, durations, marks, integrator),
+# natively: they call no import of the gateway.
+(cd plugin-sdk && cargo test --lib --locked --quiet)
+
 # The vendored broker's own unit tests (its router, logs and session store; patches 2-8). It is
 # not a workspace member, so that it keeps upstream's formatting and lints.
 cargo test -p rumqttd --lib --locked --quiet

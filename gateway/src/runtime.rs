@@ -304,6 +304,7 @@ impl Gateway {
     fn start_plugin(&mut self, name: &str, loaded: crate::plugins::host::LoadedPlugin) -> Result<(), StartError> {
         let rx = self.hub_handle.subscribe(&plugin_consumer(name), Stage::Transform);
         let out = self.derived_tx.clone().expect("the gateway runs");
+        let state_dir = self.config.gateway.data_dir.join("plugin-state");
         let thread = crate::plugins::spawn(
             name,
             &self.config.plugins[name],
@@ -312,6 +313,7 @@ impl Gateway {
             rx,
             out,
             &self.metrics,
+            &state_dir,
         )?;
         self.plugins.insert(name.to_owned(), thread);
         Ok(())
@@ -544,7 +546,8 @@ pub fn check_plugins(config: &Config, file: &std::path::Path) -> Vec<String> {
                 registry: Arc::new(Registry::default()),
                 subscribe: p.subscribe.clone().into(),
             };
-            match loaded.instantiate(name, &json, p.limits.memory.0, p.limits.call_timeout.0, tags) {
+            // Without the running gateway's state: check judges the config, not what was saved.
+            match loaded.instantiate(name, &json, p.limits.memory.0, p.limits.call_timeout.0, tags, None) {
                 Ok(_) => None,
                 Err(crate::plugins::host::CallFailure::Error(m)) => {
                     // The key the message names first, if it names any.

@@ -152,3 +152,146 @@ impl Threshold {
         }
     }
 }
+
+/// A duration in a plugin's config, written as operators write them in the gateway's TOML:
+/// `"500ms"`, `"10s"`, `"5m"`, `"8h"`, `"1d"` (or a number of milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Duration(pub Timestamp);
+
+impl Duration {
+    pub fn ms(self) -> Timestamp {
+        self.0
+    }
+
+    /// Parses `"10s"`-style text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(split);
+        let n: Timestamp = n.parse().map_err(|_| format!("`{text}`: expected a number and a unit, e.g. \"10s\""))?;
+        let scale = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            u => return Err(format!("`{text}`: unknown unit `{u}`; use ms, s, m, h or d")),
+        };
+        n.checked_mul(scale).map(Duration).ok_or_else(|| format!("`{text}` is too long"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Ms(Timestamp),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Ms(ms) => Ok(Duration(ms)),
+            Raw::Text(t) => Duration::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Clock-aligned periods (shifts, hours, days): period `n` starts at `offset + n × period`
+/// (Unix ms, UTC; a local 06:00 shift start in UTC+8 is an offset of 22 h). A period is closed
+/// once `now` passes its end by `late`, the allowance for points that arrive late (a device that
+/// answers slowly, a backlog after an outage): a point stamped inside a period that is not yet
+/// closed still counts in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Marks {
+    pub period: Timestamp,
+    pub offset: Timestamp,
+    pub late: Timestamp,
+}
+
+impl Marks {
+    pub fn new(period: Duration, offset: Duration, late: Duration) -> Self {
+        Marks { period: period.0.max(1), offset: offset.0.rem_euclid(period.0.max(1)), late: late.0.max(0) }
+    }
+
+    /// The start of the period `ts` falls in.
+    pub fn start_of(&self, ts: Timestamp) -> Timestamp {
+        (ts - self.offset).div_euclid(self.period) * self.period + self.offset
+    }
+
+    /// Whether the period starting at `start` is closed at `now` (its end plus `late` passed).
+    pub fn closed(&self, start: Timestamp, now: Timestamp) -> bool {
+        now >= start + self.period + self.late
+    }
+}
+
+/// The time integral of a rate per key (energy from power: kW over hours gives kWh), by the
+/// trapezoid rule between consecutive good points. A gap longer than `max_gap` is not bridged
+/// (the device was off or unreachable; guessing would invent energy): integration restarts at
+/// the next point. Out-of-order points (older than the key's last) are ignored. Serializable, so
+/// it can be part of a plugin's saved state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Integrator {
+    /// Milliseconds per unit of the result: 3,600,000 for per-hour rates.
+    pub unit: Timestamp,
+    pub max_gap: Timestamp,
+    last: BTreeMap<String, (Timestamp, f64)>,
+}
+
+impl Integrator {
+    /// For rates per hour (kW → kWh).
+    pub fn per_hour(max_gap: Duration) -> Self {
+        Integrator { unit: 3_600_000, max_gap: max_gap.0, last: BTreeMap::new() }
+    }
+
+    /// Adds a reading of `key` (for example `"press-1/power"`) and returns the area since its
+    /// previous reading (0 for the first, after a gap, or for an old point).
+    pub fn add(&mut self, key: &str, ts: Timestamp, value: f64) -> f64 {
+        if !value.is_finite() {
+            return 0.0;
+        }
+        let area = match self.last.get(key) {
+            Some(&(t0, _)) if ts <= t0 => return 0.0,
+            Some(&(t0, v0)) if ts - t0 <= self.max_gap => (v0 + value) / 2.0 * (ts - t0) as f64 / self.unit as f64,
+            _ => 0.0,
+        };
+        self.last.insert(key.to_owned(), (ts, value));
+        area
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_the_gateway_config() {
+        assert_eq!(Duration::parse("10s"), Ok(Duration(10_000)));
+        assert_eq!(Duration::parse("8h"), Ok(Duration(28_800_000)));
+        assert_eq!(Duration::parse("250ms"), Ok(Duration(250)));
+        assert!(Duration::parse("10").is_err() && Duration::parse("5 parsecs").is_err());
+        let d: Duration = serde_json::from_str("\"5m\"").unwrap();
+        assert_eq!(d.ms(), 300_000);
+    }
+
+    #[test]
+    fn marks_align_to_the_clock_with_an_offset_and_wait_for_late_points() {
+        let shifts = Marks::new(Duration(8 * 3_600_000), Duration(6 * 3_600_000), Duration(60_000));
+        let h = 3_600_000;
+        assert_eq!(shifts.start_of(7 * h), 6 * h);
+        assert_eq!(shifts.start_of(5 * h), -2 * h, "before 06:00 belongs to the 22:00 shift of the day before");
+        assert!(!shifts.closed(6 * h, 14 * h), "late points are still taken at the boundary");
+        assert!(shifts.closed(6 * h, 14 * h + 60_000));
+    }
+
+    #[test]
+    fn the_integrator_uses_trapezoids_and_does_not_bridge_gaps() {
+        let mut i = Integrator::per_hour(Duration(300_000));
+        assert_eq!(i.add("p", 0, 100.0), 0.0);
+        assert!((i.add("p", 3_600_000 / 60, 200.0) - 2.5).abs() < 1e-12, "1 min at 150 kW average is 2.5 kWh");
+        assert_eq!(i.add("p", 3_600_000 / 60 + 600_000, 200.0), 0.0, "a 10 min gap is not bridged");
+        assert_eq!(i.add("p", 1, 50.0), 0.0, "an old point is ignored");
+        let saved = serde_json::to_string(&i).unwrap();
+        let back: Integrator = serde_json::from_str(&saved).unwrap();
+        assert_eq!(back, i);
+    }
+}

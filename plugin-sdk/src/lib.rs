@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 
 pub mod helpers;
 
-/// Generated bindings of the `updraft:plugin@0.2.0` world. Plugin authors do not need them; the
+/// Generated bindings of the `updraft:plugin@0.3.0` world. Plugin authors do not need them; the
 /// [`export!`] macro wires a [`Plugin`] to them.
 #[doc(hidden)]
 pub mod bindings {
@@ -191,6 +191,37 @@ pub trait Plugin: Sized + 'static {
     fn on_tick(&mut self, _now: Timestamp, _out: &mut Emitter) -> Result<(), Error> {
         Ok(())
     }
+
+    /// The state to keep across traps, reloads and gateway restarts (a running total, an open
+    /// window), taken after every successful call and committed by the gateway together with that
+    /// call's outputs; at most 64 KiB ([`state::encode`] serializes with serde). `None`, the
+    /// default, keeps nothing.
+    fn save(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Called right after `init` with the last committed state, if there is one: the plugin
+    /// resumes from its last committed call, so nothing it emitted is repeated or lost and no
+    /// input is counted twice. An error here is treated like an `init` error.
+    fn restore(&mut self, _state: &[u8]) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Helpers for [`Plugin::save`] and [`Plugin::restore`]: state as JSON through serde.
+pub mod state {
+    use super::Error;
+
+    /// `value` as bytes to return from [`super::Plugin::save`].
+    pub fn encode<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
+        serde_json::to_vec(value).ok()
+    }
+
+    /// Bytes from [`super::Plugin::restore`] back into a value. A state saved by an older version
+    /// of the plugin that no longer fits is an error: decide in `restore` whether to start over.
+    pub fn decode<T: serde::de::DeserializeOwned>(state: &[u8]) -> Result<T, Error> {
+        serde_json::from_slice(state).map_err(|e| Error::internal(format!("saved state: {e}")))
+    }
 }
 
 /// Log levels for [`log`].
@@ -273,9 +304,21 @@ pub mod runtime {
         let text = if config.trim().is_empty() { "{}".to_owned() } else { config };
         let cfg: P::Config =
             serde_json::from_str(&text).map_err(|e| wt::PluginError::InvalidConfig(config_error(&e)))?;
-        let p = P::init(cfg).map_err(to_wit_error)?;
+        let mut p = P::init(cfg).map_err(to_wit_error)?;
+        if let Some(saved) = bindings::updraft::plugin::state::load() {
+            p.restore(&saved).map_err(to_wit_error)?;
+        }
         *slot.0.borrow_mut() = Some(p);
         Ok(())
+    }
+
+    /// Stages the plugin's state after a successful call (the gateway commits it with the
+    /// outputs).
+    fn stage<P: Plugin>(p: &P) -> Result<(), wt::PluginError> {
+        match p.save() {
+            Some(blob) => bindings::updraft::plugin::state::save(&blob).map_err(wt::PluginError::Internal),
+            None => Ok(()),
+        }
     }
 
     pub fn on_batch<P: Plugin>(slot: &Slot<P>, batch: wt::Batch, now: Timestamp) -> Result<wt::Emits, wt::PluginError> {
@@ -296,6 +339,7 @@ pub mod runtime {
         let mut guard = slot.0.borrow_mut();
         let p = guard.as_mut().ok_or_else(|| wt::PluginError::Internal("on-batch before init".into()))?;
         p.on_batch(&points, now, &mut out).map_err(to_wit_error)?;
+        stage(p)?;
         Ok(out.finish())
     }
 
@@ -304,6 +348,7 @@ pub mod runtime {
         let mut guard = slot.0.borrow_mut();
         let p = guard.as_mut().ok_or_else(|| wt::PluginError::Internal("on-tick before init".into()))?;
         p.on_tick(now, &mut out).map_err(to_wit_error)?;
+        stage(p)?;
         Ok(out.finish())
     }
 

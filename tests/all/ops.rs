@@ -92,7 +92,7 @@ fn the_deb_installs_into_a_scratch_root_with_the_right_layout() {
     assert_eq!(mode("usr/bin/updraft"), 0o755);
     assert_eq!(mode("lib/systemd/system/updraft.service"), 0o644);
     assert_eq!(mode("etc/updraft/updraft.toml"), 0o644, "postinst narrows it to root:updraft 0640");
-    for p in ["scale", "window_avg", "threshold_alarm", "deadband", "thingsboard"] {
+    for p in ["scale", "window_avg", "threshold_alarm", "deadband", "thingsboard", "energy_shift"] {
         assert_eq!(mode(&format!("usr/share/updraft/plugins/{p}.wasm")), 0o644);
     }
     for doc in ["README.md", "gateway.toml.example", "copyright"] {

@@ -158,7 +158,9 @@ default = "updraft/doubled/{{device}}/{{tag}}"
 fn example_plugin_fixtures_pass_in_the_harness() {
     let root = updraft_tests::test_file("../plugins");
     let mut ran = 0;
-    for dir in ["scale", "deadband", "window-avg", "threshold-alarm", "thingsboard", "testing/misbehave"] {
+    for dir in
+        ["scale", "deadband", "window-avg", "threshold-alarm", "thingsboard", "energy-shift", "testing/misbehave"]
+    {
         let name = dir.rsplit('/').next().unwrap().replace('-', "_");
         let wasm = plugin_wasm(&name);
         for f in std::fs::read_dir(root.join(dir).join("tests")).unwrap() {
@@ -378,15 +380,17 @@ fn the_plugin_cache_is_private_and_foreign_entries_are_refused() {
 
 /// Plugins built for the first world (`updraft:plugin@0.1.0`, before text values existed) keep
 /// loading beside current ones and are never handed a text point; a current plugin receives it.
-/// The 0.1.0 build of the `scale` example is kept in `tests/fixtures/plugins-0.1/`.
+/// The 0.1.0 and 0.2.0 builds of the `scale` example are kept in `tests/fixtures/plugins-0.1/` and
+/// `tests/fixtures/plugins-0.2/`.
 #[tokio::test(flavor = "multi_thread")]
-async fn plugins_built_for_0_1_keep_working_and_never_see_text() {
+async fn plugins_built_for_0_1_and_0_2_keep_working_and_0_1_never_sees_text() {
     let fixture = ModbusFixture::default();
     fixture.set_holding(0, &[700]);
     // "PUMP-A7", high byte first.
     fixture.set_holding(10, &[0x5055, 0x4D50, 0x2D41, 0x3700]);
     let addr = fixture.serve().await;
     let old = updraft_tests::test_file("fixtures/plugins-0.1/scale.wasm");
+    let mid = updraft_tests::test_file("fixtures/plugins-0.2/scale.wasm");
     let plugin = |name: &str, wasm: &std::path::Path| {
         format!(
             "[plugins.{name}]\nwasm = \"{}\"\nsubscribe = [\"press/*\"]\nconfig = {{ factor = 0.1, offset = -40.0 }}\n\
@@ -400,19 +404,22 @@ async fn plugins_built_for_0_1_keep_working_and_never_see_text() {
          {{ name = \"serial\", area = \"holding\", address = 10, type = \"string\", length = 4 }},\n]\n\n{}{}",
         header("gw-worlds"),
         plugin("old", &old),
-        plugin("new", &plugin_wasm("scale"))
+        plugin("mid", &mid) + &plugin("new", &plugin_wasm("scale"))
     );
     let (gw, _dir) = start_gateway(&toml).await;
     let mut sub = Subscriber::connect(gw.broker_addr.unwrap(), "updraft/#", QoS::AtMostOnce).await;
-    for world in ["old", "new"] {
+    for world in ["old", "mid", "new"] {
         let v = sub.wait_for(&format!("updraft/{world}/press/temperature"), WAIT, |_| true).await;
         assert_eq!(v.unwrap_or_else(|| panic!("{world} plugin output"))["value"], 30.0, "{world}");
     }
-    let text = sub.wait_for("updraft/new/press/serial", WAIT, |_| true).await.expect("the 0.2.0 plugin gets text");
-    assert_eq!(text["value"], "PUMP-A7", "scale passes text through unchanged");
+    for world in ["mid", "new"] {
+        let text = sub.wait_for(&format!("updraft/{world}/press/serial"), WAIT, |_| true).await;
+        assert_eq!(text.expect("0.2.0 and later plugins get text")["value"], "PUMP-A7", "scale passes text through");
+    }
     let all = sub.collect(Duration::from_millis(500), Duration::from_secs(2)).await;
     assert!(!all.contains_key("updraft/old/press/serial"), "the 0.1.0 plugin never saw the text point");
     assert_eq!(gw.metrics.plugin("old").traps.get(), 0);
+    assert_eq!(gw.metrics.plugin("mid").traps.get(), 0);
     gw.shutdown(Duration::from_secs(2)).await;
 }
 
@@ -453,4 +460,90 @@ config = {{ high = 80.0, low = 90.0 }}
     let (_, page) = updraft_tests::http_get(gw.api_addr.unwrap(), "/metrics").await;
     assert!(page.contains(r#"updraft_plugin_init_failures_total{plugin="alarm"} "#), "{page}");
     gw.shutdown(Duration::from_secs(2)).await;
+}
+
+/// A stateful plugin (energy-shift: kWh from kW by the trapezoid rule) keeps an exact running
+/// total across `kill -9` of the gateway in the middle of a stream: with a constant 3,600 kW (one
+/// kWh per second), the total after the restart is the total before plus exactly the time between
+/// the two readings; a lost state would start over, a point counted twice would add more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stateful_plugin_total_is_exact_across_kill_9() {
+    use updraft_tests::cloud::{free_port, GatewayProcess};
+    let fixture = ModbusFixture::default();
+    fixture.set_holding(0, &[3600]);
+    let addr = fixture.serve().await;
+    let dir = updraft_tests::TempDir::new("state-kill9");
+    let (api_port, broker) = (free_port(), free_port());
+    let path = dir.path().join("updraft.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[gateway]
+id = "gw-state"
+data_dir = "data"
+
+[broker]
+listen = "127.0.0.1:{broker}"
+
+[api]
+listen = "127.0.0.1:{api_port}"
+
+[devices.press]
+driver = "modbus-tcp"
+address = "{addr}"
+poll = "100ms"
+tags = [{{ name = "power", area = "holding", address = 0, unit = "kW" }}]
+
+[plugins.energy]
+wasm = "{wasm}"
+subscribe = ["press/power"]
+config = {{ shift = "1000h", max_gap = "5m" }}
+"#,
+            wasm = plugin_wasm("energy_shift").display(),
+        ),
+    )
+    .unwrap();
+    let api: std::net::SocketAddr = format!("127.0.0.1:{api_port}").parse().unwrap();
+    let total = || async {
+        // The API is down while the gateway restarts.
+        std::net::TcpStream::connect(api).ok()?;
+        let (_, body) = updraft_tests::http_get(api, "/api/v1/values").await;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let p = &v["derived"]["press"]["power_kwh"];
+        Some((p["value"].as_f64()?, p["ts"].as_i64()?))
+    };
+    let read_after = |after_ts: i64| async move {
+        for _ in 0..300 {
+            if let Some((v, ts)) = total().await {
+                if ts > after_ts {
+                    return (v, ts);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no total stamped after {after_ts}");
+    };
+
+    let gw = GatewayProcess::start(&path);
+    eventually(WAIT, || std::net::TcpStream::connect(api).ok()).await.expect("the API listens");
+    let (first, t0) = read_after(0).await;
+    let (before, t1) = read_after(t0 + 1500).await;
+    assert!(
+        (before - first - (t1 - t0) as f64 / 1000.0).abs() < 1e-6,
+        "one kWh per second: {first}@{t0} → {before}@{t1}"
+    );
+    gw.kill9();
+    // Down for a second: the gap is bridged (shorter than max_gap), as the energy really flowed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let restarted = updraft::base::point::now_ms();
+    let gw = GatewayProcess::start(&path);
+    let (after, t2) = read_after(restarted).await;
+    println!("{before} kWh at {t1}, killed, {after} kWh at {t2}");
+    let expected = before + (t2 - t1) as f64 / 1000.0;
+    assert!(
+        (after - expected).abs() < 1e-6,
+        "the total carried over exactly: {after} kWh at {t2}, expected {expected} ({before} kWh at {t1} plus the time between)"
+    );
+    gw.stop();
 }

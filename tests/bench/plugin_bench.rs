@@ -30,7 +30,7 @@ fn main() {
     let registry = Arc::new(Registry::default());
     let tags = updraft::plugins::host::TagView { registry: registry.clone(), subscribe: Arc::from(["*/*".to_owned()]) };
     let t = Instant::now();
-    let mut inst = cold.instantiate("bench", "{}", 32 << 20, Duration::from_millis(500), tags.clone()).unwrap();
+    let mut inst = cold.instantiate("bench", "{}", 32 << 20, Duration::from_millis(500), tags.clone(), None).unwrap();
     let instantiate = t.elapsed();
     println!("updraft plugin benchmark (plugins/testing/noop, gateway host code)");
     println!("  load cold (compile + cache)   {:>10.1} ms", cold.load_time.as_secs_f64() * 1e3);

@@ -1,7 +1,7 @@
 //! The WASM plugin host: one shared wasmtime engine, components compiled once and cached in
 //! `data_dir`, and sandboxed instances with a memory cap and a per-call deadline.
 //!
-//! The sandbox: besides the world's imports (`tags`, `log`), the linker provides WASI p2 — Rust's
+//! The sandbox: besides the world's imports (`tags`, `log`, `state`), the linker provides WASI p2 — Rust's
 //! std imports it for hash seeds, clocks and panics — from a deny-all context: no preopened
 //! directories, no environment, no arguments, no network, stdin empty, output discarded, and both
 //! clocks frozen at the gateway time of the current call. Any other import traps. A plugin that
@@ -23,7 +23,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 use crate::base::point::Registry;
 
-/// The current world, `updraft:plugin@0.2.0`.
+/// The current world, `updraft:plugin@0.3.0`.
 mod wit {
     wasmtime::component::bindgen!({
         world: "updraft-plugin",
@@ -31,8 +31,16 @@ mod wit {
     });
 }
 
+/// The 0.2.0 world (no state), for plugins built before 0.3.0.
+mod wit02 {
+    wasmtime::component::bindgen!({
+        world: "updraft-plugin",
+        path: "../plugin-sdk/wit-0.2.0",
+    });
+}
+
 /// The first world, `updraft:plugin@0.1.0` (no text values), for plugins built before 0.2.0.
-/// Both are linked: their imports have different versioned names, so a component picks its own.
+/// All are linked: their imports have different versioned names, so a component picks its own.
 mod wit01 {
     wasmtime::component::bindgen!({
         world: "updraft-plugin",
@@ -43,7 +51,7 @@ mod wit01 {
 pub use wit::exports::updraft::plugin::plugin::{Batch, Emits};
 pub use wit::updraft::plugin::types::{DataPoint, PluginError, Quality as WitQuality, Value as WitValue};
 pub use wit::updraft::plugin::types::{Emit, Message};
-use wit::updraft::plugin::{log as wit_log, tags as wit_tags, types as wit_types};
+use wit::updraft::plugin::{log as wit_log, state as wit_state, tags as wit_tags, types as wit_types};
 
 /// Epoch tick of the shared engine: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -120,17 +128,21 @@ impl PluginEngine {
         };
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         wit::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
+        wit02::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
         wit01::UpdraftPlugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s).map_err(invalid)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(invalid)?;
         forbid_waiting(&mut linker).map_err(invalid)?;
         let pre = linker.instantiate_pre(&component).map_err(invalid)?;
         // The world version is the one whose `plugin` interface the component exports.
-        let pre = match wit::UpdraftPluginPre::new(pre.clone()) {
-            Ok(p) => Pre::V2(p),
-            Err(e2) => match wit01::UpdraftPluginPre::new(pre) {
+        let pre = if let Ok(p) = wit::UpdraftPluginPre::new(pre.clone()) {
+            Pre::V3(p)
+        } else if let Ok(p) = wit02::UpdraftPluginPre::new(pre.clone()) {
+            Pre::V2(p)
+        } else {
+            match wit01::UpdraftPluginPre::new(pre) {
                 Ok(p) => Pre::V1(p),
-                Err(_) => return Err(invalid(e2.context("it exports neither updraft:plugin@0.2.0 nor @0.1.0"))),
-            },
+                Err(e) => return Err(invalid(e.context("it exports none of updraft:plugin@0.3.0, @0.2.0 and @0.1.0"))),
+            }
         };
         debug!(path = %path.display(), warm, world = pre.version(), elapsed = ?started.elapsed(), "Plugin loaded.");
         Ok(LoadedPlugin { engine: self.engine.clone(), pre, warm, load_time: started.elapsed() })
@@ -330,13 +342,15 @@ impl TagView {
 /// A compiled, linked plugin from which instances are made.
 /// A component ready to instantiate, with the world version it was built for.
 enum Pre {
-    V2(wit::UpdraftPluginPre<HostState>),
+    V3(wit::UpdraftPluginPre<HostState>),
+    V2(wit02::UpdraftPluginPre<HostState>),
     V1(wit01::UpdraftPluginPre<HostState>),
 }
 
 impl Pre {
     fn version(&self) -> &'static str {
         match self {
+            Pre::V3(_) => "0.3.0",
             Pre::V2(_) => "0.2.0",
             Pre::V1(_) => "0.1.0",
         }
@@ -344,7 +358,8 @@ impl Pre {
 }
 
 enum Bindings {
-    V2(wit::UpdraftPlugin),
+    V3(wit::UpdraftPlugin),
+    V2(wit02::UpdraftPlugin),
     V1(wit01::UpdraftPlugin),
 }
 
@@ -369,6 +384,26 @@ pub struct HostState {
     table: ResourceTable,
     /// The frozen clock both WASI clocks read: Unix nanoseconds of the current call.
     clock: Arc<AtomicU64>,
+    /// The last committed state (`state.load`), and what the current call staged (`state.save`).
+    committed: Option<Arc<[u8]>>,
+    staged: Option<Vec<u8>>,
+}
+
+/// Largest state blob a plugin may keep.
+pub const MAX_STATE_BYTES: usize = 64 * 1024;
+
+impl wit_state::Host for HostState {
+    fn load(&mut self) -> Option<Vec<u8>> {
+        self.staged.clone().or_else(|| self.committed.as_ref().map(|c| c.to_vec()))
+    }
+
+    fn save(&mut self, blob: Vec<u8>) -> Result<(), String> {
+        if blob.len() > MAX_STATE_BYTES {
+            return Err(format!("state of {} bytes refused: at most {MAX_STATE_BYTES}", blob.len()));
+        }
+        self.staged = Some(blob);
+        Ok(())
+    }
 }
 
 impl WasiView for HostState {
@@ -466,6 +501,7 @@ impl LoadedPlugin {
         memory: u64,
         call_timeout: Duration,
         tags: TagView,
+        state: Option<Arc<[u8]>>,
     ) -> Result<PluginInstance, CallFailure> {
         let limits = Limits { memory_total: memory as usize, memory_used: 0 };
         let clock = Arc::new(AtomicU64::new(now_nanos()));
@@ -484,11 +520,14 @@ impl LoadedPlugin {
             wasi,
             table: wasi_table(),
             clock,
+            committed: state,
+            staged: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(deadline_ticks(call_timeout));
         let bindings = match &self.pre {
+            Pre::V3(pre) => pre.instantiate(&mut store).map(Bindings::V3),
             Pre::V2(pre) => pre.instantiate(&mut store).map(Bindings::V2),
             Pre::V1(pre) => pre.instantiate(&mut store).map(Bindings::V1),
         }
@@ -496,9 +535,11 @@ impl LoadedPlugin {
         let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: false };
         let now = (now_nanos() / 1_000_000) as i64;
         inst.call(now, |b, s| match b {
-            Bindings::V2(b) => b.updraft_plugin_plugin().call_init(s, config_json),
+            Bindings::V3(b) => b.updraft_plugin_plugin().call_init(s, config_json),
+            Bindings::V2(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v02::error)),
             Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v01::error)),
         })?;
+        // What init staged is part of the first commit, not committed by itself.
         Ok(inst)
     }
 
@@ -539,7 +580,11 @@ impl PluginInstance {
     /// Calls `on-batch`; `now` (Unix ms) is also what the plugin's clocks read during the call.
     pub fn on_batch(&mut self, batch: &Batch, now: i64) -> Result<Emits, CallFailure> {
         self.call(now, |b, s| match b {
-            Bindings::V2(b) => b.updraft_plugin_plugin().call_on_batch(s, batch, now),
+            Bindings::V3(b) => b.updraft_plugin_plugin().call_on_batch(s, batch, now),
+            Bindings::V2(b) => {
+                let old = v02::batch(batch);
+                Ok(b.updraft_plugin_plugin().call_on_batch(s, &old, now)?.map(v02::emits).map_err(v02::error))
+            }
             Bindings::V1(b) => {
                 let old = v01::batch(batch);
                 Ok(b.updraft_plugin_plugin().call_on_batch(s, &old, now)?.map(v01::emits).map_err(v01::error))
@@ -549,7 +594,8 @@ impl PluginInstance {
 
     pub fn on_tick(&mut self, now: i64) -> Result<Emits, CallFailure> {
         self.call(now, |b, s| match b {
-            Bindings::V2(b) => b.updraft_plugin_plugin().call_on_tick(s, now),
+            Bindings::V3(b) => b.updraft_plugin_plugin().call_on_tick(s, now),
+            Bindings::V2(b) => Ok(b.updraft_plugin_plugin().call_on_tick(s, now)?.map(v02::emits).map_err(v02::error)),
             Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_on_tick(s, now)?.map(v01::emits).map_err(v01::error)),
         })
     }
@@ -557,6 +603,17 @@ impl PluginInstance {
     /// Whether a trap has made the instance unusable (the runner then recreates it).
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// The state the last successful call (or `init`) staged with `state.save`, if any; the
+    /// caller commits it with that call's outputs, then calls [`PluginInstance::committed`].
+    pub fn take_staged(&mut self) -> Option<Vec<u8>> {
+        self.store.data_mut().staged.take()
+    }
+
+    /// Records `blob` as committed: what `state.load` returns from now on.
+    pub fn committed(&mut self, blob: Arc<[u8]>) {
+        self.store.data_mut().committed = Some(blob);
     }
 
     fn call<T>(
@@ -571,7 +628,12 @@ impl PluginInstance {
         self.store.data_mut().last_error = None;
         self.store.data().clock.store(now_ms.max(0) as u64 * 1_000_000, Ordering::Relaxed);
         self.store.set_epoch_deadline(deadline_ticks(self.call_timeout));
-        match f(&self.bindings, &mut self.store) {
+        let result = f(&self.bindings, &mut self.store);
+        if !matches!(result, Ok(Ok(_))) {
+            // A failed call commits nothing: its staged state goes with its outputs.
+            self.store.data_mut().staged = None;
+        }
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(PluginError::InvalidConfig(m))) => Err(CallFailure::Error(config_message(&m))),
             Ok(Err(PluginError::Internal(m))) => Err(CallFailure::Error(m)),
@@ -612,27 +674,99 @@ fn classify(e: &wasmtime::Error, logged: Option<String>) -> CallFailure {
     CallFailure::Trap { kind, reason }
 }
 
-/// The 0.1.0 world's imports are the 0.2.0 ones under older names.
-impl wit01::updraft::plugin::types::Host for HostState {}
+/// An older world's imports are the current ones under older names.
+macro_rules! older_world_imports {
+    ($world:ident) => {
+        impl $world::updraft::plugin::types::Host for HostState {}
 
-impl wit01::updraft::plugin::tags::Host for HostState {
-    fn describe(&mut self, id: u32) -> Option<wit01::updraft::plugin::tags::TagInfo> {
-        let t = wit_tags::Host::describe(self, id)?;
-        Some(wit01::updraft::plugin::tags::TagInfo { id: t.id, device: t.device, tag: t.tag, unit: t.unit })
-    }
+        impl $world::updraft::plugin::tags::Host for HostState {
+            fn describe(&mut self, id: u32) -> Option<$world::updraft::plugin::tags::TagInfo> {
+                let t = wit_tags::Host::describe(self, id)?;
+                Some($world::updraft::plugin::tags::TagInfo { id: t.id, device: t.device, tag: t.tag, unit: t.unit })
+            }
+        }
+
+        impl $world::updraft::plugin::log::Host for HostState {
+            fn log(&mut self, level: $world::updraft::plugin::log::Level, message: String) {
+                use $world::updraft::plugin::log::Level as L;
+                let level = match level {
+                    L::Trace => wit_log::Level::Trace,
+                    L::Debug => wit_log::Level::Debug,
+                    L::Info => wit_log::Level::Info,
+                    L::Warn => wit_log::Level::Warn,
+                    L::Error => wit_log::Level::Error,
+                };
+                wit_log::Host::log(self, level, message);
+            }
+        }
+    };
 }
 
-impl wit01::updraft::plugin::log::Host for HostState {
-    fn log(&mut self, level: wit01::updraft::plugin::log::Level, message: String) {
-        use wit01::updraft::plugin::log::Level as L;
-        let level = match level {
-            L::Trace => wit_log::Level::Trace,
-            L::Debug => wit_log::Level::Debug,
-            L::Info => wit_log::Level::Info,
-            L::Warn => wit_log::Level::Warn,
-            L::Error => wit_log::Level::Error,
-        };
-        wit_log::Host::log(self, level, message);
+older_world_imports!(wit02);
+older_world_imports!(wit01);
+
+/// Conversions between the current world's types and the 0.2.0 world's, which have the same shapes.
+mod v02 {
+    use super::wit02::updraft::plugin::types as old;
+    use super::{Batch, Emit, Emits, Message, PluginError, WitQuality, WitValue};
+
+    pub fn batch(b: &Batch) -> old::Batch {
+        let points = b
+            .points
+            .iter()
+            .map(|p| {
+                let value = p.value.as_ref().map(|v| match v {
+                    WitValue::Boolean(v) => old::Value::Boolean(*v),
+                    WitValue::Int(v) => old::Value::Int(*v),
+                    WitValue::Uint(v) => old::Value::Uint(*v),
+                    WitValue::Float(v) => old::Value::Float(*v),
+                    WitValue::Text(t) => old::Value::Text(t.clone()),
+                });
+                let quality = match p.quality {
+                    WitQuality::Good => old::Quality::Good,
+                    WitQuality::Bad => old::Quality::Bad,
+                };
+                old::DataPoint { tag: p.tag, value, quality, ts: p.ts }
+            })
+            .collect();
+        old::Batch { seq: b.seq, points }
+    }
+
+    pub fn emits(e: old::Emits) -> Emits {
+        let points = e
+            .points
+            .into_iter()
+            .map(|p| Emit {
+                output: p.output,
+                device: p.device,
+                tag: p.tag,
+                value: p.value.map(|v| match v {
+                    old::Value::Boolean(v) => WitValue::Boolean(v),
+                    old::Value::Int(v) => WitValue::Int(v),
+                    old::Value::Uint(v) => WitValue::Uint(v),
+                    old::Value::Float(v) => WitValue::Float(v),
+                    old::Value::Text(t) => WitValue::Text(t),
+                }),
+                quality: match p.quality {
+                    old::Quality::Good => WitQuality::Good,
+                    old::Quality::Bad => WitQuality::Bad,
+                },
+                ts: p.ts,
+            })
+            .collect();
+        let messages = e
+            .messages
+            .into_iter()
+            .map(|m| Message { output: m.output, subject: m.subject, payload: m.payload })
+            .collect();
+        Emits { points, messages }
+    }
+
+    pub fn error(e: old::PluginError) -> PluginError {
+        match e {
+            old::PluginError::InvalidConfig(m) => PluginError::InvalidConfig(m),
+            old::PluginError::Internal(m) => PluginError::Internal(m),
+        }
     }
 }
 

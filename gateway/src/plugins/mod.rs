@@ -3,6 +3,7 @@
 
 pub mod host;
 mod runner;
+pub mod state;
 pub mod testing;
 
 pub use runner::{config_json, output_topic, spawn, PluginStats};

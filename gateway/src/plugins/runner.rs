@@ -33,6 +33,8 @@ pub struct PluginStats {
     pub restarts: Counter,
     /// Instances whose `init` refused the deployment's config.
     pub init_failures: Counter,
+    /// Failed writes of the state journal (the state then lives in memory only).
+    pub state_errors: Counter,
     /// Time spent in calls (`on-batch`, `on-tick`), summed, in microseconds.
     pub call_us: Counter,
     /// The same, as a distribution.
@@ -86,6 +88,13 @@ struct Runner {
     pending_since: Option<Instant>,
     /// Output topics this plugin created in the registry.
     created: usize,
+    /// The last committed state, handed to every new instance.
+    state: Option<Arc<[u8]>>,
+    /// Where committed state and outputs are kept across restarts (none in the harness, or after
+    /// the disk failed).
+    journal: Option<super::state::Journal>,
+    /// Commits so far (the journal's sequence).
+    commits: u64,
 }
 
 /// The deployment's `config` table as the JSON `init` receives.
@@ -93,7 +102,8 @@ pub fn config_json(cfg: &PluginConfig) -> String {
     serde_json::to_string(&cfg.config).unwrap_or_else(|_| "{}".into())
 }
 
-/// Starts the plugin's thread. It ends after `input` closes and the last batch is flushed.
+/// Starts the plugin's thread; its state journal is in `state_dir`.
+#[allow(clippy::too_many_arguments)] // Each is one wire of the plugin; a struct would only rename them. It ends after `input` closes and the last batch is flushed.
 pub fn spawn(
     name: &str,
     cfg: &PluginConfig,
@@ -102,9 +112,21 @@ pub fn spawn(
     input: mpsc::Receiver<PointBatch>,
     out: BusSender,
     metrics: &Metrics,
+    state_dir: &std::path::Path,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let config_json = config_json(cfg);
     let stats = metrics.plugin(name);
+    // The journal is read before the thread starts, so a damaged state directory stops start-up
+    // (or the reload) with a clear message rather than losing the state quietly.
+    let (journal, recovered) = super::state::Journal::open(state_dir, name).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("plugin `{name}`: cannot open its state journal in {}: {e}", state_dir.display()),
+        )
+    })?;
+    if recovered.cut > 0 {
+        warn!(plugin = %name, bytes = recovered.cut, "Cut a torn tail from the plugin's state journal.");
+    }
     let mut r = Runner {
         name: Arc::from(name),
         cfg: cfg.clone(),
@@ -122,7 +144,11 @@ pub fn spawn(
         pending: Vec::new(),
         pending_since: None,
         created: 0,
+        state: recovered.state.map(Arc::from),
+        journal: Some(journal),
+        commits: recovered.seq,
     };
+    let replay = recovered.undelivered;
     std::thread::Builder::new().name(format!("plugin-{name}")).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
             Ok(rt) => rt,
@@ -131,7 +157,20 @@ pub fn spawn(
                 return;
             }
         };
-        rt.block_on(r.run(input));
+        rt.block_on(async {
+            if let Some(emits) = replay {
+                // The last committed call's outputs never reached the hub before the stop.
+                info!(plugin = %r.name, "Handing over the outputs of the plugin's last committed call.");
+                let blob = r.state.clone().unwrap_or_else(|| Arc::from(Vec::new()));
+                r.publish(emits).await;
+                if let Some(j) = r.journal.as_mut() {
+                    if let Err(e) = j.delivered(r.commits, &blob) {
+                        r.journal_failed(&e);
+                    }
+                }
+            }
+            r.run(input).await
+        });
     })
 }
 
@@ -228,6 +267,7 @@ impl Runner {
             lim.memory.0,
             lim.call_timeout.0,
             TagView { registry: self.registry.clone(), subscribe: self.cfg.subscribe.clone().into() },
+            self.state.clone(),
         ) {
             Ok(i) => {
                 if self.failures > 0 {
@@ -301,12 +341,47 @@ impl Runner {
         };
         self.stats.observe_call(started.elapsed());
         match result {
-            Ok(emits) => self.publish(emits).await,
+            Ok(emits) => self.committed(emits).await,
             Err(f) => {
                 self.stats.points_dropped.add(n);
                 self.failed(&f, "on-batch");
             }
         }
+    }
+
+    /// After a successful call: commits the state it staged together with its outputs, hands
+    /// the outputs to the hub, then marks them handed over (`state.rs` says why in that order).
+    async fn committed(&mut self, emits: Emits) {
+        let Some(blob) = self.instance.as_mut().and_then(|i| i.take_staged()) else {
+            self.publish(emits).await;
+            return;
+        };
+        let blob: Arc<[u8]> = Arc::from(blob);
+        self.commits += 1;
+        let seq = self.commits;
+        if let Some(j) = self.journal.as_mut() {
+            if let Err(e) = j.commit(seq, &blob, &emits) {
+                self.journal_failed(&e);
+            }
+        }
+        if let Some(i) = self.instance.as_mut() {
+            i.committed(blob.clone());
+        }
+        self.state = Some(blob.clone());
+        self.publish(emits).await;
+        if let Some(j) = self.journal.as_mut() {
+            if let Err(e) = j.delivered(seq, &blob) {
+                self.journal_failed(&e);
+            }
+        }
+    }
+
+    /// A journal that cannot be written (a full or failing disk) is given up: the plugin keeps
+    /// running with its state in memory, which survives traps but not a restart.
+    fn journal_failed(&mut self, e: &std::io::Error) {
+        self.stats.state_errors.inc();
+        error!(error = %e, "Cannot write the plugin's state journal; its state now survives traps but not a restart.");
+        self.journal = None;
     }
 
     async fn tick(&mut self) {
@@ -321,7 +396,7 @@ impl Runner {
         };
         self.stats.observe_call(started.elapsed());
         match result {
-            Ok(emits) => self.publish(emits).await,
+            Ok(emits) => self.committed(emits).await,
             Err(f) => self.failed(&f, "on-tick"),
         }
     }

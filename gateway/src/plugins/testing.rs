@@ -27,6 +27,8 @@
 //! emitted, in order. `expect_only` (`{"output": …, "device": …, "tag": …}`, each optional) keeps
 //! only the matching emits before comparing. `"expect_init_error": "substring"` at the top level
 //! says `init` must refuse the config with a message containing it (then `steps` may be empty).
+//! `"restart": true` on a step first replaces the instance with a fresh one that loads the last
+//! committed state (`Plugin::save`), as after a trap or a restart of the gateway.
 //!
 //! Points can also come from CSV (a smoke run: no expectations): one point per line,
 //! `now,device,tag,value` (an optional header line with those names; `#` starts a comment line),
@@ -72,6 +74,10 @@ pub struct Step {
     /// Call `on-tick` instead of `on-batch`.
     #[serde(default)]
     pub tick: bool,
+    /// Before this step's calls, replace the instance with a fresh one that loads the last
+    /// committed state, as after a trap or a gateway restart.
+    #[serde(default)]
+    pub restart: bool,
     /// One `on-batch` call with one point per instant.
     pub series: Option<Series>,
     /// One `on-tick` call per instant.
@@ -231,6 +237,8 @@ pub struct TestHost {
     call_timeout: std::time::Duration,
     instance: PluginInstance,
     seq: u64,
+    /// The last committed state, kept as the gateway keeps it.
+    state: Option<Arc<[u8]>>,
     _cache: tempdir::TempCache,
 }
 
@@ -254,7 +262,7 @@ impl TestHost {
         let registry = Arc::new(Registry::default());
         let config_json = serde_json::to_string(config).map_err(|e| e.to_string())?;
         let instance = loaded
-            .instantiate("under-test", &config_json, limits.memory.0, limits.call_timeout.0, all_tags(&registry))
+            .instantiate("under-test", &config_json, limits.memory.0, limits.call_timeout.0, all_tags(&registry), None)
             .map_err(init_failure)?;
         Ok(TestHost {
             registry,
@@ -264,15 +272,33 @@ impl TestHost {
             call_timeout: limits.call_timeout.0,
             instance,
             seq: 0,
+            state: None,
             _cache: cache,
         })
     }
 
-    /// Replaces the instance with a fresh one, as the gateway does after a trap.
+    /// Commits what a successful call staged, as the gateway does.
+    fn commit(&mut self) {
+        if let Some(blob) = self.instance.take_staged() {
+            let blob: Arc<[u8]> = Arc::from(blob);
+            self.instance.committed(blob.clone());
+            self.state = Some(blob);
+        }
+    }
+
+    /// Replaces the instance with a fresh one that loads the last committed state, as the
+    /// gateway does after a trap or a restart.
     pub fn restart(&mut self) -> Result<(), String> {
         self.instance = self
             .loaded
-            .instantiate("under-test", &self.config_json, self.memory, self.call_timeout, all_tags(&self.registry))
+            .instantiate(
+                "under-test",
+                &self.config_json,
+                self.memory,
+                self.call_timeout,
+                all_tags(&self.registry),
+                self.state.clone(),
+            )
             .map_err(init_failure)?;
         Ok(())
     }
@@ -293,12 +319,16 @@ impl TestHost {
             })
             .collect();
         self.seq += 1;
-        Ok(flatten(self.instance.on_batch(&Batch { seq: self.seq, points }, now)?))
+        let emits = self.instance.on_batch(&Batch { seq: self.seq, points }, now)?;
+        self.commit();
+        Ok(flatten(emits))
     }
 
     /// Calls `on-tick` at gateway time `now`.
     pub fn tick(&mut self, now: i64) -> Result<Vec<Emitted>, CallFailure> {
-        Ok(flatten(self.instance.on_tick(now)?))
+        let emits = self.instance.on_tick(now)?;
+        self.commit();
+        Ok(flatten(emits))
     }
 }
 
@@ -416,6 +446,9 @@ pub fn run_fixture_with(
             (None, None) if step.tick => vec![Call::Tick(step.now)],
             (None, None) => vec![Call::Batch(step.now, step.points.clone())],
         };
+        if step.restart {
+            host.restart()?;
+        }
         let mut got = Vec::new();
         let mut failed = None;
         for call in calls {
@@ -499,6 +532,7 @@ fn csv_fixture(text: &str) -> Result<Fixture, String> {
                 now,
                 points: vec![point],
                 tick: false,
+                restart: false,
                 series: None,
                 ticks: None,
                 expect: None,
