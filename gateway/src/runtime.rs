@@ -302,6 +302,26 @@ impl Gateway {
     }
 
     fn start_plugin(&mut self, name: &str, loaded: crate::plugins::host::LoadedPlugin) -> Result<(), StartError> {
+        if self.config.plugins[name].subscribe.is_empty() {
+            // The deployment leaves the subscription to the plugin (`describe`).
+            let p = &self.config.plugins[name];
+            let tags = crate::plugins::host::TagView { registry: self.registry.clone(), subscribe: Arc::from([]) };
+            let suggested = loaded
+                .manifest(name, p.limits.memory.0, p.limits.call_timeout.0, tags)
+                .ok()
+                .flatten()
+                .map(|m| m.subscribe)
+                .unwrap_or_default();
+            if suggested.is_empty() || suggested.iter().any(|f| crate::config::validate::filter_problem(f).is_some()) {
+                return Err(StartError::Io(std::io::Error::other(format!(
+                    "plugin `{name}` needs a subscribe list: it suggests no usable one (`updraft check` says more)"
+                ))));
+            }
+            info!(plugin = %name, subscribe = ?suggested, "Subscribing the plugin to its own default filters.");
+            if let Some(p) = self.config.plugins.get_mut(name) {
+                p.subscribe = suggested;
+            }
+        }
         let rx = self.hub_handle.subscribe(&plugin_consumer(name), Stage::Transform);
         let out = self.derived_tx.clone().expect("the gateway runs");
         let state_dir = self.config.gateway.data_dir.join("plugin-state");
@@ -536,10 +556,10 @@ pub fn check_plugins(config: &Config, file: &std::path::Path) -> Vec<String> {
     let problems = config
         .plugins
         .iter()
-        .filter_map(|(name, p)| {
+        .flat_map(|(name, p)| {
             let loaded = match engine.load(&p.wasm) {
                 Ok(l) => l,
-                Err(e) => return Some(format!("{}: plugin `{name}`: {e}", at_file())),
+                Err(e) => return vec![format!("{}: plugin `{name}`: {e}", at_file())],
             };
             let json = crate::plugins::config_json(p);
             let tags = crate::plugins::host::TagView {
@@ -548,7 +568,7 @@ pub fn check_plugins(config: &Config, file: &std::path::Path) -> Vec<String> {
             };
             // Without the running gateway's state: check judges the config, not what was saved.
             match loaded.instantiate(name, &json, p.limits.memory.0, p.limits.call_timeout.0, tags, None) {
-                Ok(_) => None,
+                Ok(inst) => declared(file, name, p, inst.manifest()),
                 Err(crate::plugins::host::CallFailure::Error(m)) => {
                     // The key the message names first, if it names any.
                     let mut keys: Vec<(usize, &str)> =
@@ -556,17 +576,57 @@ pub fn check_plugins(config: &Config, file: &std::path::Path) -> Vec<String> {
                     keys.sort();
                     let keys: Vec<&str> = keys.into_iter().map(|(_, k)| k).collect();
                     let at = crate::config::locate(file, &["plugins", name, "config"], &keys);
-                    Some(format!("{at}: plugin `{name}` refused its config: {m}"))
+                    vec![format!("{at}: plugin `{name}` refused its config: {m}")]
                 }
                 Err(crate::plugins::host::CallFailure::Trap { kind, reason }) => {
                     let at = crate::config::locate(file, &["plugins", name], &[]);
-                    Some(format!("{at}: plugin `{name}` trapped in init ({kind}): {reason}"))
+                    vec![format!("{at}: plugin `{name}` trapped in init ({kind}): {reason}")]
                 }
             }
         })
         .collect();
     drop(tmp);
     problems
+}
+
+/// What a deployment gets wrong about what its plugin declares: an output the plugin emits to
+/// that `[plugins.NAME.outputs]` leaves unmapped (its points would be dropped at run time), an
+/// output mapped that the plugin never emits to (a typo), no `subscribe` where the plugin suggests
+/// none.
+fn declared(
+    file: &std::path::Path,
+    name: &str,
+    p: &crate::config::PluginConfig,
+    manifest: Option<&crate::plugins::host::Manifest>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if p.subscribe.is_empty() && manifest.is_none_or(|m| m.subscribe.is_empty()) {
+        let at = crate::config::locate(file, &["plugins", name], &[]);
+        out.push(format!(
+            "{at}: plugin `{name}` needs a subscribe list (`subscribe = [\"device/tag\", \"device/*\"]`): it suggests none"
+        ));
+    }
+    let Some(m) = manifest else { return out };
+    if p.subscribe.is_empty() {
+        for problem in m.subscribe.iter().filter_map(|f| crate::config::validate::filter_problem(f)) {
+            let at = crate::config::locate(file, &["plugins", name], &[]);
+            out.push(format!("{at}: plugin `{name}`'s default subscribe: {problem}"));
+        }
+    }
+    for o in m.outputs.iter().filter(|o| *o != "default" && !p.outputs.contains_key(*o)) {
+        let at = crate::config::locate(file, &["plugins", name], &[]);
+        out.push(format!(
+            "{at}: plugin `{name}` emits to output `{o}`, which [plugins.{name}.outputs] does not map, so those points would be dropped: add {o} = \"updraft/{o}/{{device}}/{{tag}}\" (or another topic)"
+        ));
+    }
+    for o in p.outputs.keys().filter(|o| *o != "default" && !m.outputs.contains(o)) {
+        let at = crate::config::locate(file, &["plugins", name, "outputs", o], &[]);
+        out.push(format!(
+            "{at}: plugin `{name}` never emits to an output `{o}` (it emits to: {})",
+            m.outputs.join(", ")
+        ));
+    }
+    out
 }
 
 /// Where `message` first names `key` as a word (not inside a longer name).

@@ -229,8 +229,55 @@ fn check_runs_plugin_init_and_points_at_the_refused_key() {
     );
     assert!(!stderr.contains("at line 1 column"), "{stderr}");
 
-    // Accepted as written: check passes.
-    let path = temp_file("initok", &text.replace("low = 90.0", "low = 70.0"));
+    // Accepted, but the plugin declares an `alarms` output the deployment does not map: its
+    // alarms would be dropped at run time.
+    let accepted = text.replace("low = 90.0", "low = 70.0");
+    let path = temp_file("initunmapped", &accepted);
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plugin `alarm` emits to output `alarms`, which [plugins.alarm.outputs] does not map"),
+        "{stderr}"
+    );
+    // A mapped output the plugin never emits to is a typo.
+    let typo = format!(
+        "{accepted}[plugins.alarm.outputs]\ndefault = \"updraft/derived/{{device}}/{{tag}}\"\nalarm = \"updraft/alarms/{{device}}/{{tag}}\"\n"
+    );
+    let path = temp_file("inittypo", &typo);
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:12:9: plugin `alarm` never emits to an output `alarm` (it emits to: alarms)",
+            path.display()
+        )),
+        "{stderr}"
+    );
+
+    // As written and mapped: check passes.
+    let path = temp_file("initok", &typo.replace("\nalarm = ", "\nalarms = "));
     let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A plugin without `subscribe` takes its own default (world 0.3.0 `describe`); one that suggests
+/// none is refused by `check` with what to write.
+#[test]
+fn a_plugin_without_subscribe_needs_a_default_of_its_own() {
+    let release = repo().join("plugins/target/wasm32-wasip2/release");
+    let config = |wasm: &str| {
+        format!(
+            "[gateway]\nid = \"gw\"\n\n[plugins.p]\nwasm = {:?}\n[plugins.p.outputs]\ndefault = \"updraft/derived/{{device}}/{{tag}}\"\nshifts = \"updraft/shifts/{{device}}/{{tag}}\"\n",
+            release.join(wasm).display().to_string()
+        )
+    };
+    let path = temp_file("subscribe-default", &config("energy_shift.wasm"));
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    assert!(out.status.success(), "energy-shift suggests */power: {}", String::from_utf8_lossy(&out.stderr));
+
+    let path =
+        temp_file("subscribe-none", &config("scale.wasm").replace("shifts = \"updraft/shifts/{device}/{tag}\"\n", ""));
+    let out = updraft().arg("check").arg("-c").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("plugin `p` needs a subscribe list"), "{stderr}");
 }

@@ -179,8 +179,17 @@ impl Error {
 
 /// What a plugin implements. One value of the type lives for the life of the plugin instance.
 pub trait Plugin: Sized + 'static {
-    /// The deployment's `config` table, deserialized with serde.
+    /// The deployment's `config` table, deserialized with serde. Use `#[serde(deny_unknown_fields)]`:
+    /// `updraft check` runs `init`, so a misspelt key is refused at its line.
     type Config: DeserializeOwned;
+
+    /// The outputs this plugin emits to. `updraft check` refuses a deployment that leaves one
+    /// unmapped in `[plugins.NAME.outputs]` (`default` always has a template) or maps a name not
+    /// listed here.
+    const OUTPUTS: &'static [&'static str] = &["default"];
+
+    /// The `device/tag` filters (`*` for a whole name) a deployment that sets no `subscribe` uses.
+    const SUBSCRIBE: &'static [&'static str] = &[];
 
     fn init(config: Self::Config) -> Result<Self, Error>;
 
@@ -295,6 +304,11 @@ pub mod runtime {
         text.strip_suffix(&suffix).unwrap_or(&text).to_owned()
     }
 
+    pub fn describe<P: Plugin>() -> wt::Manifest {
+        let owned = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect();
+        wt::Manifest { outputs: owned(P::OUTPUTS), subscribe: owned(P::SUBSCRIBE) }
+    }
+
     pub fn init<P: Plugin>(slot: &Slot<P>, config: String) -> Result<(), wt::PluginError> {
         // A panic aborts the instance; route its message to the gateway log first, so the operator
         // sees why (there is no stderr in the sandbox).
@@ -356,6 +370,7 @@ pub mod runtime {
     pub type WitBatch = super::wt::Batch;
     pub type WitEmits = super::wt::Emits;
     pub type WitError = super::wt::PluginError;
+    pub type WitManifest = super::wt::Manifest;
 }
 
 /// Exports a [`Plugin`] type as the plugin of this WASM component.
@@ -374,6 +389,9 @@ macro_rules! export {
         struct __UpdraftExport;
 
         impl $crate::runtime::Guest for __UpdraftExport {
+            fn describe() -> $crate::runtime::WitManifest {
+                $crate::runtime::describe::<$plugin>()
+            }
             fn init(config: String) -> Result<(), $crate::runtime::WitError> {
                 $crate::runtime::init::<$plugin>(&__UPDRAFT_SLOT, config)
             }

@@ -494,10 +494,13 @@ address = "{addr}"
 poll = "100ms"
 tags = [{{ name = "power", area = "holding", address = 0, unit = "kW" }}]
 
+# No subscribe: the plugin's own default, every device's `power`.
 [plugins.energy]
 wasm = "{wasm}"
-subscribe = ["press/power"]
 config = {{ shift = "1000h", max_gap = "5m" }}
+[plugins.energy.outputs]
+default = "updraft/derived/{{device}}/{{tag}}"
+shifts = "updraft/shifts/{{device}}/{{tag}}"
 "#,
             wasm = plugin_wasm("energy_shift").display(),
         ),

@@ -270,6 +270,8 @@ pub struct PluginConfig {
     /// The component (`.wasm`), relative to the config file.
     pub wasm: PathBuf,
     /// `device/tag` filters; `*` matches one whole segment (`"boiler-1/*"`, `"*/temperature"`).
+    /// Left out, the plugin's own default (world 0.3.0 `describe`).
+    #[serde(default)]
     pub subscribe: Vec<String>,
     /// Handed to the plugin's `init` as JSON.
     #[serde(default)]

@@ -50,6 +50,19 @@ pub fn name_problem(name: &str) -> Option<String> {
     None
 }
 
+/// What is wrong with a plugin's `device/tag` subscription filter, if anything.
+pub fn filter_problem(f: &str) -> Option<String> {
+    let segs: Vec<&str> = f.split('/').collect();
+    if segs.len() != 2 || segs.iter().any(|s| s.is_empty()) {
+        return Some(format!("filter `{f}` must be `device/tag`, with `*` for any one segment"));
+    }
+    // `*/power*` would silently match nothing: `*` stands only for a whole segment.
+    let seg = segs.iter().find(|s| s.contains('*') && **s != "*")?;
+    Some(format!(
+        "filter `{f}`: `*` matches a whole device or tag name, not part of one (`{seg}`); list the tags, or use `*` alone"
+    ))
+}
+
 pub fn validate(config: &Config) -> Found {
     let mut found = Found::new();
     if let Some(p) = name_problem(&config.gateway.id) {
@@ -98,26 +111,10 @@ pub fn validate(config: &Config) -> Found {
         if let Some(p) = name_problem(name) {
             found.push((base.clone(), format!("plugin name `{name}` {p}")));
         }
-        if plugin.subscribe.is_empty() {
-            found
-                .push((with(base.clone(), [key("subscribe")]), "subscribe to at least one `device/tag` filter".into()));
-        }
+        // An empty `subscribe` takes the plugin's own default (checked where the plugin is loaded).
         for (i, f) in plugin.subscribe.iter().enumerate() {
-            let segs: Vec<&str> = f.split('/').collect();
-            if segs.len() != 2 || segs.iter().any(|s| s.is_empty()) {
-                found.push((
-                    with(base.clone(), [key("subscribe"), Seg::Index(i)]),
-                    format!("filter `{f}` must be `device/tag`, with `*` for any one segment"),
-                ));
-            } else if let Some(seg) = segs.iter().find(|s| s.contains('*') && **s != "*") {
-                // `*/power*` would silently match nothing: `*` stands only for a whole segment.
-                found.push((
-                    with(base.clone(), [key("subscribe"), Seg::Index(i)]),
-                    format!(
-                        "filter `{f}`: `*` matches a whole device or tag name, not part of one (`{seg}`); \
-                         list the tags, or use `*` alone"
-                    ),
-                ));
+            if let Some(problem) = filter_problem(f) {
+                found.push((with(base.clone(), [key("subscribe"), Seg::Index(i)]), problem));
             }
         }
         if !plugin.outputs.contains_key("default") {

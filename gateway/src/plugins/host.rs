@@ -490,6 +490,17 @@ pub struct PluginInstance {
     call_timeout: Duration,
     /// Set by a trap: wasmtime refuses further calls into a trapped instance.
     poisoned: bool,
+    /// What it declared (world 0.3.0 and later).
+    manifest: Option<Manifest>,
+}
+
+/// What a plugin declares about itself (world 0.3.0 and later).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Manifest {
+    /// The outputs it emits to.
+    pub outputs: Vec<String>,
+    /// Its default `subscribe`.
+    pub subscribe: Vec<String>,
 }
 
 impl LoadedPlugin {
@@ -498,6 +509,39 @@ impl LoadedPlugin {
         &self,
         plugin: &str,
         config_json: &str,
+        memory: u64,
+        call_timeout: Duration,
+        tags: TagView,
+        state: Option<Arc<[u8]>>,
+    ) -> Result<PluginInstance, CallFailure> {
+        let mut inst = self.instance(plugin, memory, call_timeout, tags, state)?;
+        inst.manifest = inst.describe()?;
+        let now = (now_nanos() / 1_000_000) as i64;
+        inst.call(now, |b, s| match b {
+            Bindings::V3(b) => b.updraft_plugin_plugin().call_init(s, config_json),
+            Bindings::V2(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v02::error)),
+            Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v01::error)),
+        })?;
+        // What init staged is part of the first commit, not committed by itself.
+        Ok(inst)
+    }
+
+    /// What the plugin declares about itself (`describe`, world 0.3.0 and later), from an
+    /// instance made for the question and never initialized.
+    pub fn manifest(
+        &self,
+        plugin: &str,
+        memory: u64,
+        call_timeout: Duration,
+        tags: TagView,
+    ) -> Result<Option<Manifest>, CallFailure> {
+        self.instance(plugin, memory, call_timeout, tags, None)?.describe()
+    }
+
+    /// A fresh instance in its own store with its limits, not yet initialized.
+    fn instance(
+        &self,
+        plugin: &str,
         memory: u64,
         call_timeout: Duration,
         tags: TagView,
@@ -532,15 +576,7 @@ impl LoadedPlugin {
             Pre::V1(pre) => pre.instantiate(&mut store).map(Bindings::V1),
         }
         .map_err(|e| classify(&e, None))?;
-        let mut inst = PluginInstance { store, bindings, call_timeout, poisoned: false };
-        let now = (now_nanos() / 1_000_000) as i64;
-        inst.call(now, |b, s| match b {
-            Bindings::V3(b) => b.updraft_plugin_plugin().call_init(s, config_json),
-            Bindings::V2(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v02::error)),
-            Bindings::V1(b) => Ok(b.updraft_plugin_plugin().call_init(s, config_json)?.map_err(v01::error)),
-        })?;
-        // What init staged is part of the first commit, not committed by itself.
-        Ok(inst)
+        Ok(PluginInstance { store, bindings, call_timeout, poisoned: false, manifest: None })
     }
 
     /// The world version the plugin was built for.
@@ -603,6 +639,23 @@ impl PluginInstance {
     /// Whether a trap has made the instance unusable (the runner then recreates it).
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// What the plugin declared, if its world has `describe`.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    fn describe(&mut self) -> Result<Option<Manifest>, CallFailure> {
+        let Bindings::V3(b) = &self.bindings else { return Ok(None) };
+        self.store.set_epoch_deadline(deadline_ticks(self.call_timeout));
+        match b.updraft_plugin_plugin().call_describe(&mut self.store) {
+            Ok(m) => Ok(Some(Manifest { outputs: m.outputs, subscribe: m.subscribe })),
+            Err(e) => {
+                self.poisoned = true;
+                Err(classify(&e, self.store.data().last_error.clone()))
+            }
+        }
     }
 
     /// The state the last successful call (or `init`) staged with `state.save`, if any; the

@@ -75,6 +75,9 @@ impl EnergyShift {
 
 impl Plugin for EnergyShift {
     type Config = Config;
+    const OUTPUTS: &'static [&'static str] = &["default", "shifts"];
+    /// Every device's `power` tag, unless the deployment says otherwise.
+    const SUBSCRIBE: &'static [&'static str] = &["*/power"];
 
     fn init(c: Config) -> Result<Self, Error> {
         if c.shift.ms() < 60_000 {

@@ -17,6 +17,7 @@ struct Alarms(Threshold);
 
 impl Plugin for Alarms {
     type Config = Config;
+    const OUTPUTS: &'static [&'static str] = &["alarms"];
 
     fn init(c: Config) -> Result<Self, Error> {
         let low = c.low.unwrap_or(c.high);
