@@ -123,33 +123,65 @@ pub enum Alarm {
     Cleared,
 }
 
-/// Threshold alarm with hysteresis per tag: raised when the value exceeds `high`, cleared when it
-/// falls below `low` (≤ `high`), so a value hovering at the threshold does not flap.
-#[derive(Debug)]
+/// Threshold alarm with hysteresis per device and tag: raised when the value has stayed above
+/// `high` for the on-delay (by the points' `ts`; none by default), cleared when it falls below
+/// `low` (≤ `high`), so a value hovering at the threshold, or a short spike, does not flap.
+/// Keyed by `device/tag` names, so it can be part of a plugin's saved state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Threshold {
     pub high: f64,
     pub low: f64,
-    active: BTreeMap<u32, bool>,
+    /// How long the value must stay above `high` before the alarm is raised, in ms.
+    pub on_delay: Timestamp,
+    state: BTreeMap<String, AlarmState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct AlarmState {
+    active: bool,
+    /// When the value went above `high` (while not yet raised).
+    above_since: Option<Timestamp>,
 }
 
 impl Threshold {
     pub fn new(high: f64, low: f64) -> Self {
-        Threshold { high, low: low.min(high), active: BTreeMap::new() }
+        Threshold { high, low: low.min(high), on_delay: 0, state: BTreeMap::new() }
+    }
+
+    /// Raises only after the value stayed above `high` for `delay`.
+    pub fn with_on_delay(mut self, delay: Duration) -> Self {
+        self.on_delay = delay.0.max(0);
+        self
+    }
+
+    /// Takes which alarms are raised (and pending) from a saved `Threshold`, keeping this one's
+    /// limits: a restarted plugin with a new `high` keeps its raised alarms under the new limits.
+    pub fn resume(&mut self, saved: Threshold) {
+        self.state = saved.state;
     }
 
     /// The transition this point causes, if any.
     pub fn check(&mut self, p: &Point) -> Option<Alarm> {
         let v = p.number()?;
-        let active = self.active.entry(p.info.id).or_insert(false);
-        if !*active && v > self.high {
-            *active = true;
-            Some(Alarm::Raised)
-        } else if *active && v < self.low {
-            *active = false;
-            Some(Alarm::Cleared)
-        } else {
-            None
+        let s = self.state.entry(format!("{}/{}", p.device(), p.tag())).or_default();
+        if s.active {
+            if v < self.low {
+                s.active = false;
+                return Some(Alarm::Cleared);
+            }
+            return None;
         }
+        if v <= self.high {
+            s.above_since = None;
+            return None;
+        }
+        let since = *s.above_since.get_or_insert(p.ts);
+        if p.ts - since >= self.on_delay {
+            s.active = true;
+            s.above_since = None;
+            return Some(Alarm::Raised);
+        }
+        None
     }
 }
 
@@ -262,6 +294,26 @@ impl Integrator {
 #[cfg(test)]
 mod time_tests {
     use super::*;
+
+    fn point(device: &str, tag: &str, ts: Timestamp, v: f64) -> Point {
+        let info = std::rc::Rc::new(TagInfo { id: 0, device: device.into(), tag: tag.into(), unit: None });
+        Point { info, value: Some(crate::Value::Float(v)), quality: crate::Quality::Good, ts }
+    }
+
+    #[test]
+    fn a_threshold_waits_out_its_on_delay_per_device_and_tag() {
+        let mut t = Threshold::new(80.0, 75.0).with_on_delay(Duration(10_000));
+        assert_eq!(t.check(&point("a", "temp", 0, 90.0)), None, "above, but not for long yet");
+        assert_eq!(t.check(&point("b", "temp", 5_000, 90.0)), None, "another device has its own clock");
+        assert_eq!(t.check(&point("a", "temp", 5_000, 79.0)), None, "a dip resets the delay");
+        assert_eq!(t.check(&point("a", "temp", 6_000, 90.0)), None);
+        assert_eq!(t.check(&point("a", "temp", 16_000, 90.0)), Some(Alarm::Raised));
+        assert_eq!(t.check(&point("b", "temp", 15_000, 90.0)), Some(Alarm::Raised));
+        assert_eq!(t.check(&point("a", "temp", 17_000, 76.0)), None, "hysteresis");
+        assert_eq!(t.check(&point("a", "temp", 18_000, 74.0)), Some(Alarm::Cleared));
+        let saved: Threshold = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(saved, t, "it can be saved with the plugin's state");
+    }
 
     #[test]
     fn durations_parse_like_the_gateway_config() {

@@ -111,7 +111,19 @@ impl Emitter {
         self.emit("default", device, tag, Some(value), Quality::Good, ts);
     }
 
-    /// Emits a point to a named output of the deployment.
+    /// Emits a good point to a named output: a value and good quality go together.
+    pub fn good(&mut self, output: &str, device: &str, tag: &str, value: Value, ts: Timestamp) {
+        self.emit(output, device, tag, Some(value), Quality::Good, ts);
+    }
+
+    /// Emits a bad point (no value) to a named output, for "could not compute" (an input was bad,
+    /// a window was empty): it travels with the point's error-free `quality: "bad"`.
+    pub fn bad(&mut self, output: &str, device: &str, tag: &str, ts: Timestamp) {
+        self.emit(output, device, tag, None, Quality::Bad, ts);
+    }
+
+    /// Emits a point to a named output of the deployment. Prefer [`Emitter::good`] and
+    /// [`Emitter::bad`], which cannot pair a value with the wrong quality.
     pub fn emit(
         &mut self,
         output: &str,

@@ -1,16 +1,20 @@
 //! `threshold-alarm`: raises `{tag}_alarm = true` on the `alarms` output when a value exceeds
-//! `high`, and clears it (`false`) when it falls below `low`. The gap between the two keeps a value
-//! hovering at the limit from flapping.
+//! `high` (for at least `on_delay`, if set), and clears it (`false`) when it falls below `low`. The
+//! gap between the two keeps a value hovering at the limit from flapping, the on-delay a short
+//! spike from raising. Which alarms are raised is saved, so a restart neither repeats nor forgets
+//! one.
 
 use serde::Deserialize;
-use updraft_plugin_sdk::helpers::{Alarm, Threshold};
-use updraft_plugin_sdk::{export, Emitter, Error, Plugin, Point, Quality, Timestamp, Value};
+use updraft_plugin_sdk::helpers::{Alarm, Duration, Threshold};
+use updraft_plugin_sdk::{export, state, Emitter, Error, Plugin, Point, Timestamp, Value};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     high: f64,
     low: Option<f64>,
+    /// How long the value must stay above `high` before the alarm is raised ("30s").
+    on_delay: Option<Duration>,
 }
 
 struct Alarms(Threshold);
@@ -24,7 +28,7 @@ impl Plugin for Alarms {
         if low > c.high {
             return Err(Error::config("low must not exceed high"));
         }
-        Ok(Alarms(Threshold::new(c.high, low)))
+        Ok(Alarms(Threshold::new(c.high, low).with_on_delay(c.on_delay.unwrap_or(Duration(0)))))
     }
 
     fn on_batch(&mut self, points: &[Point], _now: Timestamp, out: &mut Emitter) -> Result<(), Error> {
@@ -32,9 +36,18 @@ impl Plugin for Alarms {
             if let Some(change) = self.0.check(p) {
                 let raised = change == Alarm::Raised;
                 let tag = format!("{}_alarm", p.tag());
-                out.emit("alarms", p.device(), &tag, Some(Value::Bool(raised)), Quality::Good, p.ts);
+                out.good("alarms", p.device(), &tag, Value::Bool(raised), p.ts);
             }
         }
+        Ok(())
+    }
+
+    fn save(&self) -> Option<Vec<u8>> {
+        state::encode(&self.0)
+    }
+
+    fn restore(&mut self, saved: &[u8]) -> Result<(), Error> {
+        self.0.resume(state::decode(saved)?);
         Ok(())
     }
 }
