@@ -228,7 +228,7 @@ impl Collector for Collect {
 
         let plugins = m.plugins.read().unwrap_or_else(|e| e.into_inner()).clone();
         type PluginSeries = (&'static str, &'static str, fn(&PluginStats) -> u64);
-        let plugin_series: [PluginSeries; 8] = [
+        let plugin_series: [PluginSeries; 9] = [
             ("updraft_plugin_calls", "Calls into the plugin.", |s| s.calls.get()),
             ("updraft_plugin_points_in", "Points handed to the plugin.", |s| s.points_in.get()),
             ("updraft_plugin_points_out", "Points the plugin emitted.", |s| s.points_out.get()),
@@ -243,6 +243,11 @@ impl Collector for Collect {
             ("updraft_plugin_init_failures", "Instances whose init refused the deployment's config.", |s| {
                 s.init_failures.get()
             }),
+            (
+                "updraft_plugin_state_errors",
+                "Failed writes of the plugin's state journal (its state then survives traps, not restarts).",
+                |s| s.state_errors.get(),
+            ),
         ];
         for (name, help, get) in plugin_series {
             counters(&mut enc, name, help, plugins.iter().map(|(p, s)| (one("plugin", p), get(s))))?;

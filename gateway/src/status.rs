@@ -95,6 +95,8 @@ struct PluginView {
     errors: u64,
     points_dropped: u64,
     restarts: u64,
+    init_failures: u64,
+    state_errors: u64,
     /// Time spent in calls, summed, in microseconds (the dashboard shows the mean per call).
     call_us_total: u64,
     last_trap: Option<String>,
@@ -155,6 +157,8 @@ impl Sources {
                     errors: s.errors.get(),
                     points_dropped: s.points_dropped.get(),
                     restarts: s.restarts.get(),
+                    init_failures: s.init_failures.get(),
+                    state_errors: s.state_errors.get(),
                     call_us_total: s.call_us.get(),
                     last_trap: s.last_trap_reason(),
                 };

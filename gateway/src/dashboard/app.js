@@ -123,7 +123,8 @@ function render(s) {
       el("td", { class: "num" }, mean === null ? "—" : (mean < 1000 ? Math.round(mean) + " µs" : (mean / 1000).toFixed(1) + " ms")),
       el("td", { class: "num" }, num(p.points_in) + " → " + num(p.points_out)),
       el("td", { class: "num" }, num(p.traps)),
-      el("td", { class: "num" }, num(p.errors)),
+      el("td", { class: "num" }, num(p.errors) + (p.init_failures ? " (" + num(p.init_failures) + " refused config)" : "") +
+        (p.state_errors ? " (" + num(p.state_errors) + " state not saved)" : "")),
       el("td", { class: "num" }, num(p.points_dropped)),
       el("td", { class: "err" }, p.last_trap || ""));
   }) : [el("tr", {}, el("td", { colSpan: 9, class: "empty" }, "No plugins configured."))]));
