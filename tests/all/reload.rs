@@ -147,6 +147,8 @@ async fn a_reload_adds_a_device_and_changes_a_plugin_without_losing_buffered_poi
     );
     let after = pending(&page);
     assert!(after >= before, "the restarted sink kept its buffer: {before} pending before, {after} after");
+    // The sink's other counters carried on through its restart.
+    assert!(metric(&page, r#"updraft_north_accepted_points_total{sink="cloud"}"#).unwrap() >= before);
     let status: serde_json::Value = serde_json::from_str(&http_get(api, "/api/v1/status").await.1).unwrap();
     assert!(status["devices"]["press-2"].is_object(), "the dashboard lists the new device: {status}");
     assert_eq!(status["reload"]["applied"], 1);

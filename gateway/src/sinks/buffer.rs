@@ -172,7 +172,14 @@ pub fn open(name: &str, dir: &Path, opts: &NorthBuffer, stats: Arc<SinkStats>) -
         pending_at_open: AtomicU64::new(0),
         baseline,
     });
-    if pending_bytes > 0 {
+    if pending_bytes > 0 && pending_bytes <= COUNT_INLINE {
+        // A small backlog (a reload, a short outage) is counted at once, so the pending gauge,
+        // `/ready` and the dashboard never read low for it.
+        let points = store::pending_weight(&pending_segments, codec::count);
+        shared.pending_at_open.store(points, Ordering::Release);
+        shared.stats.pending_points.set(points as i64);
+        info!(sink = %name, points, bytes = pending_bytes, "Buffered points from before the restart will be sent.");
+    } else if pending_bytes > 0 {
         // Counting the points of a large backlog reads all of it: a background job, so polling
         // starts at once after a restart. Until it finishes the pending gauge reads low.
         let s = shared.clone();
@@ -464,6 +471,10 @@ impl Writer {
         }
     }
 }
+
+/// Largest backlog counted before the sink starts (about half a million points); a larger one is
+/// counted in the background.
+const COUNT_INLINE: u64 = 4 << 20;
 
 /// Points that left the buffer other than by the store's own cap: acknowledged or dropped.
 fn settled(stats: &SinkStats) -> u64 {
