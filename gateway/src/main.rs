@@ -449,13 +449,15 @@ fn run(path: PathBuf, simulate_only: bool) -> anyhow::Result<()> {
             cancel.cancel();
             return Ok(());
         }
+        // Before start-up, like SIGTERM's: SIGHUP's default action ends the process, and a reload
+        // asked while the gateway starts must wait, not kill it.
+        let mut hangups = hangup_signal().context("cannot install the SIGHUP handler")?;
         let mut gateway = runtime::start(cfg).await?;
         gateway.keep_config(&path);
         updraft::health::notify_ready();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprint!("{}", where_to_look(&gateway));
         }
-        let mut hangups = hangup_signal().context("cannot install the SIGHUP handler")?;
         let mut requests = gateway.reload_requests();
         tokio::pin!(stop);
         loop {
