@@ -41,12 +41,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Notes which devices share what, before any task starts.
-    pub fn new(config: &crate::config::Config) -> Self {
-        let opcua = opcua::Context::new(&config.gateway.data_dir, &config.gateway.id);
-        Shared::for_devices(opcua, config.devices.values())
-    }
-
     /// What `devices` (one group, see [`DeviceConfig::group`]) share: fresh links, and the
     /// gateway's OPC-UA identity.
     pub fn for_devices<'a>(opcua: opcua::Context, devices: impl Iterator<Item = &'a DeviceConfig>) -> Self {
@@ -58,11 +52,6 @@ impl Shared {
             }
         }
         shared
-    }
-
-    /// The gateway's OPC-UA identity, for the next group.
-    pub fn opcua(&self) -> opcua::Context {
-        self.opcua.clone()
     }
 }
 
